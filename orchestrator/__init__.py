@@ -1,0 +1,1 @@
+"""The control side of the drain orchestrator: model, planner, cluster adapter, Redis records, API, CLI."""
