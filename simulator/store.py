@@ -62,7 +62,7 @@ class WatchEvent:
     rv: int
 
 
-@dataclass
+@dataclass(eq=False)  # identity equality and hashing: watchers live in sets
 class Watcher:
     """One open watch: the server drains `queue`; None in the queue means the watch was closed."""
 

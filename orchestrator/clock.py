@@ -1,0 +1,36 @@
+"""The orchestrator's clock: cluster seconds at `time_scale` cluster seconds per wall second.
+
+Timeouts and backoff are written in cluster seconds; against an accelerated simulator the clock runs at the
+simulator's time scale, so a 150 s timeout is 150 cluster seconds, not 150 wall seconds. Tests may inject
+another object with the same two methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def now(self) -> float:
+        """Monotonic cluster seconds (only differences mean anything)."""
+        ...
+
+    async def sleep(self, cluster_seconds: float) -> None: ...
+
+
+class ScaledClock:
+    def __init__(self, time_scale: float = 1.0) -> None:
+        if time_scale <= 0:
+            raise ValueError(f"time scale must be > 0, got {time_scale}")
+        self.time_scale = time_scale
+
+    def now(self) -> float:
+        return time.monotonic() * self.time_scale
+
+    def wall(self, cluster_seconds: float) -> float:
+        return max(0.0, cluster_seconds) / self.time_scale
+
+    async def sleep(self, cluster_seconds: float) -> None:
+        await asyncio.sleep(self.wall(cluster_seconds))

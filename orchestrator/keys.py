@@ -1,0 +1,188 @@
+"""Every Redis key, pub/sub channel and arq job id format used by drainctl.
+
+This module promises that no other module spells a key or a job id by hand: anything that reads or
+writes Redis asks here, so a format changes in one place and two parts can never disagree about a
+name. It is pure string formatting: no I/O, no Redis client, no clock.
+
+Layout (``{id}`` is substituted, ``{{...}}`` below is a literal Redis Cluster hash tag):
+
+==============================================  =====================================================
+``drainctl:drain:{id}``                         drain record (hash)
+``drainctl:drain:{id}:events``                  drain event stream
+``drainctl:drain:{id}:vms``                     per-VM records of one drain (hash)
+``drainctl:drain:{id}:nodes``                   per-node records of one drain (hash)
+``drainctl:drain:{id}:lock``                    lock of the advance step of one drain
+``drainctl:drains``                             index of drains (zset)
+``drainctl:node:{node}:drain``                  which drain owns a node (node lock)
+``drainctl:idem:{key}``                         idempotency key of a request
+``{{drainctl:sem:{name}}}:...``                 one semaphore; see :class:`SemaphoreKeys`
+==============================================  =====================================================
+
+arq job ids are deterministic so that a job enqueued twice runs once (arq dedupes on the id):
+``plan:{drain_id}``, ``migrate:{drain_id}:{namespace}/{name}:{attempt}``, ``finish:{drain_id}:{node}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PREFIX = "drainctl"
+
+DRAINS_INDEX = f"{PREFIX}:drains"
+"""Sorted set of every drain id (the score is chosen by the drain store)."""
+
+CLUSTER_SCOPE = "cluster"
+"""Semaphore scope shared by every migration in the cluster."""
+
+
+def _part(value: str, what: str) -> str:
+    # An empty id silently collapses two formats into one key (``drainctl:drain:`` would be both
+    # "drain with empty id" and a prefix of every drain), so refuse it at the edge.
+    if not value:
+        raise ValueError(f"{what} must not be empty")
+    if "\n" in value:
+        raise ValueError(f"{what} must not contain a newline: {value!r}")
+    return value
+
+
+# Drains -------------------------------------------------------------------------------------------
+
+
+def drain_key(drain_id: str) -> str:
+    """Drain record: ``drainctl:drain:{id}``."""
+    return f"{PREFIX}:drain:{_part(drain_id, 'drain id')}"
+
+
+def drain_events_key(drain_id: str) -> str:
+    """Event stream of one drain: ``drainctl:drain:{id}:events``."""
+    return f"{drain_key(drain_id)}:events"
+
+
+def drain_vms_key(drain_id: str) -> str:
+    """Per-VM record hash of one drain: ``drainctl:drain:{id}:vms``."""
+    return f"{drain_key(drain_id)}:vms"
+
+
+def drain_nodes_key(drain_id: str) -> str:
+    """Per-node record hash of one drain: ``drainctl:drain:{id}:nodes``."""
+    return f"{drain_key(drain_id)}:nodes"
+
+
+def drain_lock_key(drain_id: str) -> str:
+    """Short lock serialising the "advance this drain" step across workers: ``drainctl:drain:{id}:lock``."""
+    return f"{drain_key(drain_id)}:lock"
+
+
+def node_lock_key(node: str) -> str:
+    """Which drain owns a node: ``drainctl:node:{node}:drain``."""
+    return f"{PREFIX}:node:{_part(node, 'node name')}:drain"
+
+
+def idempotency_key(key: str) -> str:
+    """Idempotency record of a request: ``drainctl:idem:{key}``."""
+    return f"{PREFIX}:idem:{_part(key, 'idempotency key')}"
+
+
+# arq job ids --------------------------------------------------------------------------------------
+
+
+def plan_job_id(drain_id: str) -> str:
+    """Job id of the plan job of a drain: ``plan:{drain_id}``."""
+    return f"plan:{_part(drain_id, 'drain id')}"
+
+
+def migrate_job_id(drain_id: str, namespace: str, name: str, *, attempt: int) -> str:
+    """Job id of one migration attempt: ``migrate:{drain_id}:{namespace}/{name}:{attempt}``."""
+    if attempt < 0:
+        raise ValueError(f"attempt must be >= 0, got {attempt}")
+    return (
+        f"migrate:{_part(drain_id, 'drain id')}:{_part(namespace, 'namespace')}/"
+        f"{_part(name, 'VMI name')}:{attempt}"
+    )
+
+
+def finish_job_id(drain_id: str, node: str) -> str:
+    """Job id of the job that finishes one node of a drain: ``finish:{drain_id}:{node}``."""
+    return f"finish:{_part(drain_id, 'drain id')}:{_part(node, 'node name')}"
+
+
+# Semaphore ----------------------------------------------------------------------------------------
+
+
+def node_scope(node: str) -> str:
+    """Semaphore scope of the migrations leaving ``node``: ``node:{node}``."""
+    return f"node:{_part(node, 'node name')}"
+
+
+def inbound_scope(node: str) -> str:
+    """Semaphore scope of the migrations arriving on ``node``: ``inbound:{node}``."""
+    return f"inbound:{_part(node, 'node name')}"
+
+
+def migration_holder_id(drain_id: str, namespace: str, name: str, *, attempt: int) -> str:
+    """Semaphore holder id of one migration attempt: ``{drain_id}/{namespace}/{name}/{attempt}``."""
+    if attempt < 0:
+        raise ValueError(f"attempt must be >= 0, got {attempt}")
+    drain, ns, vmi = _part(drain_id, "drain id"), _part(namespace, "namespace"), _part(name, "VMI name")
+    return f"{drain}/{ns}/{vmi}/{attempt}"
+
+
+@dataclass(frozen=True)
+class SemaphoreKeys:
+    """The keys of one named semaphore.
+
+    All of them share the hash tag ``{drainctl:sem:<name>}`` so that they land in one Redis Cluster
+    slot and a single Lua script may touch them all. Scripts receive these names in ``KEYS``; they
+    never build a key themselves.
+    """
+
+    name: str
+
+    def __post_init__(self) -> None:
+        _part(self.name, "semaphore name")
+        # A brace inside the name would end the hash tag early and scatter the keys over slots.
+        if "{" in self.name or "}" in self.name:
+            raise ValueError(f"semaphore name must not contain braces: {self.name!r}")
+
+    @property
+    def tag(self) -> str:
+        """The shared hash tag, braces included."""
+        return f"{{{PREFIX}:sem:{self.name}}}"
+
+    @property
+    def holders(self) -> str:
+        """Sorted set of every holder (score: lease expiry, Redis ms)."""
+        return f"{self.tag}:holders"
+
+    @property
+    def fence(self) -> str:
+        """Counter that hands out fencing tokens."""
+        return f"{self.tag}:fence"
+
+    @property
+    def waiters(self) -> str:
+        """Sorted set of waiting acquirers (score: heartbeat deadline, Redis ms)."""
+        return f"{self.tag}:waiters"
+
+    @property
+    def scopes(self) -> str:
+        """Set of the scope names that currently have at least one holder."""
+        return f"{self.tag}:scopes"
+
+    @property
+    def released_channel(self) -> str:
+        """Pub/sub channel announcing that a slot was freed (the message is the holder id)."""
+        return f"{self.tag}:released"
+
+    def lease(self, holder: str) -> str:
+        """Hash with one holder's lease: token, scopes, expiry, meta."""
+        return f"{self.tag}:lease:{_part(holder, 'holder id')}"
+
+    def scope(self, scope: str) -> str:
+        """Sorted set of the holders of one scope (score: lease expiry, Redis ms)."""
+        return f"{self.tag}:scope:{_part(scope, 'scope name')}"
+
+
+def semaphore_keys(name: str) -> SemaphoreKeys:
+    """Keys of the semaphore called ``name`` (for example ``migrations``)."""
+    return SemaphoreKeys(name)

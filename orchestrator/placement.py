@@ -1,0 +1,63 @@
+"""Choosing a migration target at run time, from a fresh view of the cluster (pure).
+
+The planner proposes targets for the whole drain; a worker re-decides when it actually starts a migration,
+because the cluster has moved on: free memory changed, other migrations are heading somewhere, a node just
+failed this VM. The rules are the planner's (`planner.requirement_for` / `planner.node_fits`: node selector,
+host-model CPU and vendor labels, taints) plus memory, readiness, the exclusions of this attempt, and a
+preference for the node with the fewest migrations arriving, then the most free memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+from orchestrator.model import Node, Vmi, format_bytes
+from orchestrator.planner import node_fits, requirement_for
+
+MiB = 1024**2
+
+
+def launcher_overhead(memory_bytes: int, cpus: int = 1) -> int:
+    """A conservative estimate of KubeVirt's virt-launcher memory overhead (page tables, per-vCPU, QEMU)."""
+    return memory_bytes // 512 + cpus * 8 * MiB + 256 * MiB
+
+
+@dataclass(frozen=True)
+class Choice:
+    target: str | None
+    reason: str
+    candidates: int
+
+
+def choose_target(vmi: Vmi, *, source: Node | None, nodes: Sequence[Node], free: Mapping[str, int],
+                  inbound: Mapping[str, int], exclude: Collection[str], need_bytes: int,
+                  max_inbound: int) -> Choice:
+    req = requirement_for(vmi, source)
+    fitting: list[Node] = []
+    why: dict[str, int] = {}
+
+    def no(reason: str) -> None:
+        why[reason] = why.get(reason, 0) + 1
+
+    for node in nodes:
+        if source is not None and node.name == source.name:
+            continue
+        if node.name in exclude:
+            no("excluded (failed this VM before, or draining)")
+        elif not node.schedulable:
+            no("cordoned, not ready or control plane")
+        elif not node_fits(req, node):
+            no("selector, CPU model/vendor or taints do not match")
+        elif free.get(node.name, 0) < need_bytes:
+            no(f"less than {format_bytes(need_bytes)} free")
+        elif inbound.get(node.name, 0) >= max_inbound:
+            no(f"already receiving {max_inbound} migrations")
+        else:
+            fitting.append(node)
+    if not fitting:
+        detail = "; ".join(f"{n} node(s) {r}" for r, n in sorted(why.items()))
+        return Choice(None, f"no target fits: {detail or 'no other nodes'}", 0)
+    best = min(fitting, key=lambda n: (inbound.get(n.name, 0), -free.get(n.name, 0), n.name))
+    return Choice(best.name, f"{best.name}: {format_bytes(free.get(best.name, 0))} free, "
+                             f"{inbound.get(best.name, 0)} inbound", len(fitting))

@@ -1,0 +1,137 @@
+"""The drain service: what the CLI, the HTTP API and the DrainRequest controller call.
+
+Submitting a drain plans it first against a fresh snapshot and refuses an infeasible request before anything
+is written (DESIGN.md rule 7); then it takes the nodes (one drain per node at a time), records the drain and
+queues its plan job. Everything after that happens in workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from arq.connections import ArqRedis
+
+from orchestrator import keys
+from orchestrator.kube import Kube
+from orchestrator.model import DrainPhase, DrainPlan, DrainRequest
+from orchestrator.planner import plan_drain
+from orchestrator.settings import Settings
+from orchestrator.store import FINAL_DRAIN, DrainStore, DrainView, Record
+
+CONTROL_SCORE = datetime(2001, 1, 1, tzinfo=UTC)
+
+
+class NodeConflict(Exception):
+    """Another open drain owns some of the requested nodes (HTTP 409)."""
+
+    def __init__(self, taken: dict[str, str]) -> None:
+        self.taken = taken
+        parts = ", ".join(f"{node} (drain {owner})" for node, owner in sorted(taken.items()))
+        super().__init__(f"nodes already being drained: {parts}")
+
+
+class DrainService:
+    def __init__(self, *, redis: ArqRedis, settings: Settings, kube: Kube) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.kube = kube
+        self.store = DrainStore(redis)
+
+    async def plan(self, request: DrainRequest) -> DrainPlan:
+        """Dry run: raises PlanError (with every problem) when the drain could not be carried out."""
+        snapshot = await self.kube.snapshot()
+        return plan_drain(snapshot, request, self.settings, now=time.time())
+
+    async def submit(self, request: DrainRequest, *, idempotency_key: str | None = None,
+                     source: str = "cli") -> tuple[Record, bool]:
+        """Record and queue a drain. Returns (drain record, created); created is False when the idempotency
+        key named an earlier drain, which is returned instead."""
+        drain_id = uuid.uuid4().hex[:12]
+        if idempotency_key:
+            existing = await self.store.claim_idempotency(idempotency_key, drain_id)
+            if existing is not None:
+                found = await self.store.find(existing)
+                if found is not None:
+                    return found, False
+        try:
+            plan = await self.plan(request)
+        except Exception:
+            if idempotency_key:
+                await self.redis.delete(keys.idempotency_key(idempotency_key))
+            raise
+        nodes = [str(n) for n in request.nodes]
+        taken = await self.store.lock_nodes(drain_id, nodes)
+        if taken:
+            if idempotency_key:
+                await self.redis.delete(keys.idempotency_key(idempotency_key))
+            raise NodeConflict(taken)
+        now = time.time()
+        drain: Record = {
+            "id": drain_id, "phase": DrainPhase.PENDING.value, "message": "queued", "source": source,
+            "created_at": now, "updated_at": now, "started_at": None, "finished_at": None,
+            "request": request.to_json(), "estimate_s": plan.estimate.total_s, "warnings": list(plan.warnings),
+            "time_scale": self.settings.time_scale,
+        }
+        await self.store.create(drain, nodes={}, vms={})
+        await self.store.emit(drain_id, "drain.submitted", nodes=nodes, source=source)
+        await self.redis.enqueue_job("plan", drain_id, _job_id=keys.plan_job_id(drain_id),
+                                     _defer_until=CONTROL_SCORE, _expires=timedelta(days=2),
+                                     _queue_name=self.settings.connection.queue_name)
+        return drain, True
+
+    async def get(self, drain_id: str) -> DrainView:
+        return await self.store.view(drain_id)
+
+    async def list(self, *, limit: int = 200) -> builtins.list[Record]:
+        out = []
+        for drain_id in reversed(await self.store.ids(limit=limit)):
+            drain = await self.store.find(drain_id)
+            if drain is not None:
+                out.append(drain)
+        return out
+
+    async def cancel(self, drain_id: str, *, uncordon: bool | None = None, mode: str = "abort") -> Record:
+        """Ask the workers to stop the drain: queued work does not start, in-flight migrations are aborted
+        (mode "abort") or allowed to finish (mode "finish"), nodes are uncordoned if asked."""
+        if mode not in ("abort", "finish"):
+            raise ValueError(f"cancel mode: {mode!r} is not one of abort, finish")
+        drain = await self.store.get(drain_id)
+        do_uncordon = drain["request"].get("uncordon_on_cancel", True) if uncordon is None else uncordon
+
+        def cancel(d: Record) -> None:
+            if d["phase"] in FINAL_DRAIN or d["phase"] == DrainPhase.CANCELLING.value:
+                return
+            d.update(phase=DrainPhase.CANCELLING.value, message="cancel requested",
+                     cancel={"requested_at": time.time(), "uncordon": do_uncordon, "mode": mode})
+
+        record = await self.store.update(drain_id, cancel)
+        if record["phase"] == DrainPhase.CANCELLING.value:
+            await self.store.emit(drain_id, "drain.cancelling", uncordon=do_uncordon, mode=mode)
+            await self.redis.enqueue_job("advance", drain_id, _job_id=f"advance:{drain_id}:{time.time_ns()}",
+                                         _defer_until=CONTROL_SCORE, _expires=timedelta(days=2),
+                                         _queue_name=self.settings.connection.queue_name)
+        return record
+
+    async def wait(self, drain_id: str, *, timeout_s: float | None = None, poll_s: float = 0.5,
+                   on_update: Callable[[DrainView], Awaitable[None]] | None = None) -> DrainView:
+        """Until the drain is final (or the wall timeout passes); `on_update` sees every poll."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            view = await self.store.view(drain_id)
+            if on_update is not None:
+                await on_update(view)
+            if view.drain["phase"] in FINAL_DRAIN:
+                return view
+            if deadline is not None and time.monotonic() > deadline:
+                return view
+            await asyncio.sleep(poll_s)
+
+    async def events(self, drain_id: str, *, after: str = "0",
+                     block_ms: int | None = None) -> builtins.list[dict[str, Any]]:
+        return await self.store.events(drain_id, after=after, block_ms=block_ms)

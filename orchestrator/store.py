@@ -1,0 +1,264 @@
+"""Drain records in Redis: the drain, its nodes, every VM with every attempt, and an event stream.
+
+Promises:
+- every change is a read-modify-write under WATCH/MULTI, so concurrent workers never lose an update;
+- nothing is deleted while a drain is open; the event stream is append-only (capped at a generous length);
+- records are JSON with stable field names (the API, the CLI and the report read them).
+It does not talk to the cluster and does not decide anything: jobs decide, the store records.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import WatchError
+
+from orchestrator import keys
+from orchestrator.model import DrainPhase, NodePhase, VmPhase
+
+Record = dict[str, Any]
+EVENTS_MAXLEN = 100_000
+
+FINAL_DRAIN = {DrainPhase.SUCCEEDED.value, DrainPhase.FAILED.value, DrainPhase.CANCELLED.value}
+FINAL_NODE = {NodePhase.DRAINED.value, NodePhase.INCOMPLETE.value, NodePhase.FAILED.value,
+              NodePhase.CANCELLED.value}
+FINAL_VM = {VmPhase.SUCCEEDED.value, VmPhase.FAILED.value, VmPhase.SKIPPED.value, VmPhase.BLOCKED.value,
+            VmPhase.CANCELLED.value}
+
+
+class DrainNotFound(KeyError):
+    def __init__(self, drain_id: str) -> None:
+        super().__init__(drain_id)
+        self.drain_id = drain_id
+
+    def __str__(self) -> str:
+        return f"drain {self.drain_id!r} not found"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _loads(value: Any) -> Record:
+    data = json.loads(_text(value))
+    assert isinstance(data, dict)
+    return data
+
+
+def _dumps(record: Mapping[str, Any]) -> str:
+    return json.dumps(record, separators=(",", ":"), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class DrainView:
+    """One drain as read from Redis, everything included."""
+
+    drain: Record
+    nodes: dict[str, Record]
+    vms: dict[str, Record]
+
+    def to_json(self) -> Record:
+        return {**self.drain, "nodes": self.nodes, "vms": self.vms}
+
+
+class DrainStore:
+    def __init__(self, redis: Redis) -> None:
+        # redis-py's stubs type every command as "Awaitable[T] | T" (one class serves sync and async
+        # clients), which strict mypy cannot await; the client is used as untyped inside this class.
+        self.redis: Any = redis
+
+    # ------------------------------------------------------------------------------------------ drains
+    async def create(self, drain: Record, *, nodes: Mapping[str, Record], vms: Mapping[str, Record]) -> None:
+        drain_id = drain["id"]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(keys.drain_key(drain_id), _dumps(drain))
+            if nodes:
+                pipe.hset(keys.drain_nodes_key(drain_id), mapping={n: _dumps(r) for n, r in nodes.items()})
+            if vms:
+                pipe.hset(keys.drain_vms_key(drain_id), mapping={v: _dumps(r) for v, r in vms.items()})
+            pipe.zadd(keys.DRAINS_INDEX, {drain_id: drain.get("created_at", time.time())})
+            await pipe.execute()
+
+    async def create_children(self, drain_id: str, *, nodes: Mapping[str, Record],
+                              vms: Mapping[str, Record]) -> None:
+        """Write a drain's node and VM records at once (the plan job; a re-run rewrites them whole)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.drain_nodes_key(drain_id), keys.drain_vms_key(drain_id))
+            if nodes:
+                pipe.hset(keys.drain_nodes_key(drain_id), mapping={n: _dumps(r) for n, r in nodes.items()})
+            if vms:
+                pipe.hset(keys.drain_vms_key(drain_id), mapping={v: _dumps(r) for v, r in vms.items()})
+            await pipe.execute()
+
+    async def get(self, drain_id: str) -> Record:
+        raw = await self.redis.get(keys.drain_key(drain_id))
+        if raw is None:
+            raise DrainNotFound(drain_id)
+        return _loads(raw)
+
+    async def find(self, drain_id: str) -> Record | None:
+        raw = await self.redis.get(keys.drain_key(drain_id))
+        return None if raw is None else _loads(raw)
+
+    async def view(self, drain_id: str) -> DrainView:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(keys.drain_key(drain_id))
+            pipe.hgetall(keys.drain_nodes_key(drain_id))
+            pipe.hgetall(keys.drain_vms_key(drain_id))
+            raw, nodes, vms = await pipe.execute()
+        if raw is None:
+            raise DrainNotFound(drain_id)
+        return DrainView(_loads(raw), {_text(k): _loads(v) for k, v in sorted(nodes.items())},
+                         {_text(k): _loads(v) for k, v in sorted(vms.items())})
+
+    async def ids(self, *, limit: int = 1000) -> list[str]:
+        raw = await self.redis.zrange(keys.DRAINS_INDEX, -limit, -1)
+        return [_text(x) for x in raw]
+
+    async def update(self, drain_id: str, fn: Callable[[Record], None]) -> Record:
+        key = keys.drain_key(drain_id)
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    if raw is None:
+                        raise DrainNotFound(drain_id)
+                    record = _loads(raw)
+                    before = _dumps(record)
+                    fn(record)
+                    if _dumps(record) == before:
+                        return record
+                    record["updated_at"] = time.time()
+                    pipe.multi()
+                    pipe.set(key, _dumps(record))
+                    await pipe.execute()
+                    return record
+                except WatchError:
+                    continue
+
+    # ----------------------------------------------------------------------------------- nodes, vms
+    async def node(self, drain_id: str, node: str) -> Record:
+        raw = await self.redis.hget(keys.drain_nodes_key(drain_id), node)
+        if raw is None:
+            raise KeyError(f"drain {drain_id}: node {node} not found")
+        return _loads(raw)
+
+    async def nodes(self, drain_id: str) -> dict[str, Record]:
+        raw = await self.redis.hgetall(keys.drain_nodes_key(drain_id))
+        return {_text(k): _loads(v) for k, v in raw.items()}
+
+    async def vm(self, drain_id: str, vmi: str) -> Record | None:
+        raw = await self.redis.hget(keys.drain_vms_key(drain_id), vmi)
+        return None if raw is None else _loads(raw)
+
+    async def vms(self, drain_id: str) -> dict[str, Record]:
+        raw = await self.redis.hgetall(keys.drain_vms_key(drain_id))
+        return {_text(k): _loads(v) for k, v in raw.items()}
+
+    async def set_vms(self, drain_id: str, vms: Mapping[str, Record]) -> None:
+        if vms:
+            await self.redis.hset(keys.drain_vms_key(drain_id), mapping={v: _dumps(r) for v, r in vms.items()})
+
+    async def update_node(self, drain_id: str, node: str, fn: Callable[[Record], bool | None]) -> Record:
+        return await self._update_field(keys.drain_nodes_key(drain_id), node, fn)
+
+    async def update_vm(self, drain_id: str, vmi: str, fn: Callable[[Record], bool | None]) -> Record:
+        return await self._update_field(keys.drain_vms_key(drain_id), vmi, fn)
+
+    async def _update_field(self, key: str, field: str, fn: Callable[[Record], bool | None]) -> Record:
+        """Read-modify-write one JSON field of a hash. `fn` returns False to leave it unchanged."""
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.hget(key, field)
+                    if raw is None:
+                        raise KeyError(f"{key}: {field} not found")
+                    record = _loads(raw)
+                    before = _dumps(record)
+                    if fn(record) is False or _dumps(record) == before:
+                        return record
+                    record["updated_at"] = time.time()
+                    pipe.multi()
+                    pipe.hset(key, field, _dumps(record))
+                    await pipe.execute()
+                    return record
+                except WatchError:
+                    continue
+
+    # -------------------------------------------------------------------------------------- locks
+    async def lock_nodes(self, drain_id: str, nodes: list[str]) -> dict[str, str]:
+        """Take every node for `drain_id`, or none: returns the nodes already held by other drains."""
+        lock_keys = [keys.node_lock_key(n) for n in nodes]
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(*lock_keys)
+                    owners = [await pipe.get(k) for k in lock_keys]
+                    taken = {n: _text(o) for n, o in zip(nodes, owners, strict=True)
+                             if o is not None and _text(o) != drain_id}
+                    if taken:
+                        return taken
+                    pipe.multi()
+                    for k in lock_keys:
+                        pipe.set(k, drain_id)
+                    await pipe.execute()
+                    return {}
+                except WatchError:
+                    continue
+
+    async def unlock_nodes(self, drain_id: str, nodes: list[str]) -> None:
+        for node in nodes:
+            key = keys.node_lock_key(node)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(key)
+                    owner = await pipe.get(key)
+                    if owner is not None and _text(owner) == drain_id:
+                        pipe.multi()
+                        pipe.delete(key)
+                        await pipe.execute()
+                except WatchError:
+                    continue
+
+    async def node_owner(self, node: str) -> str | None:
+        owner = await self.redis.get(keys.node_lock_key(node))
+        return None if owner is None else _text(owner)
+
+    async def claim_idempotency(self, key: str, drain_id: str, *, ttl_s: int = 86_400) -> str | None:
+        """Remember `key` -> `drain_id`; if the key was used before, return the drain it named."""
+        ok = await self.redis.set(keys.idempotency_key(key), drain_id, nx=True, ex=ttl_s)
+        if ok:
+            return None
+        existing = await self.redis.get(keys.idempotency_key(key))
+        return None if existing is None else _text(existing)
+
+    # ------------------------------------------------------------------------------------- events
+    async def emit(self, drain_id: str, event: str, **fields: Any) -> str:
+        """Append to the drain's event stream; returns the stream id."""
+        body = {"event": event, "ts": repr(time.time()),
+                "data": json.dumps(fields, separators=(",", ":"), default=str)}
+        entry = await self.redis.xadd(keys.drain_events_key(drain_id), body, maxlen=EVENTS_MAXLEN,
+                                      approximate=True)
+        return _text(entry)
+
+    async def events(self, drain_id: str, *, after: str = "0", count: int = 1000,
+                     block_ms: int | None = None) -> list[Record]:
+        key = keys.drain_events_key(drain_id)
+        if block_ms is not None:
+            raw = await self.redis.xread({key: after}, count=count, block=block_ms)
+            entries = raw[0][1] if raw else []
+        else:
+            entries = await self.redis.xrange(key, min=f"({after}" if after != "0" else "-", count=count)
+        out = []
+        for entry_id, body in entries:
+            fields = {_text(k): _text(v) for k, v in body.items()}
+            out.append({"id": _text(entry_id), "event": fields.get("event"), "ts": float(fields.get("ts", 0)),
+                        **json.loads(fields.get("data", "{}"))})
+        return out

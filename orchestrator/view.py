@@ -1,0 +1,170 @@
+"""One shared, watch-fed view of the cluster per worker process.
+
+Migration jobs follow their VMIMs through this view instead of opening a watch each: one list+watch of our
+VMIMs (label `drainctl.io/drain-id`), of nodes and of pods feeds caches that every job in the process reads,
+and a condition wakes the jobs waiting for a VMIM to change. Watches re-list on 410 and reconnect on errors
+(`Kube.watch`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from orchestrator import kube as k
+from orchestrator.snapshot import parse_quantity
+
+log = structlog.get_logger("orchestrator.view")
+
+DRAIN_LABEL = "drainctl.io/drain-id"
+ATTEMPT_LABEL = "drainctl.io/attempt"
+VMI_LABEL = "drainctl.io/vmi"
+Obj = dict[str, Any]
+FINAL = ("Succeeded", "Failed")
+
+
+def _pod_memory(pod: Obj) -> int:
+    if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+        return 0
+    total = 0
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        req = ((c.get("resources") or {}).get("requests") or {}).get("memory")
+        if req is not None:
+            total += int(parse_quantity(req))
+    return total
+
+
+def _rv(obj: Obj) -> int:
+    try:
+        return int(obj["metadata"].get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
+class ClusterView:
+    def __init__(self, kube: k.Kube) -> None:
+        self.kube = kube
+        self.vmims: dict[str, Obj] = {}
+        self.nodes: dict[str, Obj] = {}
+        self._pods: dict[str, tuple[str, int]] = {}  # ns/name -> (node, memory)
+        self.node_used: dict[str, int] = defaultdict(int)
+        self._changed = asyncio.Condition()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ready = {name: asyncio.Event() for name in ("vmims", "nodes", "pods")}
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self.kube.watch(k.VMIMS, label_selector=DRAIN_LABEL, on_list=self._vmim_list,
+                                                on_event=self._vmim_event), name="view-watch-vmims"),
+            asyncio.create_task(self.kube.watch(k.NODES, on_list=self._node_list, on_event=self._node_event),
+                                name="view-watch-nodes"),
+            asyncio.create_task(self.kube.watch(k.PODS, on_list=self._pod_list, on_event=self._pod_event),
+                                name="view-watch-pods"),
+        ]
+        async with asyncio.timeout(60):
+            for ev in self._ready.values():
+                await ev.wait()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    # ------------------------------------------------------------------------------------------ feeds
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _vmim_list(self, items: list[Obj]) -> None:
+        self.vmims = {f"{o['metadata']['namespace']}/{o['metadata']['name']}": o for o in items}
+        self._ready["vmims"].set()
+        await self._notify()
+
+    async def _vmim_event(self, etype: str, obj: Obj) -> None:
+        key = f"{obj['metadata']['namespace']}/{obj['metadata']['name']}"
+        if etype == "DELETED":
+            current = self.vmims.get(key)
+            if current is None or current["metadata"].get("uid") == obj["metadata"].get("uid"):
+                self.vmims.pop(key, None)
+        else:
+            self.observe(obj)
+        await self._notify()
+
+    def observe(self, obj: Obj) -> None:
+        """Put a VMIM we just read or wrote into the cache unless the cache already has a newer one."""
+        key = f"{obj['metadata']['namespace']}/{obj['metadata']['name']}"
+        current = self.vmims.get(key)
+        if current is not None and current["metadata"].get("uid") == obj["metadata"].get("uid") and \
+                _rv(current) > _rv(obj):
+            return
+        self.vmims[key] = obj
+
+    async def _node_list(self, items: list[Obj]) -> None:
+        self.nodes = {o["metadata"]["name"]: o for o in items}
+        self._ready["nodes"].set()
+
+    async def _node_event(self, etype: str, obj: Obj) -> None:
+        if etype == "DELETED":
+            self.nodes.pop(obj["metadata"]["name"], None)
+        else:
+            self.nodes[obj["metadata"]["name"]] = obj
+
+    async def _pod_list(self, items: list[Obj]) -> None:
+        self._pods.clear()
+        self.node_used = defaultdict(int)
+        for pod in items:
+            self._put_pod(pod)
+        self._ready["pods"].set()
+
+    def _put_pod(self, pod: Obj) -> None:
+        key = f"{pod['metadata'].get('namespace')}/{pod['metadata']['name']}"
+        old = self._pods.pop(key, None)
+        if old is not None:
+            self.node_used[old[0]] -= old[1]
+        node = (pod.get("spec") or {}).get("nodeName")
+        if node:
+            mem = _pod_memory(pod)
+            self._pods[key] = (node, mem)
+            self.node_used[node] += mem
+
+    async def _pod_event(self, etype: str, obj: Obj) -> None:
+        if etype == "DELETED":
+            key = f"{obj['metadata'].get('namespace')}/{obj['metadata']['name']}"
+            old = self._pods.pop(key, None)
+            if old is not None:
+                self.node_used[old[0]] -= old[1]
+        else:
+            self._put_pod(obj)
+
+    # ------------------------------------------------------------------------------------------ reads
+    def free_memory(self, node: str) -> int:
+        obj = self.nodes.get(node)
+        if obj is None:
+            return 0
+        alloc = ((obj.get("status") or {}).get("allocatable") or {}).get("memory")
+        return int(parse_quantity(alloc)) - self.node_used.get(node, 0) if alloc else 0
+
+    def inbound(self, node: str) -> int:
+        """Our non-final migrations heading to `node`."""
+        n = 0
+        for o in self.vmims.values():
+            target = ((o.get("spec") or {}).get("addedNodeSelector") or {}).get("kubernetes.io/hostname")
+            if target == node and (o.get("status") or {}).get("phase") not in FINAL:
+                n += 1
+        return n
+
+    async def wait_vmim(self, key: str, predicate: Callable[[Obj | None], bool], *, timeout_s: float) -> Obj | None:
+        """Wait until `predicate(vmim or None)` holds or the timeout (wall seconds) passes; return the VMIM."""
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await self._changed.wait_for(lambda: predicate(self.vmims.get(key)))
+            return self.vmims.get(key)

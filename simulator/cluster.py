@@ -1,0 +1,255 @@
+"""The simulated cluster: a scenario loaded into a store, KubeVirt's controllers running on a scaled clock.
+
+`SimCluster` is what the HTTP server serves (it satisfies `server.ClusterLike`) and what the `/sim/v1/*`
+endpoints read: the ground truth (`stats`), the hidden physics (`scenario_json`) and the faults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from simulator import objects
+from simulator.clock import SimClock
+from simulator.errors import ApiError
+from simulator.faults import Faults, FaultsBody
+from simulator.kubevirt import DEFAULT_MIGRATIONS, KubeVirtSim, NetworkModel, VMInfo, vmi_key
+from simulator.physics import VMPhysics
+from simulator.resources import (
+    DAEMONSETS,
+    KUBEVIRTS,
+    NAMESPACES,
+    NODES,
+    PODS,
+    VMIS,
+    VMS,
+    Registry,
+    ResourceType,
+)
+from simulator.scenarios import Scenario
+from simulator.store import Obj, Store
+
+
+class SimCluster:
+    """A whole simulated cluster. Call `run()` (or use `running_cluster`) to let time pass."""
+
+    def __init__(self, scenario: Scenario, *, time_scale: float = 1.0, token: str | None = None,
+                 history: int = 100_000, tick_s: float = 0.02) -> None:
+        self.scenario = scenario
+        self.clock = SimClock(time_scale)
+        self.registry = Registry()
+        self.store = Store(self.registry, now=self.clock.now, history=history, seed=scenario.seed)
+        self.faults = Faults()
+        self.token = token
+        self.tick_s = tick_s
+        self.api_requests: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self._ip = 0
+        infos = self._populate()
+        self.kubevirt = KubeVirtSim(
+            self.store, self.clock, self.faults, vms=infos, seed=scenario.seed,
+            network=NetworkModel(
+                nic_bytes_per_s={n.name: n.nic_bytes_per_s for n in scenario.nodes},
+                efficiency=scenario.nic_efficiency,
+                pod_network_share=scenario.pod_network_share,
+                single_stream_bytes_per_s=scenario.single_stream_bytes_per_s,
+                cleanup_s=scenario.cleanup_s,
+            ),
+        )
+        self._wake: asyncio.Event | None = None
+        self._last = self.clock.now()
+
+    # --------------------------------------------------------------------------------------- populate
+    def _next_ip(self) -> str:
+        self._ip += 1
+        return f"10.{128 + (self._ip >> 16) % 64}.{(self._ip >> 8) % 256}.{self._ip % 256}"
+
+    def _populate(self) -> dict[str, VMInfo]:
+        sc = self.scenario
+        now = self.clock.now()
+        create = self.store.create
+        namespaces = ["default", "kube-system", "kubevirt", *sorted({vm.namespace for vm in sc.vms})]
+        for ns in dict.fromkeys(namespaces):
+            create(NAMESPACES, {"metadata": {"name": ns, "labels": {"kubernetes.io/metadata.name": ns}},
+                                "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}},
+                   admit=False)
+        for i, node in enumerate(sc.nodes):
+            create(NODES, objects.node(node.name, memory_bytes=node.memory_bytes, cpus=node.cpus,
+                                       cpu_model=node.cpu_model, cpu_vendor=node.cpu_vendor,
+                                       labels=dict(node.labels), control_plane=node.control_plane, now=now,
+                                       index=i), admit=False)
+        migrations = {**DEFAULT_MIGRATIONS, **dict(sc.migrations)}
+        create(KUBEVIRTS, objects.kubevirt_cr(migrations, eviction_strategy="LiveMigrate"), admit=False)
+        ds = create(DAEMONSETS, objects.daemonset("kubevirt", "virt-handler",
+                                                  labels={"kubevirt.io": "virt-handler"},
+                                                  desired=sum(1 for n in sc.nodes if not n.control_plane)),
+                    admit=False)
+        for node in sc.nodes:
+            if not node.control_plane:
+                create(PODS, objects.daemon_pod(ds, node_name=node.name, pod_ip=self._next_ip(), now=now),
+                       admit=False)
+        infos: dict[str, VMInfo] = {}
+        for vm in sc.vms:
+            infos[vmi_key(vm.namespace, vm.name)] = VMInfo(
+                VMPhysics(memory_bytes=vm.memory_bytes, resident_bytes=vm.resident_bytes,
+                          dirty_bytes_per_s=vm.dirty_bytes_per_s, wws_bytes=vm.wws_bytes),
+                setup_s=vm.setup_s, multifd=vm.multifd)
+            vmi = objects.vmi(vm.namespace, vm.name, node_name=vm.node, memory_bytes=vm.memory_bytes,
+                              cpus=vm.cpus, cpu_model=vm.cpu_model, eviction_strategy=vm.eviction_strategy,
+                              not_migratable_reason=vm.not_migratable_reason,
+                              not_migratable_message=vm.not_migratable_message, rwx=vm.rwx_storage,
+                              node_selector=dict(vm.node_selector), labels=dict(vm.labels), vm_uid=None, now=now)
+            vm_obj = create(VMS, objects.vm(vm.namespace, vm.name, template_spec=vmi["spec"],
+                                            labels=dict(vm.labels)), admit=False)
+            vmi["metadata"]["ownerReferences"] = [{
+                "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "name": vm.name,
+                "uid": vm_obj["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}]
+            vmi_obj = create(VMIS, vmi, admit=False)
+            memory = vm.memory_bytes + objects.launcher_overhead(vm.memory_bytes, vm.cpus)
+            ip = self._next_ip()
+            pod = create(PODS, objects.launcher_pod(vmi_obj, node_name=vm.node, memory_request=memory,
+                                                    cpus=vm.cpus, node_selector=dict(vm.node_selector),
+                                                    target_of=None, pod_ip=ip, now=now,
+                                                    name_suffix=_suffix(vm.name)), admit=False)
+            uid = pod["metadata"]["uid"]
+
+            def link(o: Obj, uid: str = uid, node: str = vm.node, ip: str = ip) -> None:
+                o["status"]["activePods"] = {uid: node}
+                o["status"]["interfaces"] = [{"name": "default", "ipAddress": ip, "ipAddresses": [ip]}]
+
+            self.store.mutate(VMIS, vm.namespace, vm.name, link)
+        return infos
+
+    # ------------------------------------------------------------------------------ server interface
+    def record_request(self, verb: str, resource: str) -> None:
+        self.api_requests[verb][resource] += 1
+
+    def stats(self) -> dict[str, Any]:
+        requests = {verb: dict(sorted(res.items())) for verb, res in sorted(self.api_requests.items())}
+        return {
+            "scenario": self.scenario.name,
+            "seed": self.scenario.seed,
+            "time_scale": self.clock.time_scale,
+            "sim_time_s": round(self.clock.elapsed(), 3),
+            **self.kubevirt.stats(),
+            "api_requests": requests,
+            "api_requests_total": sum(sum(r.values()) for r in requests.values()),
+            "store_writes": self.store.writes,
+            "open_watches": self.store.watcher_count(),
+        }
+
+    def scenario_json(self) -> dict[str, Any]:
+        sc = self.scenario
+        cfg = self.kubevirt.config()
+        share = 1.0 if cfg.get("network") else sc.pod_network_share
+        setups = [vm.setup_s for vm in sc.vms] or [10.0]
+        return {
+            "name": sc.name,
+            "seed": sc.seed,
+            "nodes": [{"name": n.name, "nic_bytes_per_s": n.nic_bytes_per_s,
+                       "migration_bytes_per_s": n.nic_bytes_per_s * sc.nic_efficiency * share,
+                       "memory_bytes": n.memory_bytes, "cpu_model": n.cpu_model, "cpu_vendor": n.cpu_vendor,
+                       "control_plane": n.control_plane} for n in sc.nodes],
+            "vms": [{"vmi": vmi_key(vm.namespace, vm.name), "node": vm.node, "memory_bytes": vm.memory_bytes,
+                     "resident_bytes": vm.resident_bytes, "dirty_bytes_per_s": vm.dirty_bytes_per_s,
+                     "wws_bytes": vm.wws_bytes, "setup_s": vm.setup_s, "multifd": vm.multifd} for vm in sc.vms],
+            "setup_s": min(setups),
+            "cleanup_s": sc.cleanup_s,
+            "downtime_s": float(cfg.get("maxDowntimeMs") or 300) / 1000.0,
+            "nic_efficiency": sc.nic_efficiency,
+            "pod_network_share": sc.pod_network_share,
+            "single_stream_bytes_per_s": sc.single_stream_bytes_per_s,
+            "migration_config": cfg,
+            "drain_hint": list(sc.drain_hint),
+            "parallel_hint": sc.parallel_hint,
+        }
+
+    def apply_faults(self, body: FaultsBody) -> dict[str, Any]:
+        self.faults.apply(body)
+        if body.drop_watches:
+            self.store.close_watches()
+        return self.faults.to_json()
+
+    async def subresource(self, rt: ResourceType, namespace: str | None, name: str, sub: str, method: str,
+                          body: dict[str, Any] | None) -> tuple[int, dict[str, Any]]:
+        if rt is PODS and sub == "eviction" and method == "POST":
+            return self.kubevirt.evict(namespace or "default", name, body)
+        if rt is VMIS and sub in ("evacuate/cancel", "evacuate-cancel") and method == "PUT":
+            return self.kubevirt.evacuate_cancel(namespace or "default", name, body)
+        raise ApiError(404, f"the server could not find the requested resource ({method} {rt.plural}/{sub})",
+                       reason="NotFound")
+
+    # ---------------------------------------------------------------------------------------- running
+    def step(self) -> None:
+        """Let the controllers catch up with the clock."""
+        now = self.clock.now()
+        self.kubevirt.advance(self._last, now)
+        self._last = now
+
+    async def run(self) -> None:
+        """Run the controllers until cancelled: on every change, and at least every tick."""
+        self._wake = wake = asyncio.Event()
+        self.kubevirt.on_change = wake.set
+        next_drop = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            self.step()
+            if self.faults.drop_watches_every_s and loop.time() >= next_drop:
+                if next_drop:
+                    self.store.close_watches()
+                next_drop = loop.time() + self.faults.drop_watches_every_s
+            wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), self.tick_s)
+
+
+def _suffix(name: str) -> str:
+    alphabet = "bcdfghjklmnpqrstvwxz2456789"
+    h = 0
+    for ch in name:
+        h = (h * 131 + ord(ch)) & 0xFFFFFFFF
+    return "".join(alphabet[(h >> (i * 5)) % len(alphabet)] for i in range(5))
+
+
+@dataclass
+class RunningCluster:
+    cluster: SimCluster
+    url: str
+    port: int
+    kubeconfig: Path | None
+
+
+@contextlib.asynccontextmanager
+async def running_cluster(scenario: Scenario, *, time_scale: float = 1.0, token: str | None = None,
+                          host: str = "127.0.0.1", port: int = 0, kubeconfig_out: Path | None = None,
+                          tls: bool | None = None) -> AsyncIterator[RunningCluster]:
+    """Serve `scenario` and run its controllers for the duration of the block.
+
+    With a token the server speaks HTTPS with a self-signed certificate (written into the kubeconfig):
+    kubectl never sends a bearer token over plain HTTP."""
+    from simulator import server  # the server sees this module's types only through its Protocol
+
+    use_tls = token is not None if tls is None else tls
+    cluster = SimCluster(scenario, time_scale=time_scale, token=token)
+    with tempfile.TemporaryDirectory(prefix="drainctl-sim-") as tmp:
+        files = server.self_signed_tls(tmp, hosts=(host, "localhost")) if use_tls else None
+        runner, bound = await server.serve(cluster, host=host, port=port,
+                                           ssl_context=files.ssl_context() if files else None)
+        url = f"{'https' if files else 'http'}://{host}:{bound}"
+        if kubeconfig_out is not None:
+            server.write_kubeconfig(kubeconfig_out, server_url=url, token=token,
+                                    ca_data=files.ca_data() if files else None)
+        task = asyncio.create_task(cluster.run(), name="sim-controllers")
+        try:
+            yield RunningCluster(cluster, url, bound, kubeconfig_out)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            cluster.store.close_watches()
+            await runner.cleanup()

@@ -1,0 +1,147 @@
+"""The real path: the simulator over HTTPS, real Redis, `drainctl worker` processes.
+
+Each test gets its own Redis database flushed first (`DRAIN_TEST_REDIS_DB`, default 15), its own queue name,
+and a simulated cluster served from the test's event loop; worker processes talk to it over HTTP exactly as
+they would to a real cluster. Assertions read the simulator's ground truth (`cluster.stats()`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from arq.connections import ArqRedis, RedisSettings, create_pool
+
+from orchestrator.kube import Kube
+from orchestrator.service import DrainService
+from orchestrator.settings import Settings
+from simulator import scenarios
+from simulator.cluster import RunningCluster, running_cluster
+
+REDIS_DB = int(os.environ.get("DRAIN_TEST_REDIS_DB", "15"))
+REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
+DRAINCTL = str(Path(sys.executable).with_name("drainctl"))
+
+
+def redis_available() -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis(host="127.0.0.1", port=6379, socket_timeout=1).ping())
+    except Exception:  # any failure means "not available"
+        return False
+
+
+requires_redis = pytest.mark.skipif(not redis_available(), reason="needs Redis on 127.0.0.1:6379")
+
+
+@dataclass
+class Env:
+    """One simulated cluster, one Redis database, and the worker processes of one test."""
+
+    rc: RunningCluster
+    kubeconfig: Path
+    settings: Settings
+    env: dict[str, str]
+    redis: ArqRedis
+    tmp: Path
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _logs: list[Any] = field(default_factory=list)
+    _kube: Kube | None = None
+
+    @property
+    def cluster(self) -> Any:
+        return self.rc.cluster
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self.rc.cluster.stats())
+
+    def start_workers(self, n: int) -> list[subprocess.Popen[bytes]]:
+        started = []
+        for i in range(n):
+            log = open(self.tmp / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115 - closed in close()
+            self._logs.append(log)
+            proc = subprocess.Popen([DRAINCTL, "--log-level", "info", "worker"], env=self.env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            self.workers.append(proc)
+            started.append(proc)
+            del i
+        return started
+
+    def worker_logs(self) -> str:
+        return "\n".join((self.tmp / f"worker-{i}.log").read_text(errors="replace")[-4000:]
+                         for i in range(len(self.workers)))
+
+    async def service(self) -> DrainService:
+        if self._kube is None:
+            self._kube = await Kube.connect(kubeconfig=self.kubeconfig)
+        return DrainService(redis=self.redis, settings=self.settings, kube=self._kube)
+
+    def drainctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([DRAINCTL, *args], env=self.env, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+
+    async def adrainctl(self, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(self.drainctl, *args, timeout=timeout_s)
+
+    async def close(self) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.workers:
+            try:
+                await asyncio.to_thread(proc.wait, 10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await asyncio.to_thread(proc.wait, 10)
+        for log in self._logs:
+            log.close()
+        if self._kube is not None:
+            await self._kube.close()
+
+
+EnvFactory = Callable[..., contextlib.AbstractAsyncContextManager[Env]]
+
+
+@pytest.fixture
+def cluster_env(tmp_path: Path) -> EnvFactory:
+    @contextlib.asynccontextmanager
+    async def make(scenario: str | scenarios.Scenario = "small", *, time_scale: float = 40.0, workers: int = 0,
+                   extra_env: dict[str, str] | None = None) -> AsyncIterator[Env]:
+        plain = aioredis.from_url(REDIS_URL)
+        await plain.flushdb()
+        await plain.aclose()
+        sc = scenarios.builtin(scenario) if isinstance(scenario, str) else scenario
+        kubeconfig = tmp_path / "kubeconfig.yaml"
+        queue = f"drainctl-test-{secrets.token_hex(4)}"
+        async with running_cluster(sc, time_scale=time_scale, token=secrets.token_hex(8),
+                                   kubeconfig_out=kubeconfig) as rc:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("DRAIN_")}
+            env.update(KUBECONFIG=str(kubeconfig), DRAIN_REDIS_URL=REDIS_URL, DRAIN_TIME_SCALE=str(time_scale),
+                       DRAIN_QUEUE_NAME=queue, HOME=str(tmp_path), PYTHONUNBUFFERED="1")
+            env.update(extra_env or {})
+            settings = Settings.from_env(env)
+            redis = await create_pool(RedisSettings.from_dsn(REDIS_URL))
+            e = Env(rc, kubeconfig, settings, env, redis, tmp_path)
+            try:
+                if workers:
+                    e.start_workers(workers)
+                yield e
+            finally:
+                await e.close()
+                await redis.aclose()
+
+    return make
