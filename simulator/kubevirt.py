@@ -896,6 +896,9 @@ class KubeVirtSim:
             allow_auto_converge=bool(cfg.get("allowAutoConverge")),
             allow_post_copy=bool(cfg.get("allowPostCopy")),
             allow_workload_disruption=None if workload is None else bool(workload),
+            # virt-launcher compares each sample with the previous one, not with the lowest seen
+            # (live-migration-source.go: progressWatermark = remainingData on every sample).
+            progress_watermark="previous",
         )
 
     def _start_transfer(self, mig: Migration, now: float) -> None:

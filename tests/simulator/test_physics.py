@@ -193,6 +193,16 @@ def test_next_event_in_reports_round_ends_then_completion() -> None:
     assert t.next_event_in(GBE10) == pytest.approx(t.data_remaining / GBE10, rel=1e-6)
 
 
+def test_next_event_in_can_skip_round_ends() -> None:
+    phys = vm(64, dirty=200 * MB)
+    est = precopy_estimate(phys, bandwidth=GBE10, downtime_s=0.3)
+    t = Transfer(phys, MonitorConfig(), started_at=0.0)
+    assert t.next_event_in(GBE10, round_ends=False) == pytest.approx(est.duration_s, rel=1e-9)
+    hot = Transfer(HOT_8GIB, MonitorConfig(), started_at=0.0)
+    assert hot.next_event_in(GBE10, round_ends=False) == pytest.approx(HOT_8GIB.resident_bytes / GBE10 + 150.0)
+    assert hot.phase == "precopy" and hot.bytes_sent == 0  # asking changes nothing
+
+
 def test_data_remaining_falls_while_converging() -> None:
     t = Transfer(vm(16, dirty=40 * MB), MonitorConfig(), started_at=0.0)
     seen = [t.data_remaining]

@@ -1,0 +1,394 @@
+"""KubeVirt's behaviour in the simulated cluster, driven over HTTP with the real kubernetes-asyncio client and the
+real kubectl, asserted on the cluster's objects and the simulator's ground truth."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import secrets
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from simulator import scenarios
+from simulator.cluster import RunningCluster, running_cluster
+from simulator.faults import FaultsBody
+from simulator.resources import EVENTS, NODES, PODS, VMIMS, VMIS
+
+KUBECTL = "/usr/bin/kubectl"
+G, V, VMIM_PLURAL, VMI_PLURAL = "kubevirt.io", "v1", "virtualmachineinstancemigrations", "virtualmachineinstances"
+Obj = dict[str, Any]
+
+
+@dataclasses.dataclass
+class Sim:
+    rc: RunningCluster
+    api: client.ApiClient
+    kubeconfig: Path
+
+    @property
+    def co(self) -> client.CustomObjectsApi:
+        return client.CustomObjectsApi(self.api)
+
+    @property
+    def core(self) -> client.CoreV1Api:
+        return client.CoreV1Api(self.api)
+
+    @property
+    def cluster(self) -> Any:
+        return self.rc.cluster
+
+    async def migrate(self, ns: str, vmi: str, *, name: str | None = None, target: str | None = None,
+                      annotations: dict[str, str] | None = None) -> Obj:
+        body: Obj = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
+                     "metadata": {"name": name or f"mig-{vmi}-{secrets.token_hex(2)}", "namespace": ns,
+                                  "annotations": annotations or {}},
+                     "spec": {"vmiName": vmi}}
+        if target:
+            body["spec"]["addedNodeSelector"] = {"kubernetes.io/hostname": target}
+        result: Obj = await self.co.create_namespaced_custom_object(G, V, ns, VMIM_PLURAL, body)
+        return result
+
+    async def vmim(self, ns: str, name: str) -> Obj:
+        result: Obj = await self.co.get_namespaced_custom_object(G, V, ns, VMIM_PLURAL, name)
+        return result
+
+    async def vmi(self, ns: str, name: str) -> Obj:
+        result: Obj = await self.co.get_namespaced_custom_object(G, V, ns, VMI_PLURAL, name)
+        return result
+
+    async def wait(self, pred: Callable[[], Any], *, within_s: float = 60.0, what: str = "") -> Any:
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            value = pred()
+            if asyncio.iscoroutine(value):
+                value = await value
+            if value:
+                return value
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    async def final(self, ns: str, name: str, *, within_s: float = 60.0) -> Obj:
+        async def done() -> Obj | None:
+            obj = await self.vmim(ns, name)
+            return obj if (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed") else None
+
+        result: Obj = await self.wait(done, within_s=within_s, what=f"VMIM {name} final")
+        return result
+
+
+@pytest.fixture
+async def sim_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    stack: list[Any] = []
+
+    async def make(scenario: str | scenarios.Scenario = "small", *, time_scale: float = 50.0) -> Sim:
+        sc = scenarios.builtin(scenario) if isinstance(scenario, str) else scenario
+        kubeconfig = tmp_path / f"kubeconfig-{len(stack)}.yaml"
+        cm = running_cluster(sc, time_scale=time_scale, token=secrets.token_hex(8), kubeconfig_out=kubeconfig)
+        rc = await cm.__aenter__()
+        api = await config.new_client_from_config(config_file=str(kubeconfig))
+        stack.append((cm, api))
+        return Sim(rc, api, kubeconfig)
+
+    yield make
+    for cm, api in reversed(stack):
+        await api.close()
+        await cm.__aexit__(None, None, None)
+
+
+def vms_on(sim: Sim, node: str) -> list[Obj]:
+    return list(sim.cluster.store.on_node(VMIS, node))
+
+
+def phase_of(sim: Sim, ns: str, name: str) -> str | None:
+    obj = sim.cluster.store.get(VMIMS, ns, name)
+    return None if obj is None else (obj.get("status") or {}).get("phase")
+
+
+def first_vm(sim: Sim, node: str | None = None) -> tuple[str, str, str]:
+    node = node or sim.cluster.scenario.drain_hint[0]
+    vmi = vms_on(sim, node)[0]
+    return vmi["metadata"]["namespace"], vmi["metadata"]["name"], node
+
+
+async def test_migration_walks_kubevirts_phases_and_moves_the_vmi(sim_factory: Any) -> None:
+    sim: Sim = await sim_factory()
+    ns, name, source = first_vm(sim)
+    created = await sim.migrate(ns, name)
+    assert created["metadata"]["labels"]["kubevirt.io/vmi-name"] == name
+    assert "kubevirt.io/migrationJobFinalize" in created["metadata"]["finalizers"]
+    done = await sim.final(ns, created["metadata"]["name"])
+    assert done["status"]["phase"] == "Succeeded"
+    phases = [p["phase"] for p in done["status"]["phaseTransitionTimestamps"]]
+    assert phases == ["Pending", "Scheduling", "Scheduled", "PreparingTarget", "TargetReady", "Running",
+                      "Succeeded"]
+    assert "finalizers" not in done["metadata"]
+    vmi = await sim.vmi(ns, name)
+    state = vmi["status"]["migrationState"]
+    target = state["targetNode"]
+    assert target != source and state["sourceNode"] == source
+    assert state["completed"] is True and not state.get("failed")
+    assert state["migrationUid"] == done["metadata"]["uid"]
+    assert state["startTimestamp"] <= state["endTimestamp"]
+    assert vmi["status"]["nodeName"] == target == vmi["metadata"]["labels"]["kubevirt.io/nodeName"]
+    # The final VMIM carries the VMI's migration state (KubeVirt copies it when final).
+    assert done["status"]["migrationState"]["targetNode"] == target
+    # The source launcher pod completed; the target pod runs the VM.
+    pods = {p["metadata"]["name"]: p for p in sim.cluster.store.list(PODS, ns)
+            if p["metadata"]["annotations"].get("kubevirt.io/domain") == name}
+    assert sorted(p["status"]["phase"] for p in pods.values()) == ["Running", "Succeeded"]
+    assert pods[state["targetPod"]]["spec"]["nodeName"] == target
+    record = next(m for m in sim.cluster.stats()["migrations"] if m["name"] == created["metadata"]["name"])
+    assert record["bytes_sent"] >= sim.cluster.kubevirt.vm_info(f"{ns}/{name}").physics.resident_bytes
+    assert record["started_s"] is not None and record["finished_s"] >= record["started_s"]
+
+
+async def test_admission_rejects_a_second_migration_and_non_migratable_vms(sim_factory: Any) -> None:
+    base = scenarios.builtin("small")
+    vms = list(base.vms)
+    vms[0] = dataclasses.replace(vms[0], not_migratable_reason="DisksNotLiveMigratable",
+                                 not_migratable_message="PVC x is not shared, live migration requires that all "
+                                                        "PVCs must be shared (using ReadWriteMany access mode)")
+    sim: Sim = await sim_factory(dataclasses.replace(base, vms=tuple(vms)), time_scale=1.0)
+    with pytest.raises(ApiException) as info:
+        await sim.migrate(vms[0].namespace, vms[0].name)
+    assert info.value.status == 422
+    assert "Cannot migrate VMI, Reason: DisksNotLiveMigratable" in info.value.body
+    ns, name = vms[1].namespace, vms[1].name
+    first = await sim.migrate(ns, name)
+    with pytest.raises(ApiException) as info:
+        await sim.migrate(ns, name)
+    assert info.value.status == 422
+    assert f"in-flight migration detected. Active migration job ({first['metadata']['uid']})" in info.value.body
+    with pytest.raises(ApiException) as info:
+        await sim.co.create_namespaced_custom_object(G, V, ns, VMIM_PLURAL, {
+            "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
+            "metadata": {"name": "m-prio"}, "spec": {"vmiName": vms[2].name, "priority": "system-critical"}})
+    assert "only virt-controller is allowed to set priority" in info.value.body
+
+
+async def test_limits_hold_and_over_limit_migrations_wait_in_pending(sim_factory: Any) -> None:
+    sim: Sim = await sim_factory(time_scale=20.0)
+    names = []
+    for node in sorted({vm.node for vm in sim.cluster.scenario.vms})[:4]:
+        for vmi in vms_on(sim, node)[:4]:
+            created = await sim.migrate(vmi["metadata"]["namespace"], vmi["metadata"]["name"])
+            names.append((created["metadata"]["namespace"], created["metadata"]["name"]))
+    def phases() -> list[str]:
+        return [(sim.cluster.store.get(VMIMS, *n).get("status") or {}).get("phase", "") for n in names]
+
+    await sim.wait(lambda: len(sim.cluster.kubevirt.active) == 5 and all(phases()), within_s=10, what="5 active")
+    pending = [p for p in phases() if p == "Pending"]
+    assert len(pending) == len(names) - 5
+    for ns, name in names:
+        await sim.final(ns, name, within_s=120)
+    stats = sim.cluster.stats()
+    assert stats["max_in_flight_cluster"] == 5
+    assert max(stats["max_in_flight_per_node"].values()) == 2
+    assert all(m["phase"] == "Succeeded" for m in stats["migrations"])
+
+
+async def test_added_node_selector_pins_the_target_and_unschedulable_fails_after_the_timeout(
+        sim_factory: Any) -> None:
+    sim: Sim = await sim_factory(time_scale=50.0)
+    ns, name, source = first_vm(sim)
+    target = next(n.name for n in sim.cluster.scenario.nodes if n.name != source)
+    pinned = await sim.final(ns, (await sim.migrate(ns, name, target=target))["metadata"]["name"])
+    assert pinned["status"]["migrationState"]["targetNode"] == target
+    ns2, name2, _ = first_vm(sim)
+    stuck = await sim.migrate(ns2, name2, target="no-such-node",
+                              annotations={"kubevirt.io/migrationUnschedulablePodTimeoutSeconds": "60"})
+    done = await sim.final(ns2, stuck["metadata"]["name"])
+    assert done["status"]["phase"] == "Failed"
+    assert done["status"]["migrationState"]["failureReason"] == \
+        "Migration target pod was removed during active migration."
+    times = {p["phase"]: p["phaseTransitionTimestamp"] for p in done["status"]["phaseTransitionTimestamps"]}
+    assert "Running" not in times
+    reasons = [e["reason"] for e in sim.cluster.store.list(EVENTS, ns)
+               if e["involvedObject"]["name"] == stuck["metadata"]["name"]]
+    assert "migrationTargetPodUnschedulable" in reasons
+
+
+async def test_deleting_a_running_migration_aborts_it(sim_factory: Any) -> None:
+    base = scenarios.builtin("small")
+    sc = dataclasses.replace(base, migrations={**dict(base.migrations), "bandwidthPerMigration": "64Mi"})
+    sim: Sim = await sim_factory(sc, time_scale=20.0)
+    ns, name, source = first_vm(sim)
+    created = await sim.migrate(ns, name)
+    mig = created["metadata"]["name"]
+    await sim.wait(lambda: phase_of(sim, ns, mig) == "Running", within_s=30, what="Running")
+    await sim.co.delete_namespaced_custom_object(G, V, ns, VMIM_PLURAL, mig)
+    await sim.wait(lambda: sim.cluster.store.get(VMIMS, ns, mig) is None, within_s=30, what="VMIM gone")
+    vmi = await sim.vmi(ns, name)
+    state = vmi["status"]["migrationState"]
+    assert state["abortRequested"] is True and state["abortStatus"] == "Succeeded"
+    assert state["failed"] is True and state["failureReason"] == "Live migration aborted "
+    assert vmi["status"]["nodeName"] == source
+    record = next(m for m in sim.cluster.stats()["migrations"] if m["name"] == mig)
+    assert record["phase"] == "Failed"
+    assert sim.cluster.kubevirt.active == {}
+
+
+async def test_a_vm_that_cannot_converge_is_aborted_at_the_completion_timeout(sim_factory: Any) -> None:
+    # It keeps sending, so each 400 ms sample may be lower than the previous one (virt-launcher's notion of
+    # progress): the progress timeout does not fire; the completion timeout (150 s x 5 GB for 4 GiB) does.
+    base = scenarios.builtin("small")
+    vms = list(base.vms)
+    hot = dataclasses.replace(vms[0], memory_bytes=4 * 1024**3, resident_bytes=4 * 1024**3,
+                              wws_bytes=4 * 1024**3, dirty_bytes_per_s=50e9)
+    vms[0] = hot
+    sim: Sim = await sim_factory(dataclasses.replace(base, vms=tuple(vms)), time_scale=100.0)
+    created = await sim.migrate(hot.namespace, hot.name)
+    done = await sim.final(hot.namespace, created["metadata"]["name"], within_s=60)
+    assert done["status"]["phase"] == "Failed"
+    reason = done["status"]["migrationState"]["failureReason"]
+    assert reason == "Live migration is not completed after 750 seconds and has been aborted"
+    record = next(m for m in sim.cluster.stats()["migrations"] if m["name"] == created["metadata"]["name"])
+    assert record["finished_s"] - record["started_s"] == pytest.approx(750, abs=2)
+    assert record["bytes_sent"] > hot.resident_bytes  # it kept sending, never converged
+    vmi = await sim.vmi(hot.namespace, hot.name)
+    assert vmi["status"]["nodeName"] == hot.node
+
+
+async def test_post_copy_completes_a_vm_that_cannot_converge(sim_factory: Any) -> None:
+    base = scenarios.builtin("small")
+    vms = list(base.vms)
+    hot = dataclasses.replace(vms[0], memory_bytes=4 * 1024**3, resident_bytes=4 * 1024**3,
+                              wws_bytes=4 * 1024**3, dirty_bytes_per_s=50e9)
+    vms[0] = hot
+    sc = dataclasses.replace(base, vms=tuple(vms), migrations={
+        **dict(base.migrations), "allowPostCopy": True, "completionTimeoutPerGiB": 5, "progressTimeout": 600})
+    sim: Sim = await sim_factory(sc, time_scale=50.0)
+    created = await sim.migrate(hot.namespace, hot.name)
+    done = await sim.final(hot.namespace, created["metadata"]["name"], within_s=60)
+    assert done["status"]["phase"] == "Succeeded"
+    record = next(m for m in sim.cluster.stats()["migrations"] if m["name"] == created["metadata"]["name"])
+    assert record["mode"] == "PostCopy"
+
+
+async def test_only_five_finished_migrations_per_vmi_are_kept(sim_factory: Any) -> None:
+    sim: Sim = await sim_factory(time_scale=100.0)
+    ns, name, _ = first_vm(sim)
+    for _ in range(7):
+        created = await sim.migrate(ns, name)
+        await sim.final(ns, created["metadata"]["name"])
+    kept = sim.cluster.store.list(VMIMS, ns, label_selector=f"kubevirt.io/vmi-name={name}")
+    assert len(kept) == 5
+
+
+async def test_eviction_of_a_launcher_starts_an_evacuation(sim_factory: Any) -> None:
+    sim: Sim = await sim_factory(time_scale=50.0)
+    ns, name, source = first_vm(sim)
+    pod = next(p for p in sim.cluster.store.on_node(PODS, source)
+               if p["metadata"]["annotations"].get("kubevirt.io/domain") == name)
+    body = client.V1Eviction(metadata=client.V1ObjectMeta(name=pod["metadata"]["name"], namespace=ns))
+    with pytest.raises(ApiException) as info:
+        await sim.core.create_namespaced_pod_eviction(pod["metadata"]["name"], ns, body)
+    assert info.value.status == 429
+    assert f'Eviction triggered evacuation of VMI \\"{ns}/{name}\\"' in info.value.body
+    with pytest.raises(ApiException) as info:
+        await sim.core.create_namespaced_pod_eviction(pod["metadata"]["name"], ns, body)
+    assert "Evacuation in progress" in info.value.body
+
+    async def moved() -> bool:
+        vmi = await sim.vmi(ns, name)
+        return bool(vmi["status"]["nodeName"] != source and not vmi["status"].get("evacuationNodeName"))
+
+    await sim.wait(moved, within_s=60, what="evacuated")
+    evacuations = [m for m in sim.cluster.stats()["migrations"] if m["origin"] == "evacuation"]
+    assert len(evacuations) == 1 and evacuations[0]["name"].startswith("kubevirt-evacuation-")
+    # The completed source pod now evicts like any finished pod.
+    await sim.core.create_namespaced_pod_eviction(pod["metadata"]["name"], ns, body)
+    await sim.wait(lambda: sim.cluster.store.get(PODS, ns, pod["metadata"]["name"]) is None, what="pod gone")
+
+
+async def test_evacuation_retries_with_kubevirts_backoff_and_no_memory_of_failed_targets(
+        sim_factory: Any) -> None:
+    sim: Sim = await sim_factory(time_scale=100.0)
+    ns, name, source = first_vm(sim)
+    others = [n.name for n in sim.cluster.scenario.nodes if n.name != source]
+    sim.cluster.apply_faults(FaultsBody(fail_migrations_to=others))
+    pod = next(p for p in sim.cluster.store.on_node(PODS, source)
+               if p["metadata"]["annotations"].get("kubevirt.io/domain") == name)
+    with pytest.raises(ApiException):
+        await sim.core.create_namespaced_pod_eviction(
+            pod["metadata"]["name"], ns, client.V1Eviction(metadata=client.V1ObjectMeta(
+                name=pod["metadata"]["name"], namespace=ns)))
+
+    def attempts() -> list[dict[str, Any]]:
+        return sorted((m for m in sim.cluster.stats()["migrations"] if m["vmi"] == f"{ns}/{name}"),
+                      key=lambda m: m["created_s"])
+
+    await sim.wait(lambda: len([m for m in attempts() if m["phase"] == "Failed"]) >= 3, within_s=60,
+                   what="three failed evacuation attempts")
+    failed = [m for m in attempts() if m["phase"] == "Failed"][:3]
+    # KubeVirt keeps no memory of failed targets: the scheduler picks the same (most free) node again.
+    assert len({m["target"] for m in failed}) == 1
+    # 20 s doubling backoff, measured from the previous failure.
+    later = attempts()
+    for k, before in enumerate(failed, start=1):
+        after = later[later.index(before) + 1] if later.index(before) + 1 < len(later) else None
+        if after is not None:
+            assert after["created_s"] - before["finished_s"] >= 20 * 2 ** (k - 1) - 0.5
+    sim.cluster.apply_faults(FaultsBody(clear=True))
+
+    async def moved() -> bool:
+        return bool((await sim.vmi(ns, name))["status"]["nodeName"] != source)
+
+    await sim.wait(moved, within_s=60, what="evacuated once the fault is gone")
+    assert attempts()[-1]["phase"] == "Succeeded"
+
+
+async def test_kubectl_drain_completes_through_kubevirt_evacuation(sim_factory: Any, tmp_path: Path) -> None:
+    sim: Sim = await sim_factory(time_scale=50.0)
+    node = sim.cluster.scenario.drain_hint[0]
+    before = {f"{v['metadata']['namespace']}/{v['metadata']['name']}" for v in vms_on(sim, node)}
+    cmd = [KUBECTL, "--kubeconfig", str(sim.kubeconfig), "--cache-dir", str(tmp_path / "cache"), "drain", node,
+           "--ignore-daemonsets", "--delete-emptydir-data", "--timeout=240s"]
+    proc = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"node/{node} drained" in proc.stdout
+    assert vms_on(sim, node) == []
+    stats = sim.cluster.stats()
+    assert stats["max_in_flight_cluster"] <= 5
+    assert all(v <= 2 for v in stats["max_in_flight_per_node"].values())
+    moved = {m["vmi"] for m in stats["migrations"] if m["phase"] == "Succeeded" and m["origin"] == "evacuation"}
+    assert moved == before
+    assert sim.cluster.store.get(NODES, None, node)["spec"]["unschedulable"] is True
+    assert stats["vm_restarts"] == []
+    print(f"\nkubectl drain: {len(moved)} VMs, {stats['sim_time_s']:.0f} cluster s, "
+          f"{stats['api_requests_total']} API requests")
+
+
+async def test_eviction_of_a_vm_with_strategy_none_restarts_it_elsewhere(sim_factory: Any) -> None:
+    base = scenarios.builtin("small")
+    vms = list(base.vms)
+    node = base.drain_hint[0]
+    index = next(i for i, vm in enumerate(vms) if vm.node == node)
+    vms[index] = dataclasses.replace(vms[index], eviction_strategy="None")
+    sim: Sim = await sim_factory(dataclasses.replace(base, vms=tuple(vms)), time_scale=50.0)
+    vm = vms[index]
+    pod = next(p for p in sim.cluster.store.on_node(PODS, node)
+               if p["metadata"]["annotations"].get("kubevirt.io/domain") == vm.name)
+    await sim.core.create_namespaced_pod_eviction(pod["metadata"]["name"], vm.namespace, client.V1Eviction(
+        metadata=client.V1ObjectMeta(name=pod["metadata"]["name"], namespace=vm.namespace)))
+
+    async def restarted() -> bool:
+        try:
+            vmi = await sim.vmi(vm.namespace, vm.name)
+        except ApiException:
+            return False
+        return bool(vmi["status"].get("phase") == "Running" and vmi["status"].get("nodeName") not in (None, node))
+
+    # The drained node is not cordoned here, so cordon it like a drain would.
+    await sim.core.patch_node(node, {"spec": {"unschedulable": True}})
+    await sim.wait(restarted, within_s=60, what="VM restarted elsewhere")
+    assert [r["vmi"] for r in sim.cluster.stats()["vm_restarts"]] == [f"{vm.namespace}/{vm.name}"]
+    assert json.dumps(sim.cluster.stats()["migrations"]) == "[]"
