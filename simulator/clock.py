@@ -32,3 +32,20 @@ class SimClock:
 
     async def sleep(self, cluster_seconds: float) -> None:
         await asyncio.sleep(max(0.0, cluster_seconds) / self.time_scale)
+
+
+class ManualClock(SimClock):
+    """A clock that only moves when told to (benchmarks and deterministic tests step the cluster by hand)."""
+
+    def __init__(self, *, start: float = 1_800_000_000.0) -> None:
+        super().__init__(1.0, start=start)
+        self._t = 0.0
+
+    def now(self) -> float:
+        return self.epoch + self._t
+
+    def elapsed(self) -> float:
+        return self._t
+
+    def advance(self, cluster_seconds: float) -> None:
+        self._t += cluster_seconds

@@ -40,9 +40,9 @@ class SimCluster:
     """A whole simulated cluster. Call `run()` (or use `running_cluster`) to let time pass."""
 
     def __init__(self, scenario: Scenario, *, time_scale: float = 1.0, token: str | None = None,
-                 history: int = 100_000, tick_s: float = 0.02) -> None:
+                 history: int = 100_000, tick_s: float = 0.02, clock: SimClock | None = None) -> None:
         self.scenario = scenario
-        self.clock = SimClock(time_scale)
+        self.clock = clock or SimClock(time_scale)
         self.registry = Registry()
         self.store = Store(self.registry, now=self.clock.now, history=history, seed=scenario.seed)
         self.faults = Faults()
@@ -144,30 +144,18 @@ class SimCluster:
         }
 
     def scenario_json(self) -> dict[str, Any]:
-        sc = self.scenario
+        """The hidden physics (`Scenario.hidden_physics`) with the migration configuration in force now."""
         cfg = self.kubevirt.config()
-        share = 1.0 if cfg.get("network") else sc.pod_network_share
-        setups = [vm.setup_s for vm in sc.vms] or [10.0]
-        return {
-            "name": sc.name,
-            "seed": sc.seed,
-            "nodes": [{"name": n.name, "nic_bytes_per_s": n.nic_bytes_per_s,
-                       "migration_bytes_per_s": n.nic_bytes_per_s * sc.nic_efficiency * share,
-                       "memory_bytes": n.memory_bytes, "cpu_model": n.cpu_model, "cpu_vendor": n.cpu_vendor,
-                       "control_plane": n.control_plane} for n in sc.nodes],
-            "vms": [{"vmi": vmi_key(vm.namespace, vm.name), "node": vm.node, "memory_bytes": vm.memory_bytes,
-                     "resident_bytes": vm.resident_bytes, "dirty_bytes_per_s": vm.dirty_bytes_per_s,
-                     "wws_bytes": vm.wws_bytes, "setup_s": vm.setup_s, "multifd": vm.multifd} for vm in sc.vms],
-            "setup_s": min(setups),
-            "cleanup_s": sc.cleanup_s,
-            "downtime_s": float(cfg.get("maxDowntimeMs") or 300) / 1000.0,
-            "nic_efficiency": sc.nic_efficiency,
-            "pod_network_share": sc.pod_network_share,
-            "single_stream_bytes_per_s": sc.single_stream_bytes_per_s,
-            "migration_config": cfg,
-            "drain_hint": list(sc.drain_hint),
-            "parallel_hint": sc.parallel_hint,
-        }
+        body = self.scenario.hidden_physics()
+        share = 1.0 if cfg.get("network") else self.scenario.pod_network_share
+        for node in body["nodes"]:
+            node["migration_bytes_per_s"] = node["nic_bytes_per_s"] * self.scenario.nic_efficiency * share
+        body.update(setup_s=self.scenario.setup_s_min(), cleanup_s=self.scenario.cleanup_s,
+                    downtime_s=float(cfg.get("maxDowntimeMs") or 300) / 1000.0, migration_config=cfg,
+                    nic_efficiency=self.scenario.nic_efficiency, pod_network_share=self.scenario.pod_network_share,
+                    single_stream_bytes_per_s=self.scenario.single_stream_bytes_per_s,
+                    drain_hint=list(self.scenario.drain_hint), parallel_hint=self.scenario.parallel_hint)
+        return body
 
     def apply_faults(self, body: FaultsBody) -> dict[str, Any]:
         self.faults.apply(body)
