@@ -31,6 +31,9 @@ PREFIX = "drainctl"
 DRAINS_INDEX = f"{PREFIX}:drains"
 """Sorted set of every drain id (the score is chosen by the drain store)."""
 
+CANCEL_CHANNEL = f"{PREFIX}:cancel"
+"""Pub/sub channel announcing a drain cancel (the message is the drain id): workers stop following at once."""
+
 CLUSTER_SCOPE = "cluster"
 """Semaphore scope shared by every migration in the cluster."""
 

@@ -36,6 +36,15 @@ class NodeConflict(Exception):
         super().__init__(f"nodes already being drained: {parts}")
 
 
+class IdempotencyInProgress(Exception):
+    """A request with the same idempotency key is still being processed (HTTP 409; retry later)."""
+
+    def __init__(self, key: str, drain_id: str) -> None:
+        super().__init__(f"a request with idempotency key {key!r} is still being processed (drain {drain_id})")
+        self.key = key
+        self.drain_id = drain_id
+
+
 class DrainService:
     def __init__(self, *, redis: ArqRedis, settings: Settings, kube: Kube) -> None:
         self.redis = redis
@@ -56,9 +65,19 @@ class DrainService:
         if idempotency_key:
             existing = await self.store.claim_idempotency(idempotency_key, drain_id)
             if existing is not None:
-                found = await self.store.find(existing)
-                if found is not None:
-                    return found, False
+                # The first request with this key may still be planning: wait for its record.
+                for _ in range(120):
+                    found = await self.store.find(existing)
+                    if found is not None:
+                        return found, False
+                    if await self.redis.get(keys.idempotency_key(idempotency_key)) is None:
+                        break  # the first request failed and gave the key back: go ahead ourselves
+                    await asyncio.sleep(0.25)
+                else:
+                    raise IdempotencyInProgress(idempotency_key, existing)
+                existing = await self.store.claim_idempotency(idempotency_key, drain_id)
+                if existing is not None:
+                    raise IdempotencyInProgress(idempotency_key, existing)
         try:
             plan = await self.plan(request)
         except Exception:
@@ -113,6 +132,7 @@ class DrainService:
         record = await self.store.update(drain_id, cancel)
         if record["phase"] == DrainPhase.CANCELLING.value:
             await self.store.emit(drain_id, "drain.cancelling", uncordon=do_uncordon, mode=mode)
+            await self.redis.publish(keys.CANCEL_CHANNEL, drain_id)
             await self.redis.enqueue_job("advance", drain_id, _job_id=f"advance:{drain_id}:{time.time_ns()}",
                                          _defer_until=CONTROL_SCORE, _expires=timedelta(days=2),
                                          _queue_name=self.settings.connection.queue_name)

@@ -56,6 +56,7 @@ class ClusterView:
         self._changed = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = {name: asyncio.Event() for name in ("vmims", "nodes", "pods")}
+        self._cancelled: set[str] = set()
 
     async def start(self) -> None:
         self._tasks = [
@@ -69,6 +70,28 @@ class ClusterView:
         async with asyncio.timeout(60):
             for ev in self._ready.values():
                 await ev.wait()
+
+    def cancel_requested(self, drain_id: str) -> bool:
+        """Whether a cancel of `drain_id` was announced (see `listen_for_cancels`)."""
+        return drain_id in self._cancelled
+
+    async def listen_for_cancels(self, redis: Any, channel: str) -> None:
+        """Wake every job following a migration of a drain as soon as its cancel is announced."""
+        pubsub = redis.pubsub()
+        await pubsub.subscribe(channel)
+        try:
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+                if message is None:
+                    continue
+                data = message.get("data")
+                self._cancelled.add(data.decode() if isinstance(data, bytes) else str(data))
+                await self._notify()
+        finally:
+            await pubsub.aclose()
+
+    def start_task(self, coro: Any, name: str) -> None:
+        self._tasks.append(asyncio.create_task(coro, name=name))
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -77,7 +77,8 @@ def vmi_key(namespace: str, name: str) -> str:
 def _condition(obj: Obj, ctype: str) -> Obj | None:
     for c in (obj.get("status") or {}).get("conditions") or []:
         if c.get("type") == ctype:
-            return dict(c)
+            found: Obj = c
+            return found
     return None
 
 
@@ -158,7 +159,10 @@ class KubeVirtSim:
         self.active: dict[str, Migration] = {}
         self._by_name: dict[str, Migration] = {}
         self._vmi_open: dict[str, set[str]] = defaultdict(set)  # vmi key -> non-final VMIM keys
-        self._evac: set[str] = set()
+        self._evac: dict[str, float] = {}  # VMIs that need an evacuation VMIM -> not before (backoff)
+        self._finished: dict[str, list[str]] = defaultdict(list)  # vmi key -> finished VMIM names, oldest first
+        self._pending_order: list[Migration] | None = None
+        self._facts: dict[str, tuple[str, tuple[str, Mapping[str, str], str | None, int]]] = {}
         self._evac_history: dict[str, list[tuple[str, float]]] = defaultdict(list)
         self._kubelet: list[tuple[float, str, str, str]] = []
         self._restarts: list[tuple[float, str, str]] = []
@@ -355,7 +359,7 @@ class KubeVirtSim:
             st["conditions"] = [c for c in st.get("conditions") or [] if c.get("type") != "EvictionRequested"]
 
         self.store.mutate(VMIS, namespace, name, clear)
-        self._evac.discard(vmi_key(namespace, name))
+        self._evac.pop(vmi_key(namespace, name), None)
         return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 200}
 
     # ====================================================================================== listeners
@@ -392,13 +396,13 @@ class KubeVirtSim:
                 elif rt is VMIS:
                     key = vmi_key(obj["metadata"]["namespace"], obj["metadata"]["name"])
                     if etype == "DELETED":
-                        self._evac.discard(key)
+                        self._evac.pop(key, None)
                         for mkey in list(self._vmi_open.get(key, ())):
                             mig = self._by_name.get(mkey)
                             if mig is not None:
                                 self._finish(mig, now, "Failed", "Migration failed because vmi does not exist.")
-                    else:
-                        self._evac.add(key)
+                    elif not self._vmi_open.get(key):
+                        self._evac.setdefault(key, 0.0)
                 elif rt is NODES:
                     self._on_node(obj, old)
 
@@ -471,7 +475,7 @@ class KubeVirtSim:
         if any(t.get("key") == drain_key and t.get("effect") == "NoSchedule" for t in taints):
             for vmi in self.store.on_node(VMIS, name):
                 key = vmi_key(vmi["metadata"]["namespace"], vmi["metadata"]["name"])
-                self._evac.add(key)
+                self._evac.setdefault(key, 0.0)
 
     # ======================================================================================== tracking
     def _track(self, obj: Obj, now: float) -> None:
@@ -504,10 +508,12 @@ class KubeVirtSim:
             self._finish(mig, now, "Failed", "Migration failed due to being canceled")
             return
         self.pending[mig.key] = mig
+        self._pending_order = None
         self._set_phase(mig, "Pending", now)
 
     def _forget(self, mig: Migration) -> None:
-        self.pending.pop(mig.key, None)
+        if self.pending.pop(mig.key, None) is not None:
+            self._pending_order = None
         self.active.pop(mig.key, None)
         self._by_name.pop(mig.key, None)
         self._vmi_open.get(vmi_key(mig.namespace, mig.vmi), set()).discard(mig.key)
@@ -638,7 +644,9 @@ class KubeVirtSim:
         for mig in self.active.values():
             if mig.source:
                 outbound[mig.source] += 1
-        for mig in sorted(self.pending.values(), key=lambda m: (-m.priority, m.created, m.name)):
+        if self._pending_order is None:
+            self._pending_order = sorted(self.pending.values(), key=lambda m: (-m.priority, m.created, m.name))
+        for mig in list(self._pending_order):
             if len(self.active) >= limit:
                 break
             vmi = self.store.get(VMIS, mig.namespace, mig.vmi)
@@ -651,12 +659,13 @@ class KubeVirtSim:
             if len((vmi.get("status") or {}).get("activePods") or {}) > 1:
                 continue
             del self.pending[mig.key]
+            self._pending_order = None
             self.active[mig.key] = mig
             outbound[source] += 1
             mig.source = source
             mig.record["source"] = source
             pods = (vmi.get("status") or {}).get("activePods") or {}
-            mig.source_pod = self._pod_name_by_uid(mig.namespace, next(iter(pods), None))
+            mig.source_pod = self._pod_name_by_uid(mig.namespace, next(iter(pods), None), source)
             self._create_target_pod(mig, vmi, now)
             self._set_phase(mig, "Scheduling", now, _source_state(mig.source_pod))
             mig.scheduling_since = now
@@ -678,11 +687,11 @@ class KubeVirtSim:
         for node, count in inbound.items():
             self.max_inbound_per_node[node] = max(self.max_inbound_per_node.get(node, 0), count)
 
-    def _pod_name_by_uid(self, namespace: str, uid: str | None) -> str | None:
+    def _pod_name_by_uid(self, namespace: str, uid: str | None, node: str) -> str | None:
         if uid is None:
             return None
-        for pod in self.store.list(PODS, namespace, label_selector="kubevirt.io=virt-launcher"):
-            if pod["metadata"]["uid"] == uid:
+        for pod in self.store.on_node(PODS, node):
+            if pod["metadata"]["uid"] == uid and pod["metadata"].get("namespace") == namespace:
                 name: str = pod["metadata"]["name"]
                 return name
         return None
@@ -758,43 +767,53 @@ class KubeVirtSim:
         mig.next_at = now + 0.5 * mig.setup_s
         self._measure()
 
+    def _node_facts(self, node: Obj) -> tuple[str, Mapping[str, str], str | None, int]:
+        """(name, labels, why it cannot take pods or None, allocatable memory), cached per resourceVersion."""
+        name, rv = node["metadata"]["name"], node["metadata"].get("resourceVersion", "")
+        cached = self._facts.get(name)
+        if cached is not None and cached[0] == rv:
+            return cached[1]
+        spec = node.get("spec") or {}
+        why: str | None = None
+        if spec.get("unschedulable"):
+            why = "node(s) were unschedulable"
+        elif any(t.get("effect") in ("NoSchedule", "NoExecute") for t in spec.get("taints") or []):
+            why = "node(s) had untolerated taint"
+        else:
+            ready = _condition(node, "Ready")
+            if ready is None or ready.get("status") != "True":
+                why = "node(s) were not ready"
+        facts = (name, node["metadata"].get("labels") or {}, why,
+                 to_bytes((node.get("status") or {}).get("allocatable", {}).get("memory")))
+        self._facts[name] = (rv, facts)
+        return facts
+
     def _pick_node(self, pod: Obj, *, exclude: set[str]) -> tuple[str | None, str]:
-        selector = pod["spec"].get("nodeSelector") or {}
+        """kube-scheduler's decision for a pod: filters, then the node with the most free memory."""
+        selector = list((pod["spec"].get("nodeSelector") or {}).items())
         need = _pod_memory({**pod, "spec": {**pod["spec"], "nodeName": "x"}})
         reasons: dict[str, int] = defaultdict(int)
         best: tuple[int, str] | None = None
-        nodes = self.store.list(NODES)
-        for node in nodes:
-            name = node["metadata"]["name"]
-            labels = node["metadata"].get("labels") or {}
+        count = 0
+        for node in self.store.iter(NODES):
+            count += 1
+            name, labels, why, allocatable = self._node_facts(node)
             if name in exclude:
                 reasons["1 node(s) didn't match pod anti-affinity rules"] += 1
-                continue
-            if (node.get("spec") or {}).get("unschedulable"):
-                reasons["node(s) were unschedulable"] += 1
-                continue
-            if any(t.get("effect") in ("NoSchedule", "NoExecute") for t in (node.get("spec") or {}).get("taints")
-                   or []):
-                reasons["node(s) had untolerated taint"] += 1
-                continue
-            ready = _condition(node, "Ready")
-            if ready is None or ready.get("status") != "True":
-                reasons["node(s) were not ready"] += 1
-                continue
-            if any(labels.get(k) != v for k, v in selector.items()):
+            elif why is not None:
+                reasons[why] += 1
+            elif any(labels.get(k) != v for k, v in selector):
                 reasons["node(s) didn't match Pod's node affinity/selector"] += 1
-                continue
-            free = to_bytes((node.get("status") or {}).get("allocatable", {}).get("memory")) - \
-                self._node_used.get(name, 0)
-            if free < need:
-                reasons["Insufficient memory"] += 1
-                continue
-            if best is None or free > best[0] or (free == best[0] and name < best[1]):
-                best = (free, name)
+            else:
+                free = allocatable - self._node_used.get(name, 0)
+                if free < need:
+                    reasons["Insufficient memory"] += 1
+                elif best is None or free > best[0] or (free == best[0] and name < best[1]):
+                    best = (free, name)
         if best is not None:
             return best[1], ""
         detail = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
-        return None, f"0/{len(nodes)} nodes are available: {detail}. preemption: 0/{len(nodes)} nodes are " \
+        return None, f"0/{count} nodes are available: {detail}. preemption: 0/{count} nodes are " \
                      "available: no preemption victims found for incoming pod."
 
     # ------------------------------------------------------------------------------------------ phases
@@ -993,7 +1012,8 @@ class KubeVirtSim:
         if mig.phase in FINAL:
             return
         handed_off = mig.phase in HANDED_OFF
-        self.pending.pop(mig.key, None)
+        if self.pending.pop(mig.key, None) is not None:
+            self._pending_order = None
         self.active.pop(mig.key, None)
         self._vmi_open.get(vmi_key(mig.namespace, mig.vmi), set()).discard(mig.key)
         mig.record.update(finished_s=self._rel(now), failure_reason=reason)
@@ -1030,8 +1050,12 @@ class KubeVirtSim:
             if vmi is not None and handed_off:
                 self._event(vmi, "Migrated", f"VirtualMachineInstance migration uid {mig.uid} failed. "
                                              f"reason:{reason}", warning=True)
+        vkey = vmi_key(mig.namespace, mig.vmi)
         if mig.evacuation or phase == "Succeeded":
-            self._evac_history[vmi_key(mig.namespace, mig.vmi)].append((phase, now))
+            self._evac_history[vkey].append((phase, now))
+        self._finished[vkey].append(mig.name)
+        if phase == "Failed" and vmi is not None and (vmi.get("status") or {}).get("evacuationNodeName"):
+            self._evac[vkey] = self._backoff_until(vkey)
         if vmim is None:
             self._by_name.pop(mig.key, None)
         self._garbage_collect(mig.namespace, mig.vmi)
@@ -1076,48 +1100,53 @@ class KubeVirtSim:
             self.store.delete(PODS, namespace, name, grace_seconds=0, admit=False)
 
     def _garbage_collect(self, namespace: str, vmi_name: str) -> None:
-        finished = [o for o in self.store.list(VMIMS, namespace, label_selector=f"{VMI_NAME_LABEL}={vmi_name}")
-                    if (o.get("status") or {}).get("phase") in FINAL]
-        if len(finished) <= GC_BUFFER:
-            return
-        finished.sort(key=lambda o: (o["metadata"]["creationTimestamp"], int(o["metadata"]["resourceVersion"])))
-        for old in finished[: len(finished) - GC_BUFFER]:
+        names = self._finished.get(vmi_key(namespace, vmi_name)) or []
+        names[:] = [n for n in names if self.store.get(VMIMS, namespace, n) is not None]
+        while len(names) > GC_BUFFER:
+            old = self.store.get(VMIMS, namespace, names.pop(0))
+            if old is None:
+                continue
             meta = old["metadata"]
             ms = (old.get("status") or {}).get("migrationState") or {}
             defunct = ms.get("sourcePod") if old["status"]["phase"] == "Succeeded" else ms.get("targetPod")
             pod = self.store.get(PODS, namespace, defunct) if defunct else None
             if pod is not None and (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
-                self.store.delete(PODS, namespace, defunct, grace_seconds=0, admit=False)  # type: ignore[arg-type]
+                self.store.delete(PODS, namespace, pod["metadata"]["name"], grace_seconds=0, admit=False)
             self.store.delete(VMIMS, namespace, meta["name"], admit=False)
             self._by_name.pop(vmi_key(namespace, meta["name"]), None)
 
     # ------------------------------------------------------------------------------------- evacuation
     def _evacuate(self, now: float) -> None:
-        for key in sorted(self._evac):
+        due = sorted(k for k, t in self._evac.items() if t <= now)
+        if not due:
+            return
+        drain_key = self.config().get("nodeDrainTaintKey", "kubevirt.io/drain")
+        cluster_strategy = self.cluster_eviction_strategy()
+        for key in due:
             ns, _, name = key.partition("/")
             vmi = self.store.get(VMIS, ns, name)
-            if vmi is None or (vmi.get("status") or {}).get("phase") in FINAL:
-                self._evac.discard(key)
+            if vmi is None or (vmi.get("status") or {}).get("phase") in FINAL or self._vmi_open.get(key):
+                self._evac.pop(key, None)  # gone, or migrating: its end puts it back if still needed
                 continue
             status = vmi.get("status") or {}
             node = status.get("nodeName")
-            drain_key = self.config().get("nodeDrainTaintKey", "kubevirt.io/drain")
             node_obj = self.store.get(NODES, None, node or "")
             tainted = any(t.get("key") == drain_key and t.get("effect") == "NoSchedule"
                           for t in ((node_obj or {}).get("spec") or {}).get("taints") or [])
             if status.get("evacuationNodeName") != node and not tainted:
-                self._evac.discard(key)
+                self._evac.pop(key, None)
                 continue
-            if self.eviction_strategy(vmi) not in MIGRATABLE_ON_EVICTION:
-                continue
+            strategy = vmi.get("spec", {}).get("evictionStrategy") or cluster_strategy or "None"
             cond = _condition(vmi, "LiveMigratable")
-            if cond is not None and cond.get("status") == "False":
-                continue
-            if self._vmi_open.get(key):
+            if strategy not in MIGRATABLE_ON_EVICTION or (cond is not None and cond.get("status") == "False"):
+                self._evac[key] = now + 5.0  # the evacuation controller re-checks such VMIs on resync
                 continue
             if len(status.get("activePods") or {}) > 1:
+                self._evac[key] = now + 1.0
                 continue
-            if now < self._backoff_until(key):
+            not_before = self._backoff_until(key)
+            if now < not_before:
+                self._evac[key] = not_before
                 continue
             body = {
                 "metadata": {"namespace": ns, "generateName": "kubevirt-evacuation-",
@@ -1126,6 +1155,7 @@ class KubeVirtSim:
                              "finalizers": [MIGRATION_FINALIZER]},
                 "spec": {"vmiName": name, "priority": "system-critical"},
             }
+            self._evac.pop(key, None)
             created = self.store.create(VMIMS, body, admit=False)
             self._event(vmi, "SuccessfulCreate", f"Created Migration {created['metadata']['name']}")
 

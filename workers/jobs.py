@@ -343,14 +343,18 @@ def _capacity_gate(ctx: Ctx, drain_nodes: set[str], nodes: list[Record], by_node
 
 
 async def _cancel_vm_if_idle(ctx: Ctx, drain_id: str, vmi: str, reason: str) -> None:
+    changed: list[bool] = []
+
     def cancel(vm: Record) -> bool | None:
+        changed.clear()
         if vm["phase"] in FINAL_VM or vm["phase"] == VmPhase.MIGRATING.value:
             return False
         vm.update(phase=VmPhase.CANCELLED.value, message=reason, finished_at=time.time())
+        changed.append(True)
         return None
 
-    rec = await ctx["store"].update_vm(drain_id, vmi, cancel)
-    if rec["phase"] == VmPhase.CANCELLED.value:
+    await ctx["store"].update_vm(drain_id, vmi, cancel)
+    if changed:
         await ctx["store"].emit(drain_id, "vm.cancelled", vmi=vmi, reason=reason)
 
 
@@ -580,7 +584,7 @@ async def _follow(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, key: str
     last_cancel_check = 0.0
     abort_reason: tuple[str, FailureClass] | None = None
     while True:
-        obj = await view.wait_vmim(key, _phase_changed(last_phase), timeout_s=1.0)
+        obj = await view.wait_vmim(key, _phase_changed(last_phase, view, drain_id), timeout_s=1.0)
         if obj is None:
             obj = await kube.find(k.VMIMS, mig_name, ns)
             if obj is None:
@@ -616,7 +620,8 @@ async def _follow(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, key: str
         elif running_since is not None and now - running_since > completion_budget:
             abort_reason = (f"aborted by drainctl: not completed within {completion_budget:.0f} s",
                             FailureClass.NOT_CONVERGING)
-        elif time.monotonic() - last_cancel_check > 1.0:
+        elif view.cancel_requested(drain_id) or time.monotonic() - last_cancel_check > 5.0:
+            # A cancel wakes us through the shared pub/sub listener; the slow poll covers a lost message.
             last_cancel_check = time.monotonic()
             drain = await store.get(drain_id)
             if drain["phase"] == DrainPhase.CANCELLING.value and \
@@ -628,9 +633,9 @@ async def _follow(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, key: str
             await kube.delete(k.VMIMS, mig_name, ns, uid=obj["metadata"].get("uid"))
 
 
-def _phase_changed(last: str | None) -> Callable[[Record | None], bool]:
+def _phase_changed(last: str | None, view: ClusterView, drain_id: str) -> Callable[[Record | None], bool]:
     def changed(obj: Record | None) -> bool:
-        return obj is None or (obj.get("status") or {}).get("phase") != last
+        return obj is None or (obj.get("status") or {}).get("phase") != last or view.cancel_requested(drain_id)
     return changed
 
 

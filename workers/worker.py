@@ -14,6 +14,7 @@ from arq import cron
 from arq.connections import ArqRedis, RedisSettings
 from arq.worker import Worker, func
 
+from orchestrator import keys
 from orchestrator.clock import ScaledClock
 from orchestrator.kube import Kube
 from orchestrator.settings import Settings
@@ -53,6 +54,7 @@ def build_worker(settings: Settings, *, redis: ArqRedis | None = None, kube_fact
         kube = await factory()
         view = ClusterView(kube)
         await view.start()
+        view.start_task(view.listen_for_cancels(ctx["redis"], keys.CANCEL_CHANNEL), "view-cancels")
         ctx.update(settings=settings, kube=kube, view=view, store=DrainStore(ctx["redis"]),
                    semaphore=RedisSemaphore(ctx["redis"], lease_ttl_s=settings.timeouts.lease_ttl_s),
                    clock=ScaledClock(settings.time_scale))

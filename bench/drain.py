@@ -1,0 +1,158 @@
+"""Drain makespan: drainctl against `kubectl drain` + KubeVirt's evacuation, and against the lower bound.
+
+Both run on the same simulated cluster (same scenario, same seed, same time scale), one after the other:
+- drainctl: real Redis (a database of its own, flushed), `drainctl worker` processes, one drain of the
+  scenario's drain-hint nodes with the scenario's parallelism;
+- kubectl: the real `kubectl drain --ignore-daemonsets --delete-emptydir-data`, one process per node, all
+  started together (kubectl drains the nodes it is given one after the other).
+The makespan that compares fairly is "VMs off the nodes": from the start to the end of the last successful
+migration off a drained node, in cluster seconds, read from the simulator's ground truth (the commands' exit
+times add their polling intervals in wall seconds: kubectl retries evictions every 5 wall seconds). It also
+prints the lower bounds of migration-model.md section 3 (physical and pre-copy), API requests and Redis
+commands per migration.
+
+    python -m bench.drain [--scenario small] [--time-scale 10] [--workers 3] [--redis-db 14]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from simulator import scenarios
+from simulator.cluster import RunningCluster, running_cluster
+
+KUBECTL = os.environ.get("KUBECTL", "kubectl")
+
+
+def _off_node_makespan(stats: dict[str, Any], drain: list[str], t0: float) -> tuple[float | None, int, int]:
+    moved = [m for m in stats["migrations"] if m["source"] in drain and m["phase"] == "Succeeded"]
+    failed = [m for m in stats["migrations"] if m["source"] in drain and m["phase"] == "Failed"]
+    end = max((m["finished_s"] for m in moved), default=None)
+    return (None if end is None else end - t0), len(moved), len(failed)
+
+
+async def run_drainctl(sc: scenarios.Scenario, *, time_scale: float, workers: int, redis_db: int,
+                       tmp: Path) -> dict[str, Any]:
+    redis_url = f"redis://127.0.0.1:6379/{redis_db}"
+    plain = aioredis.from_url(redis_url)
+    await plain.flushdb()
+    drain = list(sc.drain_hint)
+    kubeconfig = tmp / "drainctl.kubeconfig"
+    async with running_cluster(sc, time_scale=time_scale, token=secrets.token_hex(8),
+                               kubeconfig_out=kubeconfig) as rc:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DRAIN_")}
+        env.update(KUBECONFIG=str(kubeconfig), DRAIN_REDIS_URL=redis_url, DRAIN_TIME_SCALE=str(time_scale),
+                   DRAIN_QUEUE_NAME=f"bench-{secrets.token_hex(3)}")
+        drainctl = str(Path(sys.executable).with_name("drainctl"))
+        procs = [subprocess.Popen([drainctl, "worker"], env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True) for _ in range(workers)]
+        try:
+            await asyncio.sleep(3.0)  # workers connect and list the cluster
+            api_before = rc.cluster.stats()["api_requests_total"]
+            redis_before = int((await plain.info("stats"))["total_commands_processed"])
+            t0 = rc.cluster.clock.elapsed()
+            wall0 = time.monotonic()
+            proc = await asyncio.create_subprocess_exec(
+                drainctl, "drain", *drain, "--max-parallel-nodes", str(sc.parallel_hint), "--wait", "-o", "json",
+                env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, errout = await proc.communicate()
+            exit_s = rc.cluster.clock.elapsed() - t0
+            wall = time.monotonic() - wall0
+            stats = rc.cluster.stats()
+            redis_after = int((await plain.info("stats"))["total_commands_processed"])
+        finally:
+            for p in procs:
+                os.killpg(p.pid, signal.SIGTERM)
+            for p in procs:
+                p.wait(15)
+    await plain.aclose()
+    makespan, moved, failed = _off_node_makespan(stats, drain, t0)
+    view = json.loads(out) if out.strip().startswith(b"{") else {}
+    migrations = max(1, moved + failed)
+    return {"tool": "drainctl", "exit_code": proc.returncode, "phase": view.get("phase"),
+            "makespan_s": makespan, "command_s": exit_s, "wall_s": wall, "moved": moved, "failed": failed,
+            "max_in_flight": stats["max_in_flight_cluster"], "max_per_node": max(
+                stats["max_in_flight_per_node"].values(), default=0),
+            "api_per_migration": (stats["api_requests_total"] - api_before) / migrations,
+            "redis_per_migration": (redis_after - redis_before) / migrations,
+            "restarts": len(stats["vm_restarts"]), "stderr": errout.decode()[-300:]}
+
+
+async def run_kubectl(sc: scenarios.Scenario, *, time_scale: float, tmp: Path) -> dict[str, Any]:
+    drain = list(sc.drain_hint)
+    kubeconfig = tmp / "kubectl.kubeconfig"
+    rc: RunningCluster
+    async with running_cluster(sc, time_scale=time_scale, token=secrets.token_hex(8),
+                               kubeconfig_out=kubeconfig) as rc:
+        api_before = rc.cluster.stats()["api_requests_total"]
+        t0 = rc.cluster.clock.elapsed()
+        wall0 = time.monotonic()
+        procs = [await asyncio.create_subprocess_exec(
+            KUBECTL, "--kubeconfig", str(kubeconfig), "--cache-dir", str(tmp / f"cache-{node}"), "drain", node,
+            "--ignore-daemonsets", "--delete-emptydir-data", "--timeout=3600s",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL) for node in drain]
+        codes = [await p.wait() for p in procs]
+        exit_s = rc.cluster.clock.elapsed() - t0
+        wall = time.monotonic() - wall0
+        stats = rc.cluster.stats()
+    makespan, moved, failed = _off_node_makespan(stats, drain, t0)
+    migrations = max(1, moved + failed)
+    return {"tool": "kubectl drain", "exit_code": max(codes), "phase": "Succeeded" if not any(codes) else "Failed",
+            "makespan_s": makespan, "command_s": exit_s, "wall_s": wall, "moved": moved, "failed": failed,
+            "max_in_flight": stats["max_in_flight_cluster"],
+            "max_per_node": max(stats["max_in_flight_per_node"].values(), default=0),
+            "api_per_migration": (stats["api_requests_total"] - api_before) / migrations,
+            "redis_per_migration": 0.0, "restarts": len(stats["vm_restarts"]), "stderr": ""}
+
+
+async def amain(args: argparse.Namespace) -> int:
+    sc = scenarios.builtin(args.scenario, seed=args.seed)
+    lb = sc.lower_bound()
+    with tempfile.TemporaryDirectory(prefix="drainctl-bench-") as tmp:
+        ours = await run_drainctl(sc, time_scale=args.time_scale, workers=args.workers, redis_db=args.redis_db,
+                                  tmp=Path(tmp))
+        theirs = await run_kubectl(sc, time_scale=args.time_scale, tmp=Path(tmp))
+    print(f"scenario {sc.name} (seed {sc.seed}): drain {', '.join(sc.drain_hint)} "
+          f"({sc.parallel_hint} in parallel), time scale {args.time_scale}")
+    print(f"lower bound (migration-model.md 3.3): physical {lb.phys:.1f} s, pre-copy {lb.precopy:.1f} s "
+          f"(busiest source {lb.busiest_source}, {lb.non_converging} VM(s) cannot converge by pre-copy)")
+    print(f"{'tool':<14} {'exit':>4} {'moved':>5} {'failed':>6} {'VMs off s':>9} {'/LB phys':>8} "
+          f"{'command s':>9} {'max infl':>8} {'API/mig':>7} {'Redis/mig':>9} {'restarts':>8}")
+    for r in (ours, theirs):
+        ratio = (r["makespan_s"] / lb.phys) if r["makespan_s"] and lb.phys else float("nan")
+        ms = f"{r['makespan_s']:.1f}" if r["makespan_s"] is not None else "-"
+        print(f"{r['tool']:<14} {r['exit_code']:>4} {r['moved']:>5} {r['failed']:>6} {ms:>9} {ratio:>8.2f} "
+              f"{r['command_s']:>9.1f} {r['max_in_flight']:>8} {r['api_per_migration']:>7.1f} "
+              f"{r['redis_per_migration']:>9.1f} {r['restarts']:>8}")
+    if ours["makespan_s"] and theirs["makespan_s"]:
+        print(f"kubectl drain / drainctl makespan: {theirs['makespan_s'] / ours['makespan_s']:.2f}x")
+    if ours["exit_code"] != 0:
+        print(f"drainctl stderr: {ours['stderr']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", default="small")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--time-scale", type=float, default=10.0)
+    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--redis-db", type=int, default=14)
+    return asyncio.run(amain(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,838 @@
+"""The HTTP API: what upgrade hooks and automation call to drain nodes, follow drains and cancel them.
+
+Promises:
+- Every ``/v1`` call needs ``Authorization: Bearer <token>``: 401 (with ``WWW-Authenticate: Bearer``) without
+  one, 403 with a wrong one; tokens are compared in constant time. ``/healthz``, ``/readyz``, ``/metrics`` and
+  ``/openapi.json`` are open, as probes and scrapers expect.
+- Every error is JSON ``{"error": {"code", "message", "details"}}``: malformed JSON 400, a body that breaks
+  the schema 422 naming each field (``nodes: ...``), unknown nodes 404 naming them, an infeasible drain 422
+  with the planner's problems, a node that another drain owns 409 naming the node and the drain, an
+  unreachable cluster or Redis 503. Nothing is written when a request is refused (DESIGN.md rule 7).
+- ``POST /v1/drains`` with an ``Idempotency-Key`` header returns the drain that key created (200) instead of
+  starting another one (202); reusing a key with a different request is refused (422).
+- ``GET /v1/drains/{id}/events`` is a server-sent event stream: the drain's events from ``Last-Event-ID``
+  (or the start), then live ones until ``drain.finished``; ``event:`` is our event name, ``id:`` the Redis
+  stream id, so a client that reconnects resumes exactly where it stopped.
+- ``/openapi.json`` is an OpenAPI 3.1 document whose schemas are generated from the pydantic models the
+  handlers use, so the document and the wire format cannot drift apart.
+
+It holds no drain state of its own: everything goes through :class:`orchestrator.service.DrainService`, so
+any number of API replicas may run beside the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Protocol
+
+import structlog
+import typer
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError, field_validator
+from redis.exceptions import RedisError
+
+from orchestrator import keys
+from orchestrator import kube as k
+from orchestrator.metrics import CONTENT_TYPE, MetricsSource, render
+from orchestrator.model import DrainPlan, DrainRequest, NodeOrder, NonMigratablePolicy
+from orchestrator.planner import PlanError
+from orchestrator.service import DrainService, NodeConflict
+from orchestrator.settings import Settings
+from orchestrator.store import FINAL_DRAIN, FINAL_NODE, FINAL_VM, DrainNotFound, Record
+
+log = structlog.get_logger("orchestrator.api")
+
+ServiceFactory = Callable[[], AbstractAsyncContextManager[DrainService]]
+"""Opens the service (Redis pool, cluster connection) when the app starts and closes it when the app stops."""
+
+TOKEN_ENV = "DRAIN_API_TOKEN"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+_STREAM_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
+_NAMESPACES = k.Kind("namespaces", namespaced=False)
+MAX_LIST = 1000
+FINISHED_GRACE_S = 60.0
+
+
+# ================================================================================================= models
+NodeNameStr = Annotated[str, StringConstraints(min_length=1, max_length=253)]
+
+
+class DrainRequestBody(BaseModel):
+    """A drain (or dry-run plan) request. Semantic checks (unknown nodes, capacity) come after the schema."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    nodes: list[NodeNameStr] = Field(min_length=1, max_length=10_000, description="Nodes to drain.")
+    max_parallel_nodes: int = Field(1, ge=1, le=10_000, description="Nodes drained at the same time.")
+    order: NodeOrder = Field(NodeOrder.GIVEN, description="given: as listed; planner: least work first.")
+    non_migratable: NonMigratablePolicy = Field(
+        NonMigratablePolicy.BLOCK, description="block: refuse the drain if a VM cannot move; skip: leave it.")
+    completion_timeout_per_gib: int | None = Field(None, ge=1, description="Seconds per GiB of migration data.")
+    progress_timeout_s: float | None = Field(None, gt=0, allow_inf_nan=False)
+    pending_timeout_s: float | None = Field(None, gt=0, allow_inf_nan=False)
+    max_attempts: int | None = Field(None, ge=1, le=100, description="Attempts per VM, the first included.")
+    uncordon_on_cancel: bool = Field(True, description="Uncordon the nodes when the drain is cancelled.")
+
+    @field_validator("nodes")
+    @classmethod
+    def _distinct(cls, nodes: list[str]) -> list[str]:
+        counts = Counter(nodes)
+        twice = sorted(n for n, c in counts.items() if c > 1)
+        if twice:
+            raise ValueError(f"listed more than once: {', '.join(twice)}")
+        return nodes
+
+    def to_request(self) -> DrainRequest:
+        return DrainRequest.from_json(self.model_dump(mode="json", exclude_none=True))
+
+
+class Links(BaseModel):
+    self: str
+    events: str
+
+
+class DrainAccepted(BaseModel):
+    """Answer to a submitted drain (202) or to a retried one with the same idempotency key (200)."""
+
+    id: str
+    phase: str
+    created: bool = Field(description="False when the idempotency key named an earlier drain.")
+    links: Links
+
+
+class DrainSummary(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    phase: str
+    message: str | None = None
+    nodes: list[str]
+    source: str | None = None
+    created_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    estimate_s: float | None = None
+    links: Links
+
+
+class DrainList(BaseModel):
+    items: list[DrainSummary] = Field(description="Newest first.")
+
+
+class Attempt(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    attempt: int
+    vmim: str | None = None
+    target: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    outcome: str | None = None
+    reason: str | None = None
+    failure_class: str | None = None
+
+
+class VmState(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    vmi: str
+    node: str
+    phase: str
+    verdict: str | None = None
+    reason: str | None = None
+    message: str | None = None
+    attempt: int | None = Field(None, description="The current (or last) attempt; 0 when never tried.")
+    attempts: list[Attempt] = []
+    target: str | None = None
+    failure_class: str | None = None
+
+
+class NodeState(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    node: str
+    phase: str
+    message: str | None = None
+    wave: int | None = None
+
+
+class Eta(BaseModel):
+    """Cluster seconds (the simulator's time scale applied): the plan's estimate against the time spent."""
+
+    estimate_s: float | None
+    elapsed_s: float
+    remaining_s: float | None = Field(description="Estimate minus elapsed, never below 0; null once final.")
+    time_scale: float
+
+
+class Progress(BaseModel):
+    nodes: int
+    nodes_final: int
+    vms: int
+    vms_final: int
+    vms_succeeded: int
+    vms_failed: int
+
+
+class DrainDetail(BaseModel):
+    """One drain with every node and VM record (the same shape as `drainctl status -o json`), plus ETA."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    phase: str
+    message: str | None = None
+    source: str | None = None
+    created_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    estimate_s: float | None = None
+    links: Links
+    request: dict[str, Any]
+    warnings: list[str] = []
+    limits: dict[str, Any] | None = None
+    cancel: dict[str, Any] | None = None
+    nodes: dict[str, NodeState] = Field(description="Per node, by node name.")
+    vms: dict[str, VmState] = Field(description="Per VM, by namespace/name.")
+    eta: Eta
+    progress: Progress
+    plan: dict[str, Any] | None = Field(None, description="The stored plan, with ?plan=true.")
+
+
+class CancelAccepted(BaseModel):
+    id: str
+    phase: str
+    links: Links
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] = {}
+
+
+# ================================================================================================= errors
+class ApiError(Exception):
+    """An error answer; the middleware renders it as {"error": {...}}."""
+
+    def __init__(self, status: int, code: str, message: str, details: Any = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+        self.headers = headers or {}
+
+
+def _error_response(status: int, code: str, message: str, details: Any = None,
+                    headers: dict[str, str] | None = None) -> web.Response:
+    body = ErrorBody(error=ErrorDetail(code=code, message=message, details=details))
+    return web.json_response(body.model_dump(mode="json"), status=status, headers=headers)
+
+
+def _schema_error(exc: ValidationError) -> ApiError:
+    problems = []
+    for err in exc.errors(include_url=False, include_context=False, include_input=False):
+        field = ".".join(str(part) for part in err["loc"]) or "(body)"
+        message = err["msg"].removeprefix("Value error, ")
+        problems.append({"field": field, "message": message, "type": err["type"]})
+    text = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
+    return ApiError(422, "invalid", text, {"problems": problems})
+
+
+def _links(drain_id: str) -> Links:
+    return Links(self=f"/v1/drains/{drain_id}", events=f"/v1/drains/{drain_id}/events")
+
+
+# ================================================================================================== app
+class _Api:
+    """The handlers, and the service they share once the app has started."""
+
+    def __init__(self, service_factory: ServiceFactory, *, token: str, sse_block_ms: int,
+                 readiness_timeout_s: float) -> None:
+        if not token:
+            raise ValueError("the API token must not be empty")
+        self._factory = service_factory
+        self._token = token.encode()
+        self._block_ms = sse_block_ms
+        self._readiness_timeout_s = readiness_timeout_s
+        self._service: DrainService | None = None
+        self._metrics: MetricsSource | None = None
+        self._streams: set[asyncio.Task[Any]] = set()
+        self.openapi = openapi_document()
+
+    @property
+    def service(self) -> DrainService:
+        if self._service is None:
+            raise ApiError(503, "starting", "the API is not connected yet")
+        return self._service
+
+    async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
+        async with self._factory() as service:
+            self._service = service
+            self._metrics = MetricsSource(service.redis, queue_name=service.settings.connection.queue_name)
+            try:
+                yield
+            finally:
+                self._service = None
+                self._metrics = None
+
+    async def close_streams(self, app: web.Application) -> None:
+        """Event streams run until their drain ends; a stopping server ends them instead of waiting."""
+        for task in list(self._streams):
+            task.cancel()
+
+    # ---------------------------------------------------------------------------------------- middleware
+    @web.middleware
+    async def errors(self, request: web.Request,
+                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return _error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
+            return _error_response(exc.status, code, exc.reason)
+        except k.KubeError as exc:
+            status = 503 if exc.retryable else 502
+            log.warning("api.cluster_error", path=request.path, error=str(exc))
+            return _error_response(status, "cluster_unavailable" if exc.retryable else "cluster_error",
+                                   f"cluster: {exc.message or exc.reason}", {"status": exc.status})
+        except RedisError as exc:
+            log.warning("api.redis_error", path=request.path, error=str(exc))
+            return _error_response(503, "redis_unavailable", f"Redis: {exc}")
+
+    @web.middleware
+    async def auth(self, request: web.Request,
+                   handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        if not (request.path == "/v1" or request.path.startswith("/v1/")):
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise ApiError(401, "unauthorized", "a bearer token is required (Authorization: Bearer <token>)",
+                           headers={"WWW-Authenticate": 'Bearer realm="drainctl"'})
+        if not hmac.compare_digest(given.strip().encode(), self._token):
+            raise ApiError(403, "forbidden", "the bearer token is not valid for this API")
+        return await handler(request)
+
+    # --------------------------------------------------------------------------------------------- body
+    async def _body(self, request: web.Request) -> DrainRequestBody:
+        raw = await request.read()
+        try:
+            return DrainRequestBody.model_validate_json(raw or b"")
+        except ValidationError as exc:
+            if any(err["type"] == "json_invalid" for err in exc.errors()):
+                detail = exc.errors()[0]["msg"]
+                raise ApiError(400, "bad_json", f"the body is not valid JSON: {detail}") from None
+            raise _schema_error(exc) from None
+
+    async def _require_nodes(self, request: DrainRequest) -> list[Record]:
+        """The requested node objects; 404 naming those the cluster does not have (checked before planning)."""
+        items, _ = await self.service.kube.list(k.NODES)
+        by_name = {(obj.get("metadata") or {}).get("name"): obj for obj in items}
+        unknown = [n for n in request.nodes if n not in by_name]
+        if unknown:
+            raise ApiError(404, "unknown_nodes", f"unknown node(s): {', '.join(unknown)}", {"nodes": unknown})
+        return [by_name[n] for n in request.nodes]
+
+    async def _node_events(self, nodes: list[Record], *, reason: str, message: str) -> None:
+        """Tell `kubectl describe node` readers who asked for what; a lost Event is logged, never fatal."""
+        now_iso = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        kube = self.service.kube
+        async with asyncio.TaskGroup() as group:
+            for node in nodes:
+                # Items of a list response carry no kind or apiVersion; the Event's involvedObject needs both.
+                involved = {**node, "kind": "Node", "apiVersion": "v1"}
+                group.create_task(kube.event(involved=involved, reason=reason, message=message, now_iso=now_iso),
+                                  name=f"event:{reason}:{(node.get('metadata') or {}).get('name')}")
+
+    # ------------------------------------------------------------------------------------------ drains
+    async def submit(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        drain_request = body.to_request()
+        key = request.headers.get(IDEMPOTENCY_HEADER)
+        if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
+            raise ApiError(400, "bad_header", f"{IDEMPOTENCY_HEADER}: 1 to 255 printable ASCII characters "
+                                              "without spaces")
+        service = self.service
+        if key is not None:
+            # A retried hook must get its drain back even if the cluster changed since (nodes removed).
+            earlier = await self._idempotent(key, drain_request)
+            if earlier is not None:
+                return self._accepted(earlier, created=False)
+        node_objs = await self._require_nodes(drain_request)
+        try:
+            record, created = await service.submit(drain_request, idempotency_key=key, source="api")
+        except PlanError as exc:
+            raise ApiError(422, "infeasible", "the drain cannot be carried out as asked: " + "; ".join(exc.problems),
+                           {"problems": list(exc.problems)}) from None
+        except NodeConflict as exc:
+            raise ApiError(409, "conflict", str(exc),
+                           {"nodes": dict(sorted(exc.taken.items()))}) from None
+        if not created:
+            self._check_same(key, record, drain_request)
+        else:
+            await self._node_events(node_objs, reason="DrainRequested",
+                                    message=f"drainctl drain {record['id']} requested through the API")
+        log.info("api.drain_submitted", drain_id=record["id"], nodes=list(drain_request.nodes), created=created)
+        return self._accepted(record, created=created)
+
+    async def _idempotent(self, key: str, request: DrainRequest) -> Record | None:
+        service = self.service
+        redis: Any = service.redis
+        existing = await redis.get(keys.idempotency_key(key))
+        if existing is None:
+            return None
+        drain_id = existing.decode() if isinstance(existing, bytes) else str(existing)
+        record = await service.store.find(drain_id)
+        if record is not None:
+            self._check_same(key, record, request)
+        return record
+
+    @staticmethod
+    def _check_same(key: str | None, record: Record, request: DrainRequest) -> None:
+        if record.get("request") != request.to_json():
+            raise ApiError(422, "idempotency_key_reused",
+                           f"{IDEMPOTENCY_HEADER} {key!r} was used for a different request (drain {record['id']})",
+                           {"drain": record["id"]})
+
+    @staticmethod
+    def _accepted(record: Record, *, created: bool) -> web.Response:
+        body = DrainAccepted(id=record["id"], phase=record["phase"], created=created, links=_links(record["id"]))
+        return web.json_response(body.model_dump(mode="json"), status=202 if created else 200,
+                                 headers={"Location": body.links.self})
+
+    async def list_drains(self, request: web.Request) -> web.Response:
+        limit = _int_query(request, "limit", default=200, low=1, high=MAX_LIST)
+        drains = await self.service.list(limit=limit)
+        items = [_summary(d) for d in drains]
+        return web.json_response(DrainList(items=items).model_dump(mode="json"))
+
+    async def get_drain(self, request: web.Request) -> web.Response:
+        drain_id = request.match_info["drain_id"]
+        with_plan = _bool_query(request, "plan", default=False)
+        try:
+            view = await self.service.get(drain_id)
+        except DrainNotFound:
+            raise ApiError(404, "not_found", f"drain {drain_id!r} not found") from None
+        detail = _detail(view.drain, view.nodes, view.vms, now=time.time(), with_plan=bool(with_plan))
+        return web.json_response(detail.model_dump(mode="json"))
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        drain_id = request.match_info["drain_id"]
+        uncordon = _bool_query(request, "uncordon", default=None)
+        mode = request.query.get("mode", "abort")
+        if mode not in ("abort", "finish"):
+            raise ApiError(422, "invalid", f"mode: {mode!r} is not one of abort, finish",
+                           {"problems": [{"field": "mode", "message": "expected abort or finish"}]})
+        try:
+            record = await self.service.cancel(drain_id, uncordon=uncordon, mode=mode)
+        except DrainNotFound:
+            raise ApiError(404, "not_found", f"drain {drain_id!r} not found") from None
+        log.info("api.drain_cancel", drain_id=drain_id, phase=record["phase"], mode=mode, uncordon=uncordon)
+        if record["phase"] not in FINAL_DRAIN:
+            try:
+                nodes = [obj for obj in [await self.service.kube.find(k.NODES, n) for n in record["request"]["nodes"]]
+                         if obj is not None]
+            except k.KubeError as exc:
+                # The cancel is recorded and the workers act on it; an unreachable cluster only costs the Events.
+                log.warning("api.cancel_events_lost", drain_id=drain_id, error=str(exc))
+                nodes = []
+            await self._node_events(nodes, reason="DrainCancelRequested",
+                                    message=f"drainctl drain {drain_id}: cancel requested through the API "
+                                            f"(mode {mode})")
+        body = CancelAccepted(id=drain_id, phase=record["phase"], links=_links(drain_id))
+        # A drain that had already ended is left as it was: nothing was accepted.
+        return web.json_response(body.model_dump(mode="json"), status=200 if record["phase"] in FINAL_DRAIN else 202)
+
+    async def plan(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        drain_request = body.to_request()
+        await self._require_nodes(drain_request)
+        try:
+            result = await self.service.plan(drain_request)
+        except PlanError as exc:
+            raise ApiError(422, "infeasible", "the drain cannot be carried out as asked: " + "; ".join(exc.problems),
+                           {"problems": list(exc.problems)}) from None
+        return web.json_response(result.to_json())
+
+    # ------------------------------------------------------------------------------------------ events
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        drain_id = request.match_info["drain_id"]
+        service = self.service
+        try:
+            await service.store.get(drain_id)
+        except DrainNotFound:
+            raise ApiError(404, "not_found", f"drain {drain_id!r} not found") from None
+        after = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
+        if not _STREAM_ID.fullmatch(after):
+            raise ApiError(400, "bad_header", f"Last-Event-ID: {after!r} is not an event id")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               "X-Accel-Buffering": "no"})
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams.add(task)
+        try:
+            await response.prepare(request)
+            await response.write(f"retry: {min(self._block_ms, 5000)}\n\n".encode())
+            await self._stream(response, drain_id, after)
+        except ConnectionResetError:
+            log.info("api.events_client_gone", drain_id=drain_id)
+        except RedisError as exc:
+            # The headers are sent: end the stream; the client reconnects with Last-Event-ID and loses nothing.
+            log.warning("api.events_redis_error", drain_id=drain_id, error=str(exc))
+        finally:
+            self._streams.discard(task)
+        return response
+
+    async def _stream(self, response: web.StreamResponse, drain_id: str, after: str) -> None:
+        service = self.service
+        while True:  # replay what is stored, in pages
+            batch = await service.events(drain_id, after=after)
+            for event in batch:
+                after = await _send(response, event)
+                if event.get("event") == "drain.finished":
+                    return
+            if not batch:
+                break
+        while True:  # then live
+            batch = await service.events(drain_id, after=after, block_ms=self._block_ms)
+            if not batch:
+                drain = await service.store.find(drain_id)
+                # The phase turns final a moment before drain.finished is written (nodes are uncordoned in
+                # between); long after, a missing event was trimmed away and nothing more will come.
+                if drain is None or (drain["phase"] in FINAL_DRAIN
+                                     and time.time() - float(drain.get("finished_at") or 0) > FINISHED_GRACE_S):
+                    return
+                await response.write(b": keep-alive\n\n")
+                continue
+            for event in batch:
+                after = await _send(response, event)
+                if event.get("event") == "drain.finished":
+                    return
+
+    # ------------------------------------------------------------------------------------------- probes
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response(Health(status="ok").model_dump(mode="json"))
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        service = self.service
+        checks: dict[str, str] = {}
+        redis: Any = service.redis
+        try:
+            async with asyncio.timeout(self._readiness_timeout_s):
+                await redis.ping()
+            checks["redis"] = "ok"
+        except (RedisError, OSError, TimeoutError) as exc:
+            checks["redis"] = f"unreachable: {exc or type(exc).__name__}"
+        try:
+            async with asyncio.timeout(self._readiness_timeout_s):
+                # Any answer about one small object proves the API server is there and accepts our token.
+                await service.kube.find(_NAMESPACES, "default")
+            checks["cluster"] = "ok"
+        except (k.KubeError, TimeoutError) as exc:
+            checks["cluster"] = f"unreachable: {exc or type(exc).__name__}"
+        ready = all(v == "ok" for v in checks.values())
+        body = Health(status="ok" if ready else "unavailable", checks=checks)
+        return web.json_response(body.model_dump(mode="json"), status=200 if ready else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        if self._metrics is None:
+            raise ApiError(503, "starting", "the API is not connected yet")
+        snapshot = await self._metrics.snapshot()
+        return web.Response(body=render(snapshot), headers={"Content-Type": CONTENT_TYPE})
+
+    async def openapi_json(self, request: web.Request) -> web.Response:
+        return web.json_response(self.openapi)
+
+
+async def _send(response: web.StreamResponse, event: Record) -> str:
+    """Write one event in SSE framing; returns its stream id."""
+    event_id = str(event["id"])
+    name = str(event.get("event") or "message").replace("\n", " ")
+    data = json.dumps(event, separators=(",", ":"), default=str)
+    await response.write(f"id: {event_id}\nevent: {name}\ndata: {data}\n\n".encode())
+    return event_id
+
+
+def _int_query(request: web.Request, name: str, *, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise ApiError(422, "invalid", f"{name}: {raw!r} is not an integer in {low}..{high}",
+                       {"problems": [{"field": name, "message": f"expected an integer in {low}..{high}"}]})
+    return value
+
+
+def _bool_query(request: web.Request, name: str, *, default: bool | None) -> bool | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    value = {"true": True, "1": True, "false": False, "0": False}.get(raw.lower())
+    if value is None:
+        raise ApiError(422, "invalid", f"{name}: {raw!r} is not true or false",
+                       {"problems": [{"field": name, "message": "expected true or false"}]})
+    return value
+
+
+def _summary(drain: Record) -> DrainSummary:
+    fields = {name: drain.get(name) for name in ("message", "source", "created_at", "started_at", "finished_at",
+                                                 "estimate_s")}
+    return DrainSummary(id=drain["id"], phase=drain["phase"], nodes=list(drain["request"]["nodes"]),
+                        links=_links(drain["id"]), **fields)
+
+
+def _detail(drain: Record, nodes: dict[str, Record], vms: dict[str, Record], *, now: float,
+            with_plan: bool) -> DrainDetail:
+    scale = float(drain.get("time_scale") or 1.0)
+    start = drain.get("started_at") or drain.get("created_at") or now
+    end = drain.get("finished_at") or now
+    elapsed = max(0.0, float(end) - float(start)) * scale
+    estimate = drain.get("estimate_s")
+    final = drain["phase"] in FINAL_DRAIN
+    remaining = None if final or estimate is None else max(0.0, float(estimate) - elapsed)
+    vm_phases = [vm.get("phase") for vm in vms.values()]
+    progress = Progress(nodes=len(nodes), nodes_final=sum(1 for n in nodes.values() if n.get("phase") in FINAL_NODE),
+                        vms=len(vms), vms_final=sum(1 for p in vm_phases if p in FINAL_VM),
+                        vms_succeeded=vm_phases.count("Succeeded"), vms_failed=vm_phases.count("Failed"))
+    return DrainDetail(
+        id=drain["id"], phase=drain["phase"], message=drain.get("message"), source=drain.get("source"),
+        created_at=drain.get("created_at"), started_at=drain.get("started_at"),
+        finished_at=drain.get("finished_at"), estimate_s=estimate, links=_links(drain["id"]),
+        request=drain["request"], warnings=list(drain.get("warnings") or []), limits=drain.get("limits"),
+        cancel=drain.get("cancel"),
+        nodes={name: NodeState.model_validate(rec) for name, rec in nodes.items()},
+        vms={name: VmState.model_validate(rec) for name, rec in vms.items()},
+        eta=Eta(estimate_s=estimate, elapsed_s=round(elapsed, 3),
+                remaining_s=None if remaining is None else round(remaining, 3), time_scale=scale),
+        progress=progress, plan=drain.get("plan") if with_plan else None)
+
+
+def build_app(service_factory: ServiceFactory, *, token: str, sse_block_ms: int = 15_000,
+              readiness_timeout_s: float = 5.0) -> web.Application:
+    """The aiohttp application. ``service_factory`` is entered when the app starts and left when it stops;
+    tests pass one that yields a service over their own Redis and simulated cluster."""
+    api = _Api(service_factory, token=token, sse_block_ms=sse_block_ms, readiness_timeout_s=readiness_timeout_s)
+    app = web.Application(middlewares=[api.errors, api.auth])
+    app.cleanup_ctx.append(api.lifespan)
+    app.on_shutdown.append(api.close_streams)
+    app.router.add_post("/v1/drains", api.submit)
+    app.router.add_get("/v1/drains", api.list_drains)
+    app.router.add_get("/v1/drains/{drain_id}", api.get_drain)
+    app.router.add_delete("/v1/drains/{drain_id}", api.cancel)
+    app.router.add_get("/v1/drains/{drain_id}/events", api.events)
+    app.router.add_post("/v1/plans", api.plan)
+    app.router.add_get("/healthz", api.healthz)
+    app.router.add_get("/readyz", api.readyz)
+    app.router.add_get("/metrics", api.metrics)
+    app.router.add_get("/openapi.json", api.openapi_json)
+    return app
+
+
+# ================================================================================================ openapi
+def openapi_document() -> dict[str, Any]:
+    """OpenAPI 3.1 (whose schema dialect is JSON Schema 2020-12, what pydantic emits) for every route."""
+    ref = "#/components/schemas/{model}"
+    inputs: list[tuple[str, Any, TypeAdapter[Any]]] = [
+        ("DrainRequestBody", "validation", TypeAdapter(DrainRequestBody)),
+        ("DrainAccepted", "serialization", TypeAdapter(DrainAccepted)),
+        ("DrainList", "serialization", TypeAdapter(DrainList)),
+        ("DrainDetail", "serialization", TypeAdapter(DrainDetail)),
+        ("CancelAccepted", "serialization", TypeAdapter(CancelAccepted)),
+        ("DrainPlan", "serialization", TypeAdapter(DrainPlan)),
+        ("ErrorBody", "serialization", TypeAdapter(ErrorBody)),
+        ("Health", "serialization", TypeAdapter(Health)),
+    ]
+    top, defs = TypeAdapter.json_schemas(inputs, ref_template=ref)
+    schemas: dict[str, Any] = dict(defs.get("$defs", {}))
+    for (name, _mode), generated in top.items():
+        if "$ref" not in generated:  # a model without nested models is inlined at the top, not in $defs
+            schemas.setdefault(name, generated)
+
+    def schema(name: str) -> dict[str, Any]:
+        return {"$ref": ref.format(model=name)}
+
+    def content(name: str) -> dict[str, Any]:
+        return {"application/json": {"schema": schema(name)}}
+
+    def error(description: str) -> dict[str, Any]:
+        return {"description": description, "content": content("ErrorBody")}
+
+    auth_errors = {"401": error("No bearer token (see WWW-Authenticate)."), "403": error("Wrong bearer token.")}
+    drain_id = {"name": "drain_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    body = {"required": True, "content": content("DrainRequestBody")}
+    refusals = {"400": error("The body is not JSON."), "404": error("Unknown nodes (details.nodes)."),
+                "422": error("Schema errors (details.problems with field names) or an infeasible drain "
+                             "(code infeasible, details.problems from the planner)."),
+                "503": error("The cluster or Redis cannot be reached.")}
+    bearer: list[dict[str, list[str]]] = [{"bearerAuth": []}]
+    paths: dict[str, Any] = {
+        "/v1/drains": {
+            "post": {
+                "operationId": "submitDrain", "summary": "Plan, record and queue a drain.", "security": bearer,
+                "parameters": [{"name": IDEMPOTENCY_HEADER, "in": "header", "required": False,
+                                "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                                "description": "A retried call with the same key returns the first drain (200)."}],
+                "requestBody": body,
+                "responses": {"202": {"description": "Queued.", "content": content("DrainAccepted")},
+                              "200": {"description": "The drain this idempotency key created earlier.",
+                                      "content": content("DrainAccepted")},
+                              **refusals, **auth_errors,
+                              "409": error("A node belongs to another open drain (details.nodes: node -> drain).")},
+            },
+            "get": {
+                "operationId": "listDrains", "summary": "Drains, newest first.", "security": bearer,
+                "parameters": [{"name": "limit", "in": "query", "required": False,
+                                "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST, "default": 200}}],
+                "responses": {"200": {"description": "The drains.", "content": content("DrainList")}, **auth_errors},
+            },
+        },
+        "/v1/drains/{drain_id}": {
+            "get": {
+                "operationId": "getDrain", "summary": "One drain: nodes, VMs, attempts, reasons, ETA.",
+                "security": bearer,
+                "parameters": [drain_id, {"name": "plan", "in": "query", "required": False,
+                                          "schema": {"type": "boolean", "default": False}}],
+                "responses": {"200": {"description": "The drain.", "content": content("DrainDetail")},
+                              "404": error("No such drain."), **auth_errors},
+            },
+            "delete": {
+                "operationId": "cancelDrain", "summary": "Cancel a drain.", "security": bearer,
+                "parameters": [drain_id,
+                               {"name": "uncordon", "in": "query", "required": False, "schema": {"type": "boolean"},
+                                "description": "Default: the request's uncordon_on_cancel."},
+                               {"name": "mode", "in": "query", "required": False,
+                                "schema": {"type": "string", "enum": ["abort", "finish"], "default": "abort"},
+                                "description": "abort in-flight migrations, or let them finish."}],
+                "responses": {"202": {"description": "Cancelling.", "content": content("CancelAccepted")},
+                              "200": {"description": "The drain had already ended; nothing changed.",
+                                      "content": content("CancelAccepted")},
+                              "404": error("No such drain."), "422": error("Bad query parameter."), **auth_errors},
+            },
+        },
+        "/v1/drains/{drain_id}/events": {
+            "get": {
+                "operationId": "drainEvents", "security": bearer,
+                "summary": "Server-sent events of one drain: replay, then live, until drain.finished.",
+                "parameters": [drain_id,
+                               {"name": "Last-Event-ID", "in": "header", "required": False,
+                                "schema": {"type": "string"}, "description": "Resume after this event id."}],
+                "responses": {"200": {"description": "`event:` is the event name, `id:` the stream id, `data:` "
+                                                     "the event as JSON.",
+                                      "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                              "404": error("No such drain."), **auth_errors},
+            },
+        },
+        "/v1/plans": {
+            "post": {
+                "operationId": "planDrain", "summary": "Dry run: the plan, or the planner's problems.",
+                "security": bearer, "requestBody": body,
+                "responses": {"200": {"description": "The plan.", "content": content("DrainPlan")},
+                              **refusals, **auth_errors},
+            },
+        },
+        "/healthz": {"get": {"operationId": "healthz", "summary": "The process is up.",
+                             "responses": {"200": {"description": "Up.", "content": content("Health")}}}},
+        "/readyz": {"get": {"operationId": "readyz", "summary": "Redis answers and the cluster is reachable.",
+                            "responses": {"200": {"description": "Ready.", "content": content("Health")},
+                                          "503": {"description": "Not ready.", "content": content("Health")}}}},
+        "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus metrics, read from Redis.",
+                             "responses": {"200": {"description": "Prometheus text format.",
+                                                   "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document.",
+                                  "responses": {"200": {"description": "OpenAPI 3.1.",
+                                                        "content": {"application/json": {"schema": {}}}}}}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "drainctl", "version": "1", "description": "Drain orchestrator for KubeVirt clusters."},
+        "paths": paths,
+        "components": {"schemas": schemas,
+                       "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}}},
+    }
+
+
+# ==================================================================================================== cli
+@contextlib.asynccontextmanager
+async def connect_service(settings: Settings) -> AsyncIterator[DrainService]:
+    """The production service: an arq Redis pool and a cluster connection, from ``settings``."""
+    from arq.connections import RedisSettings, create_pool
+
+    redis = await create_pool(RedisSettings.from_dsn(settings.connection.redis_url))
+    try:
+        kube = await k.Kube.connect(kubeconfig=settings.connection.kubeconfig, context=settings.connection.context)
+        try:
+            yield DrainService(redis=redis, settings=settings, kube=kube)
+        finally:
+            await kube.close()
+    finally:
+        await redis.aclose()
+
+
+def read_token(token_file: Path | None, env: Mapping[str, str]) -> str:
+    """The bearer token: the file's content (trimmed) when given, else ``DRAIN_API_TOKEN``."""
+    if token_file is not None:
+        token = token_file.read_text().strip()
+        if not token:
+            raise ValueError(f"--token-file: {token_file} is empty")
+        return token
+    token = env.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise ValueError(f"no API token: set {TOKEN_ENV} or pass --token-file")
+    return token
+
+
+class _HasSettings(Protocol):
+    def settings(self) -> Settings: ...
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``drainctl api``."""
+
+    @app.command("api")
+    def api(ctx: typer.Context,
+            port: Annotated[int, typer.Option(help="TCP port")] = 8080,
+            host: Annotated[str, typer.Option(help="address to bind (0.0.0.0 in a pod)")] = "127.0.0.1",
+            token_file: Annotated[Path | None, typer.Option(help=f"file holding the bearer token (default: "
+                                                                 f"${TOKEN_ENV})")] = None) -> None:
+        """Serve the HTTP API (drains, plans, events, /metrics, /openapi.json) until interrupted."""
+        globals_: _HasSettings = ctx.obj
+        settings = globals_.settings()
+        try:
+            token = read_token(token_file, os.environ)
+        except (ValueError, OSError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        application = build_app(lambda: connect_service(settings), token=token)
+        web.run_app(application, host=host, port=port, shutdown_timeout=5.0, access_log=None,
+                    print=lambda text: typer.echo(f"drainctl api on http://{host}:{port}", err=True))
