@@ -81,7 +81,7 @@ class SimCluster:
         for i, node in enumerate(sc.nodes):
             create(NODES, objects.node(node.name, memory_bytes=node.memory_bytes, cpus=node.cpus,
                                        cpu_model=node.cpu_model, cpu_vendor=node.cpu_vendor,
-                                       labels=dict(node.labels), control_plane=node.control_plane, now=now,
+                                       labels=node.node_labels(), control_plane=node.control_plane, now=now,
                                        index=i), admit=False)
         migrations = {**DEFAULT_MIGRATIONS, **dict(sc.migrations)}
         create(KUBEVIRTS, objects.kubevirt_cr(migrations, eviction_strategy="LiveMigrate"), admit=False)

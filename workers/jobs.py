@@ -207,14 +207,15 @@ async def advance_job(ctx: Ctx, drain_id: str) -> str:
     return "ok"
 
 
-async def advance_drain(ctx: Ctx, drain_id: str) -> None:
-    """Do whatever the drain needs next; safe to call any time, from any worker, any number of times."""
+async def advance_drain(ctx: Ctx, drain_id: str, *, ensure: bool = False) -> None:
+    """Do whatever the drain needs next; safe to call any time, from any worker, any number of times.
+    `ensure` (the reconciler) also re-enqueues the jobs of VMs that should have one, in case one was lost."""
     lock = ctx["redis"].lock(keys.drain_lock_key(drain_id), timeout=60, blocking_timeout=30)
     async with lock:
-        await _advance(ctx, drain_id)
+        await _advance(ctx, drain_id, ensure=ensure)
 
 
-async def _advance(ctx: Ctx, drain_id: str) -> None:
+async def _advance(ctx: Ctx, drain_id: str, *, ensure: bool) -> None:
     store = ctx["store"]
     view = await store.view(drain_id)
     drain = view.drain
@@ -255,12 +256,8 @@ async def _advance(ctx: Ctx, drain_id: str) -> None:
                             if vm["node"] == name and vm["phase"] not in FINAL_VM]
             if not open_vms:
                 await enqueue_control(ctx, "finish", drain_id, name, job_id=keys.finish_job_id(drain_id, name))
-            else:
-                for vm in open_vms:
-                    if vm["phase"] in (VmPhase.QUEUED.value, VmPhase.WAITING.value, VmPhase.MIGRATING.value):
-                        await enqueue_migrate(ctx, drain_id, vm["vmi"], int(vm["attempt"]),
-                                              delay_s=max(0.0, float(vm.get("not_before_s") or 0) - time.time())
-                                              * ctx["settings"].time_scale)
+            elif not cancelling:
+                await _feed_node(ctx, drain_id, drain, open_vms, ensure=ensure)
         elif nphase == NodePhase.EVICTING.value:
             active += 1
             await enqueue_control(ctx, "finish", drain_id, name, job_id=keys.finish_job_id(drain_id, name))
@@ -306,14 +303,34 @@ async def _start_nodes(ctx: Ctx, drain_id: str, drain: Record, nodes: list[Recor
             continue
         active += 1
         queued = [vm for vm in by_node.get(name, []) if vm["phase"] == VmPhase.QUEUED.value]
-        # Largest first (the planner's order): long jobs early shorten the node's makespan.
-        queued.sort(key=lambda vm: (-int(vm.get("memory_bytes") or 0), vm["vmi"]))
-        for vm in queued:
-            await enqueue_migrate(ctx, drain_id, vm["vmi"], int(vm["attempt"]))
+        await _feed_node(ctx, drain_id, drain, queued, ensure=False)
         if not queued:
             await enqueue_control(ctx, "finish", drain_id, name, job_id=keys.finish_job_id(drain_id, name))
         await store.emit(drain_id, "node.started", node=name, vms=len(queued))
         log.info("node.started", drain_id=drain_id, node=name, vms=len(queued))
+
+
+async def _feed_node(ctx: Ctx, drain_id: str, drain: Record, open_vms: list[Record], *, ensure: bool) -> None:
+    """Keep a node's migrate jobs in the arq queue up to a window of its outbound limit + 1.
+
+    The rest of the node's VMs wait in the drain records (phase Queued, in order). A window rather than every
+    job at once: arq re-examines every queued job on every poll, so a full queue of 30 000 migrations would
+    cost Redis round trips for nothing; the extra one keeps the next migration already waiting on the
+    semaphore, so no pickup latency sits between two migrations."""
+    window = int((drain.get("limits") or {}).get("per_node") or ctx["settings"].limits.max_in_flight_per_node) + 1
+    live = [vm for vm in open_vms if vm["phase"] in (VmPhase.WAITING.value, VmPhase.MIGRATING.value)
+            or (vm["phase"] == VmPhase.QUEUED.value and vm.get("enqueued") == vm["attempt"])]
+    if ensure:
+        for vm in live:
+            await enqueue_migrate(ctx, drain_id, vm["vmi"], int(vm["attempt"]),
+                                  delay_s=max(0.0, float(vm.get("not_before_s") or 0) - time.time())
+                                  * ctx["settings"].time_scale)
+    fresh = [vm for vm in open_vms if vm["phase"] == VmPhase.QUEUED.value and vm.get("enqueued") != vm["attempt"]]
+    # Largest first (the planner's order): long jobs early shorten the node's makespan.
+    fresh.sort(key=lambda vm: (-int(vm.get("memory_bytes") or 0), vm["vmi"]))
+    for vm in fresh[: max(0, window - len(live))]:
+        await ctx["store"].update_vm(drain_id, vm["vmi"], _set(enqueued=vm["attempt"]))
+        await enqueue_migrate(ctx, drain_id, vm["vmi"], int(vm["attempt"]))
 
 
 def _capacity_gate(ctx: Ctx, drain_nodes: set[str], nodes: list[Record], by_node: dict[str, list[Record]],
@@ -583,8 +600,11 @@ async def _follow(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, key: str
     last_phase: str | None = None
     last_cancel_check = 0.0
     abort_reason: tuple[str, FailureClass] | None = None
+    cancel_seen = False
     while True:
-        obj = await view.wait_vmim(key, _phase_changed(last_phase, view, drain_id), timeout_s=1.0)
+        watch_cancel = abort_reason is None and not cancel_seen
+        obj = await view.wait_vmim(key, _phase_changed(last_phase, view, drain_id if watch_cancel else None),
+                                   timeout_s=1.0)
         if obj is None:
             obj = await kube.find(k.VMIMS, mig_name, ns)
             if obj is None:
@@ -620,9 +640,10 @@ async def _follow(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, key: str
         elif running_since is not None and now - running_since > completion_budget:
             abort_reason = (f"aborted by drainctl: not completed within {completion_budget:.0f} s",
                             FailureClass.NOT_CONVERGING)
-        elif view.cancel_requested(drain_id) or time.monotonic() - last_cancel_check > 5.0:
+        elif (view.cancel_requested(drain_id) and not cancel_seen) or time.monotonic() - last_cancel_check > 5.0:
             # A cancel wakes us through the shared pub/sub listener; the slow poll covers a lost message.
             last_cancel_check = time.monotonic()
+            cancel_seen = cancel_seen or view.cancel_requested(drain_id)
             drain = await store.get(drain_id)
             if drain["phase"] == DrainPhase.CANCELLING.value and \
                     (drain.get("cancel") or {}).get("mode", "abort") == "abort":
@@ -633,9 +654,12 @@ async def _follow(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, key: str
             await kube.delete(k.VMIMS, mig_name, ns, uid=obj["metadata"].get("uid"))
 
 
-def _phase_changed(last: str | None, view: ClusterView, drain_id: str) -> Callable[[Record | None], bool]:
+def _phase_changed(last: str | None, view: ClusterView, drain_id: str | None) -> Callable[[Record | None], bool]:
+    """Wake on a phase change, the VMIM vanishing, or (until we acted on it) a cancel of `drain_id`."""
     def changed(obj: Record | None) -> bool:
-        return obj is None or (obj.get("status") or {}).get("phase") != last or view.cancel_requested(drain_id)
+        if obj is None or (obj.get("status") or {}).get("phase") != last:
+            return True
+        return drain_id is not None and view.cancel_requested(drain_id)
     return changed
 
 
@@ -701,7 +725,8 @@ async def _record_outcome(ctx: Ctx, drain_id: str, vmi: str, attempt: int, outco
             vm.update(phase=VmPhase.CANCELLED.value, message=f"cancelled in flight: {outcome.reason}",
                       finished_at=now)
         elif retry:
-            vm.update(phase=VmPhase.QUEUED.value, attempt=attempt + 1, failure_class=outcome.failure.value
+            vm.update(phase=VmPhase.QUEUED.value, attempt=attempt + 1, enqueued=attempt + 1,
+                      failure_class=outcome.failure.value
                       if outcome.failure else None, not_before_s=now + ctx["settings"].to_wall(backoff),
                       message=f"attempt {attempt} failed ({outcome.reason}); retrying on another node in "
                               f"{backoff:.0f} s")
@@ -822,7 +847,7 @@ async def reconcile_job(ctx: Ctx) -> str:
         if drain is None or drain["phase"] in FINAL_DRAIN:
             continue
         opened += 1
-        await advance_drain(ctx, drain_id)
+        await advance_drain(ctx, drain_id, ensure=True)
     adopted = released = 0
     for info in await sem.expired():
         meta = dict(info.meta)

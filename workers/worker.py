@@ -41,7 +41,7 @@ def functions() -> list[Any]:
 
 
 def build_worker(settings: Settings, *, redis: ArqRedis | None = None, kube_factory: KubeFactory | None = None,
-                 burst: bool = False, handle_signals: bool = True, poll_delay: float = 0.2,
+                 burst: bool = False, handle_signals: bool = True, poll_delay: float = 0.5,
                  max_jobs: int = 50, reconcile_every_s: int = 5) -> Worker:
     """An arq Worker for `settings`; pass `redis` to share a pool (tests, the embedded demo)."""
 
