@@ -22,8 +22,6 @@ from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from prometheus_client.parser import text_string_to_metric_families
-from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from orchestrator import kube as k
 from orchestrator.api import build_app, openapi_document, read_token
@@ -31,6 +29,7 @@ from orchestrator.service import DrainService
 from orchestrator.settings import Settings
 from simulator import scenarios
 from simulator.cluster import RunningCluster, running_cluster
+from tests.redis_db import claimed_db
 from workers.worker import build_worker
 
 pytestmark = pytest.mark.integration
@@ -38,45 +37,11 @@ pytestmark = pytest.mark.integration
 REDIS = "redis://127.0.0.1:6379"
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-MARKER = "drainctl-test:claimed-by"
 DRAIN_NODE = "worker-01"
 PATIENCE_S = 90.0
 
 
 # ================================================================================================= fixtures
-@contextlib.asynccontextmanager
-async def claimed_db() -> AsyncIterator[str]:
-    """An empty Redis database of our own: others (and other test runs) may share this Redis."""
-    probe = Redis.from_url(REDIS)
-    try:
-        await probe.ping()
-    except RedisConnectionError:
-        pytest.skip(f"no Redis at {REDIS}")
-    finally:
-        await probe.aclose()
-    me = uuid.uuid4().hex
-    for db in range(1, 15):
-        client = Redis.from_url(f"{REDIS}/{db}")
-        try:
-            if not await client.set(MARKER, me, nx=True):
-                continue
-            if await client.dbsize() != 1:  # somebody uses this database without a marker
-                await client.delete(MARKER)
-                continue
-        finally:
-            await client.aclose()
-        try:
-            yield f"{REDIS}/{db}"
-        finally:
-            client = Redis.from_url(f"{REDIS}/{db}")
-            try:
-                await client.flushdb()
-            finally:
-                await client.aclose()
-        return
-    pytest.skip("no free Redis database in 1..14")
-
-
 @dataclass
 class Env:
     """One API over one simulated cluster and one Redis database."""

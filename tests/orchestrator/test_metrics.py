@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -13,16 +12,14 @@ from typing import Any
 import pytest
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from prometheus_client.parser import text_string_to_metric_families
-from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from orchestrator import keys
 from orchestrator.metrics import DURATION_BUCKETS_S, FINAL_GRACE_S, DrainTally, MetricsSource, render
 from orchestrator.store import DrainStore
+from tests.redis_db import claimed_db
 from workers.semaphore import RedisSemaphore, Scope
 
 REDIS = "redis://127.0.0.1:6379"
-MARKER = "drainctl-test:claimed-by"
 NOW = 1_800_000_000.0
 
 
@@ -94,33 +91,13 @@ def test_durations_are_cluster_seconds_in_cumulative_buckets() -> None:
 # ============================================================================================= from Redis
 @pytest.fixture
 async def redis() -> AsyncIterator[ArqRedis]:
-    """An arq pool on an empty Redis database of our own (claimed with a marker key, flushed afterwards)."""
-    probe = Redis.from_url(REDIS)
-    try:
-        await probe.ping()
-    except RedisConnectionError:
-        pytest.skip(f"no Redis at {REDIS}")
-    finally:
-        await probe.aclose()
-    me = uuid.uuid4().hex
-    for db in range(1, 15):
-        client = Redis.from_url(f"{REDIS}/{db}")
-        try:
-            if not await client.set(MARKER, me, nx=True):
-                continue
-            if await client.dbsize() != 1:
-                await client.delete(MARKER)
-                continue
-        finally:
-            await client.aclose()
-        pool = await create_pool(RedisSettings.from_dsn(f"{REDIS}/{db}"))
+    """An arq pool on an empty Redis database of our own (see tests.redis_db)."""
+    async with claimed_db() as url:
+        pool = await create_pool(RedisSettings.from_dsn(url))
         try:
             yield pool
         finally:
-            await pool.flushdb()
             await pool.aclose()
-        return
-    pytest.skip("no free Redis database in 1..14")
 
 
 async def put_drain(store: DrainStore, drain_id: str, *, phase: str, vms: list[dict[str, Any]],
