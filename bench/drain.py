@@ -12,6 +12,7 @@ prints the lower bounds of migration-model.md section 3 (physical and pre-copy),
 commands per migration.
 
     python -m bench.drain [--scenario small] [--time-scale 10] [--workers 3] [--redis-db 14]
+                          [--fail-node auto] [--kubectl-timeout 3600]
 """
 
 from __future__ import annotations
@@ -44,10 +45,24 @@ def _off_node_makespan(stats: dict[str, Any], drain: list[str], t0: float) -> tu
     return (None if end is None else end - t0), len(moved), len(failed)
 
 
+def _faults(rc: RunningCluster, fail_nodes: list[str]) -> None:
+    if fail_nodes:
+        from simulator.faults import FaultsBody
+
+        rc.cluster.apply_faults(FaultsBody.model_validate({"fail_migrations_to": fail_nodes}))
+
+
+def pick_fail_node(sc: scenarios.Scenario) -> str:
+    """The node kube-scheduler prefers (most allocatable memory outside the drain): the worst one to break."""
+    candidates = [n for n in sc.nodes if not n.control_plane and n.name not in sc.drain_hint]
+    used = {n.name: sum(vm.memory_bytes for vm in sc.vms if vm.node == n.name) for n in candidates}
+    return max(candidates, key=lambda n: (n.memory_bytes - used[n.name], n.name)).name
+
+
 async def run_drainctl(sc: scenarios.Scenario, *, time_scale: float, workers: int, redis_db: int,
-                       tmp: Path) -> dict[str, Any]:
+                       tmp: Path, fail_nodes: list[str]) -> dict[str, Any]:
     redis_url = f"redis://127.0.0.1:6379/{redis_db}"
-    plain = aioredis.from_url(redis_url)
+    plain = aioredis.Redis.from_url(redis_url)
     await plain.flushdb()
     drain = list(sc.drain_hint)
     kubeconfig = tmp / "drainctl.kubeconfig"
@@ -57,7 +72,8 @@ async def run_drainctl(sc: scenarios.Scenario, *, time_scale: float, workers: in
         env.update(KUBECONFIG=str(kubeconfig), DRAIN_REDIS_URL=redis_url, DRAIN_TIME_SCALE=str(time_scale),
                    DRAIN_QUEUE_NAME=f"bench-{secrets.token_hex(3)}")
         drainctl = str(Path(sys.executable).with_name("drainctl"))
-        procs = [subprocess.Popen([drainctl, "worker"], env=env, stdout=subprocess.DEVNULL,
+        _faults(rc, fail_nodes)
+        procs = [subprocess.Popen([drainctl, "worker"], env=env, stdout=subprocess.DEVNULL,  # noqa: ASYNC220
                                   stderr=subprocess.DEVNULL, start_new_session=True) for _ in range(workers)]
         try:
             await asyncio.sleep(3.0)  # workers connect and list the cluster
@@ -91,18 +107,21 @@ async def run_drainctl(sc: scenarios.Scenario, *, time_scale: float, workers: in
             "restarts": len(stats["vm_restarts"]), "stderr": errout.decode()[-300:]}
 
 
-async def run_kubectl(sc: scenarios.Scenario, *, time_scale: float, tmp: Path) -> dict[str, Any]:
+async def run_kubectl(sc: scenarios.Scenario, *, time_scale: float, tmp: Path, fail_nodes: list[str],
+                      timeout_s: float) -> dict[str, Any]:
     drain = list(sc.drain_hint)
     kubeconfig = tmp / "kubectl.kubeconfig"
     rc: RunningCluster
     async with running_cluster(sc, time_scale=time_scale, token=secrets.token_hex(8),
                                kubeconfig_out=kubeconfig) as rc:
+        _faults(rc, fail_nodes)
         api_before = rc.cluster.stats()["api_requests_total"]
         t0 = rc.cluster.clock.elapsed()
         wall0 = time.monotonic()
+        wall_timeout = max(30, int(timeout_s / time_scale))
         procs = [await asyncio.create_subprocess_exec(
             KUBECTL, "--kubeconfig", str(kubeconfig), "--cache-dir", str(tmp / f"cache-{node}"), "drain", node,
-            "--ignore-daemonsets", "--delete-emptydir-data", "--timeout=3600s",
+            "--ignore-daemonsets", "--delete-emptydir-data", f"--timeout={wall_timeout}s",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL) for node in drain]
         codes = [await p.wait() for p in procs]
         exit_s = rc.cluster.clock.elapsed() - t0
@@ -121,12 +140,15 @@ async def run_kubectl(sc: scenarios.Scenario, *, time_scale: float, tmp: Path) -
 async def amain(args: argparse.Namespace) -> int:
     sc = scenarios.builtin(args.scenario, seed=args.seed)
     lb = sc.lower_bound()
+    fail_nodes = [] if not args.fail_node else [pick_fail_node(sc) if args.fail_node == "auto" else args.fail_node]
     with tempfile.TemporaryDirectory(prefix="drainctl-bench-") as tmp:
         ours = await run_drainctl(sc, time_scale=args.time_scale, workers=args.workers, redis_db=args.redis_db,
-                                  tmp=Path(tmp))
-        theirs = await run_kubectl(sc, time_scale=args.time_scale, tmp=Path(tmp))
+                                  tmp=Path(tmp), fail_nodes=fail_nodes)
+        theirs = await run_kubectl(sc, time_scale=args.time_scale, tmp=Path(tmp), fail_nodes=fail_nodes,
+                                   timeout_s=args.kubectl_timeout)
     print(f"scenario {sc.name} (seed {sc.seed}): drain {', '.join(sc.drain_hint)} "
-          f"({sc.parallel_hint} in parallel), time scale {args.time_scale}")
+          f"({sc.parallel_hint} in parallel), time scale {args.time_scale}"
+          + (f", node {fail_nodes[0]} fails every migration it receives" if fail_nodes else ""))
     print(f"lower bound (migration-model.md 3.3): physical {lb.phys:.1f} s, pre-copy {lb.precopy:.1f} s "
           f"(busiest source {lb.busiest_source}, {lb.non_converging} VM(s) cannot converge by pre-copy)")
     print(f"{'tool':<14} {'exit':>4} {'moved':>5} {'failed':>6} {'VMs off s':>9} {'/LB phys':>8} "
@@ -151,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-scale", type=float, default=10.0)
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--redis-db", type=int, default=14)
+    parser.add_argument("--fail-node", default=None,
+                        help="a node that fails every migration it receives: a name, or 'auto' for the node "
+                             "kube-scheduler prefers")
+    parser.add_argument("--kubectl-timeout", type=float, default=3600.0,
+                        help="cluster seconds after which kubectl drain gives up")
     return asyncio.run(amain(parser.parse_args(argv)))
 
 
