@@ -392,3 +392,21 @@ async def test_eviction_of_a_vm_with_strategy_none_restarts_it_elsewhere(sim_fac
     await sim.wait(restarted, within_s=60, what="VM restarted elsewhere")
     assert [r["vmi"] for r in sim.cluster.stats()["vm_restarts"]] == [f"{vm.namespace}/{vm.name}"]
     assert json.dumps(sim.cluster.stats()["migrations"]) == "[]"
+
+
+async def test_typed_models_parse_every_object_before_and_after_migrations(sim_factory: Any) -> None:
+    sim: Sim = await sim_factory(time_scale=100.0)
+    ns, name, _ = first_vm(sim)
+    await sim.final(ns, (await sim.migrate(ns, name))["metadata"]["name"])
+    core = sim.core
+    nodes = await core.list_node()
+    assert len(nodes.items) == len(sim.cluster.scenario.nodes)
+    assert all(n.status.node_info.kubelet_version.startswith("v1.32") for n in nodes.items)
+    pods = await core.list_pod_for_all_namespaces()
+    assert {p.status.phase for p in pods.items} >= {"Running", "Succeeded"}
+    events = await core.list_event_for_all_namespaces()
+    assert {"SuccessfulMigration", "SuccessfulHandOver"} <= {e.reason for e in events.items}
+    daemonsets = await client.AppsV1Api(sim.api).list_daemon_set_for_all_namespaces()
+    assert [d.metadata.name for d in daemonsets.items] == ["virt-handler"]
+    namespaces = await core.list_namespace()
+    assert "kubevirt" in {n.metadata.name for n in namespaces.items}
