@@ -280,6 +280,7 @@ class _Api:
         self._readiness_timeout_s = readiness_timeout_s
         self._service: DrainService | None = None
         self._metrics: MetricsSource | None = None
+        self.run_controller = False
         self._streams: set[asyncio.Task[Any]] = set()
         self.openapi = openapi_document()
 
@@ -293,9 +294,22 @@ class _Api:
         async with self._factory() as service:
             self._service = service
             self._metrics = MetricsSource(service.redis, queue_name=service.settings.connection.queue_name)
+            stop = asyncio.Event()
+            controller: asyncio.Task[None] | None = None
+            if self.run_controller:
+                # The DrainRequest controller runs beside the API; with several replicas a Lease picks one.
+                from orchestrator.controller import default_identity, run_controller
+
+                controller = asyncio.create_task(
+                    run_controller(service, service.kube, identity=default_identity(), stop=stop),
+                    name="drainrequest-controller")
             try:
                 yield
             finally:
+                stop.set()
+                if controller is not None:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait_for(controller, 10)
                 self._service = None
                 self._metrics = None
 
@@ -638,11 +652,12 @@ def _detail(drain: Record, nodes: dict[str, Record], vms: dict[str, Record], *, 
         progress=progress, plan=drain.get("plan") if with_plan else None)
 
 
-def build_app(service_factory: ServiceFactory, *, token: str, sse_block_ms: int = 15_000,
+def build_app(service_factory: ServiceFactory, *, token: str, sse_block_ms: int = 15_000, controller: bool = False,
               readiness_timeout_s: float = 5.0) -> web.Application:
     """The aiohttp application. ``service_factory`` is entered when the app starts and left when it stops;
     tests pass one that yields a service over their own Redis and simulated cluster."""
     api = _Api(service_factory, token=token, sse_block_ms=sse_block_ms, readiness_timeout_s=readiness_timeout_s)
+    api.run_controller = controller
     app = web.Application(middlewares=[api.errors, api.auth])
     app.cleanup_ctx.append(api.lifespan)
     app.on_shutdown.append(api.close_streams)
@@ -824,7 +839,9 @@ def register(app: typer.Typer) -> None:
             port: Annotated[int, typer.Option(help="TCP port")] = 8080,
             host: Annotated[str, typer.Option(help="address to bind (0.0.0.0 in a pod)")] = "127.0.0.1",
             token_file: Annotated[Path | None, typer.Option(help=f"file holding the bearer token (default: "
-                                                                 f"${TOKEN_ENV})")] = None) -> None:
+                                                                 f"${TOKEN_ENV})")] = None,
+            controller: Annotated[bool, typer.Option(help="also run the DrainRequest controller (leader-elected "
+                                                          "with a Lease)")] = True) -> None:
         """Serve the HTTP API (drains, plans, events, /metrics, /openapi.json) until interrupted."""
         globals_: _HasSettings = ctx.obj
         settings = globals_.settings()
@@ -833,6 +850,6 @@ def register(app: typer.Typer) -> None:
         except (ValueError, OSError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from exc
-        application = build_app(lambda: connect_service(settings), token=token)
+        application = build_app(lambda: connect_service(settings), token=token, controller=controller)
         web.run_app(application, host=host, port=port, shutdown_timeout=5.0, access_log=None,
                     print=lambda text: typer.echo(f"drainctl api on http://{host}:{port}", err=True))

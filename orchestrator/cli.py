@@ -96,7 +96,7 @@ def _run(coro: Awaitable[T]) -> T:
         raise typer.Exit(130) from None
 
 
-async def _with_service(g: Globals, fn: Callable[[Any], Awaitable[T]], *, need_kube: bool = True) -> T:
+async def _with_service(g: Globals, fn: Callable[[Any], Awaitable[T]]) -> T:
     from arq.connections import RedisSettings, create_pool
 
     from orchestrator.kube import Kube, KubeError
@@ -229,36 +229,21 @@ def drain(ctx: typer.Context, nodes: NodesArg, max_parallel_nodes: ParallelOpt =
                 console.print(f"drain [bold]{drain_id}[/] {'queued' if created else 'already exists'} "
                               f"(estimate {record.get('estimate_s') or 0:.0f} cluster s)")
             return EXIT_OK
-        if out != "json":
-            console.print(f"drain [bold]{drain_id}[/] queued; waiting")
-        view = await service.wait(drain_id, timeout_s=timeout, on_update=None if out == "json" else _progress())
         if out == "json":
+            view = await service.wait(drain_id, timeout_s=timeout)
             print(json.dumps(view.to_json(), indent=2, default=str))
         else:
-            _print_status(view)
+            from orchestrator.progress import live_progress, print_summary
+
+            console.print(f"drain [bold]{drain_id}[/] queued")
+            view = await live_progress(service, drain_id, console=console, timeout_s=timeout)
+            print_summary(view, console)
         phase = view.drain["phase"]
         if phase not in ("Succeeded", "Failed", "Cancelled"):
             return EXIT_TIMEOUT
         return EXIT_OK if phase == "Succeeded" else EXIT_NOT_DRAINED
 
     raise typer.Exit(_run(_with_service(ctx.obj, go)))
-
-
-def _progress() -> Callable[[Any], Awaitable[None]]:
-    """A compact live line per poll when stdout is a terminal (rich progress bars come with `demo`)."""
-    last: dict[str, str] = {}
-
-    async def show(view: Any) -> None:
-        counts: dict[str, int] = {}
-        for vm in view.vms.values():
-            counts[vm["phase"]] = counts.get(vm["phase"], 0) + 1
-        line = f"{view.drain['phase']}: " + ", ".join(f"{n} {p}" for p, n in sorted(counts.items()))
-        if line != last.get("line"):
-            last["line"] = line
-            if sys.stdout.isatty() or os.environ.get("DRAINCTL_PROGRESS"):
-                console.print(line)
-
-    return show
 
 
 # ================================================================================================== status
@@ -409,13 +394,7 @@ def _register_extensions() -> None:
     import importlib
 
     for module in ("orchestrator.api", "orchestrator.demo", "orchestrator.report"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        mod.register(app)
+        importlib.import_module(module).register(app)
 
 
 _register_extensions()

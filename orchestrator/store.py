@@ -216,16 +216,18 @@ class DrainStore:
     async def unlock_nodes(self, drain_id: str, nodes: list[str]) -> None:
         for node in nodes:
             key = keys.node_lock_key(node)
-            async with self.redis.pipeline(transaction=True) as pipe:
-                try:
-                    await pipe.watch(key)
-                    owner = await pipe.get(key)
-                    if owner is not None and _text(owner) == drain_id:
-                        pipe.multi()
-                        pipe.delete(key)
-                        await pipe.execute()
-                except WatchError:
-                    continue
+            while True:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    try:
+                        await pipe.watch(key)
+                        owner = await pipe.get(key)
+                        if owner is not None and _text(owner) == drain_id:
+                            pipe.multi()
+                            pipe.delete(key)
+                            await pipe.execute()
+                        break
+                    except WatchError:
+                        continue  # the lock changed under us: look at it again
 
     async def node_owner(self, node: str) -> str | None:
         owner = await self.redis.get(keys.node_lock_key(node))

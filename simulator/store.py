@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import itertools
 import random
 import string
 import uuid
@@ -123,7 +122,7 @@ class Store:
         self._node_index: dict[str, dict[str, set[tuple[str, str]]]] = {}
         self._node_of: dict[str, Callable[[Obj], str | None]] = {}
         self._rand = random.Random(seed)
-        self._uids = (uuid.UUID(int=self._rand.getrandbits(128), version=4) for _ in itertools.count())
+
         self.writes = 0
 
     # ----------------------------------------------------------------------------------------------- setup
@@ -157,7 +156,8 @@ class Store:
         return self._now()
 
     def new_uid(self) -> str:
-        return str(next(self._uids))
+        # Random like a real API server's: a uid must not repeat across runs (controllers key on it).
+        return str(uuid.uuid4())
 
     # ----------------------------------------------------------------------------------------------- reads
     def get(self, rt: ResourceType, namespace: str | None, name: str) -> Obj | None:

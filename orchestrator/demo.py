@@ -1,0 +1,241 @@
+"""`drainctl demo`: the whole system in one process, with nothing to install or start first.
+
+It serves a simulated cluster (the `small` scenario by default) over HTTP on a free local port, opens an
+embedded Redis (fakeredis) unless `--redis-url` names a real one, runs workers in-process, and drains the
+scenario's drain-hint nodes through the ordinary path: `DrainService.submit` -> plan job -> migrate jobs ->
+finish jobs, every cluster call over HTTP exactly as against a real cluster. It shows live progress, prints
+the summary, writes the HTML report and then the simulator's ground truth (what really happened, measured
+by the simulator, not by us: concurrency high-water marks, migrations, bytes).
+
+Exit code: 0 when every requested node drained, 1 when the drain ended otherwise, 6 when it did not end in
+`--timeout` wall seconds. The demo never touches a real cluster and ignores KUBECONFIG.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from orchestrator.model import GIB, DrainRequest, NodeName
+from orchestrator.store import DrainView
+
+EXIT_OK, EXIT_NOT_DRAINED, EXIT_TIMEOUT = 0, 1, 6
+DEFAULT_TIME_SCALE = 30.0
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """What one demo run produced: the final drain view and the simulator's ground truth."""
+
+    view: DrainView
+    truth: dict[str, Any]
+    report: Path | None
+    timed_out: bool
+
+    @property
+    def exit_code(self) -> int:
+        if self.timed_out:
+            return EXIT_TIMEOUT
+        return EXIT_OK if self.view.drain.get("phase") == "Succeeded" else EXIT_NOT_DRAINED
+
+
+async def _no_redis_info(*_args: Any, **_kwargs: Any) -> None:
+    """fakeredis has no INFO command; arq only logs its output at worker start."""
+
+
+@contextlib.asynccontextmanager
+async def _redis(redis_url: str | None, *, queue_name: str) -> AsyncIterator[Callable[[], Awaitable[Any]]]:
+    """A factory of ArqRedis clients, each with its own connection pool, over one fresh in-memory fakeredis
+    server or over `redis_url`. Every worker needs a pool of its own: arq's Worker.close() disconnects the
+    pool it was given, which would cut a shared pool from under the other workers and the service."""
+    import arq.worker
+    from arq.connections import ArqRedis, RedisSettings, create_pool
+
+    opened: list[Any] = []
+    fake_server: Any = None
+    if redis_url is None:
+        import fakeredis
+
+        fake_server = fakeredis.FakeServer()
+
+    async def new_pool() -> Any:
+        if redis_url is not None:
+            pool = await create_pool(RedisSettings.from_dsn(redis_url), default_queue_name=queue_name)
+        else:
+            from fakeredis.aioredis import FakeAsyncRedisConnection
+            from redis.asyncio import ConnectionPool
+
+            connections = ConnectionPool(connection_class=FakeAsyncRedisConnection, server=fake_server)
+            pool = ArqRedis(connections, default_queue_name=queue_name)
+        opened.append(pool)
+        return pool
+
+    # arq.worker imported the function by name, so that is the binding its Worker calls.
+    arq_worker: Any = arq.worker
+    original = arq_worker.log_redis_info
+    if redis_url is None:
+        arq_worker.log_redis_info = _no_redis_info
+    try:
+        yield new_pool
+    finally:
+        arq_worker.log_redis_info = original
+        for pool in opened:
+            await pool.aclose(close_connection_pool=True)
+
+
+async def run_demo(*, scenario: str = "small", seed: int | None = None, time_scale: float = DEFAULT_TIME_SCALE,
+                   redis_url: str | None = None, workers: int = 2, report: Path | None = None,
+                   timeout_s: float = 900.0, console: Console | None = None,
+                   env: dict[str, str] | None = None) -> DemoResult:
+    """Run the demo end to end; `console` None means silent (the JSON output uses that)."""
+    from orchestrator.kube import Kube
+    from orchestrator.progress import live_progress, print_summary
+    from orchestrator.report import render_html
+    from orchestrator.service import DrainService
+    from orchestrator.settings import Settings
+    from simulator import scenarios
+    from simulator.cluster import running_cluster
+    from workers.worker import build_worker
+
+    loaded = scenarios.load(scenario, seed=seed)
+    nodes = list(loaded.drain_hint) or [n.name for n in loaded.nodes if not n.control_plane][:1]
+    queue_name = f"drainctl-demo-{secrets.token_hex(4)}"
+    token = secrets.token_hex(16)
+    say: Callable[[str], None] = (lambda text: console.print(text, highlight=False)) if console else (lambda _: None)
+    with tempfile.TemporaryDirectory(prefix="drainctl-demo-") as tmp:
+        kubeconfig = Path(tmp) / "kubeconfig"
+        async with running_cluster(loaded, time_scale=time_scale, token=token, kubeconfig_out=kubeconfig) as rc, \
+                _redis(redis_url, queue_name=queue_name) as new_pool:
+            # DRAIN_* tuning applies; where the cluster and Redis are is the demo's to decide.
+            settings = Settings.from_env(env if env is not None else dict(os.environ), kubeconfig=str(kubeconfig),
+                                         context=None, redis_url=redis_url, queue_name=queue_name,
+                                         time_scale=time_scale)
+            summary = loaded.summary()
+            say(f"simulated cluster [bold]{loaded.name}[/] (seed {loaded.seed}) at {rc.url}: "
+                f"{summary.get('nodes')} nodes, {summary.get('vms')} VMs; time scale {time_scale:g} "
+                f"(1 wall s = {time_scale:g} cluster s)")
+            say(f"Redis: {'embedded (fakeredis)' if redis_url is None else redis_url}; {workers} workers in-process, "
+                f"queue {queue_name}")
+
+            def connect() -> Awaitable[Kube]:
+                return Kube.connect(kubeconfig=kubeconfig)
+
+            pool = [build_worker(settings, redis=await new_pool(), handle_signals=False, kube_factory=connect,
+                                 poll_delay=0.05) for _ in range(workers)]
+            redis = await new_pool()
+            tasks = [asyncio.create_task(w.async_run(), name=f"demo-worker-{i}") for i, w in enumerate(pool)]
+            kube = await Kube.connect(kubeconfig=kubeconfig)
+            try:
+                service = DrainService(redis=redis, settings=settings, kube=kube)
+                parallel = max(1, min(loaded.parallel_hint, len(nodes)))
+                request = DrainRequest(nodes=tuple(NodeName(n) for n in nodes), max_parallel_nodes=parallel)
+                plan = await service.plan(request)
+                say(f"draining [bold]{', '.join(nodes)}[/]: {sum(1 for _ in plan.jobs())} VMs to migrate, "
+                    f"{len(plan.blocked)} blocked, {len(plan.skipped)} skipped; capacity: {plan.capacity.message}; "
+                    f"estimate {plan.estimate.total_s:.0f} cluster s")
+                record, _ = await service.submit(request, source="demo")
+                drain_id = record["id"]
+                if console is not None:
+                    view = await live_progress(service, drain_id, console=console, timeout_s=timeout_s)
+                else:
+                    view = await service.wait(drain_id, timeout_s=timeout_s)
+                timed_out = view.drain.get("phase") not in ("Succeeded", "Failed", "Cancelled")
+                if console is not None:
+                    console.print()
+                    print_summary(view, console)
+                if report is not None:
+                    await asyncio.to_thread(report.write_text, render_html(view), encoding="utf-8")
+                    say(f"report written to {report}")
+                truth = rc.cluster.stats()
+                if console is not None:
+                    _print_truth(console, truth, view)
+            finally:
+                await kube.close()
+                for w in pool:
+                    await w.close()
+                for task in tasks:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+    return DemoResult(view=view, truth=truth, report=report, timed_out=timed_out)
+
+
+def _print_truth(console: Console, truth: dict[str, Any], view: DrainView) -> None:
+    migrations = truth.get("migrations") or []
+    phases: dict[str, int] = {}
+    for m in migrations:
+        phases[str(m.get("phase"))] = phases.get(str(m.get("phase")), 0) + 1
+    sent = sum(int(m.get("bytes_sent") or 0) for m in migrations)
+    limits = view.drain.get("limits") or {}
+    per_node = truth.get("max_in_flight_per_node") or {}
+    per_node_text = ", ".join(f"{n} {v}" for n, v in sorted(per_node.items())) or "-"
+    console.print("[bold]ground truth (measured by the simulator)[/]", highlight=False)
+    console.print(f"  migrations: {len(migrations)} ({', '.join(f'{v} {k}' for k, v in sorted(phases.items()))})",
+                  highlight=False)
+    console.print(f"  bytes sent: {sent / GIB:.1f} GiB", highlight=False)
+    console.print(f"  max in flight cluster-wide: {truth.get('max_in_flight_cluster')} "
+                  f"(limit {limits.get('cluster', '-')})", highlight=False)
+    console.print(f"  max in flight per source node: {per_node_text} (limit {limits.get('per_node', '-')})",
+                  highlight=False)
+    concurrent = truth.get("vmis_with_concurrent_migrations") or []
+    console.print(f"  VMIs with two migrations at once: {len(concurrent)}", highlight=False)
+    console.print(f"  cluster time: {float(truth.get('sim_time_s') or 0):.0f} s; API requests: "
+                  f"{truth.get('api_requests_total')}", highlight=False)
+
+
+def wide_console() -> Console:
+    """A console for stdout; when it is not a terminal (a pipe, CI), wide enough that tables stay legible."""
+    console = Console()
+    return console if console.is_terminal else Console(width=max(console.width, 160))
+
+
+def register(app: typer.Typer) -> None:
+    """Add `drainctl demo` to the command line."""
+
+    @app.command("demo")
+    def demo(
+        ctx: typer.Context,
+        scenario: Annotated[str, typer.Option(help="simulated cluster: small, enterprise, hostile, large or a "
+                                                   "YAML file")] = "small",
+        seed: Annotated[int | None, typer.Option(help="scenario seed (default: the scenario's)")] = None,
+        time_scale: Annotated[float | None, typer.Option(help="cluster seconds per wall second (default 30)")]
+        = None,
+        redis_url: Annotated[str | None, typer.Option(help="use this Redis instead of the embedded one")] = None,
+        workers: Annotated[int, typer.Option(help="workers to run in-process")] = 2,
+        report: Annotated[Path, typer.Option(help="HTML report file")] = Path("drainctl-report.html"),
+        timeout: Annotated[float, typer.Option(help="give up after this many wall seconds (exit 6)")] = 900.0,
+        output: Annotated[str | None, typer.Option("--output", "-o", help="table (default) or json")] = None,
+    ) -> None:
+        """Drain a node of a simulated cluster with an embedded Redis and in-process workers (needs nothing)."""
+        from orchestrator import cli
+
+        out = cli._output(ctx, output)
+        globals_ = ctx.obj
+        scale = time_scale or globals_.time_scale or DEFAULT_TIME_SCALE
+        if workers < 1:
+            cli.err.print("[red]error:[/] --workers: must be at least 1")
+            raise typer.Exit(cli.EXIT_USAGE)
+        if not scale > 0:
+            cli.err.print("[red]error:[/] --time-scale: must be a positive number")
+            raise typer.Exit(cli.EXIT_USAGE)
+        try:
+            result = asyncio.run(run_demo(
+                scenario=scenario, seed=seed, time_scale=scale, redis_url=redis_url or globals_.redis_url,
+                workers=workers, report=report, timeout_s=timeout, console=None if out == "json" else wide_console()))
+        except (ValueError, OSError) as exc:
+            cli.err.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(cli.EXIT_USAGE) from exc
+        if out == "json":
+            print(json.dumps({"drain": result.view.to_json(), "ground_truth": result.truth,
+                              "report": str(result.report) if result.report else None}, indent=2, default=str))
+        raise typer.Exit(result.exit_code)
