@@ -38,11 +38,19 @@ from simulator.cluster import RunningCluster, running_cluster
 KUBECTL = os.environ.get("KUBECTL", "kubectl")
 
 
-def _off_node_makespan(stats: dict[str, Any], drain: list[str], t0: float) -> tuple[float | None, int, int]:
+def _off_node_makespan(stats: dict[str, Any], drain: list[str], t0: float,
+                       movable: int) -> tuple[float | None, int, int]:
+    """(time until the last movable VM left, VMs moved, failed attempts); None while movable VMs remain."""
     moved = [m for m in stats["migrations"] if m["source"] in drain and m["phase"] == "Succeeded"]
     failed = [m for m in stats["migrations"] if m["source"] in drain and m["phase"] == "Failed"]
     end = max((m["finished_s"] for m in moved), default=None)
-    return (None if end is None else end - t0), len(moved), len(failed)
+    done = len({m["vmi"] for m in moved}) >= movable
+    return (None if end is None or not done else end - t0), len(moved), len(failed)
+
+
+def movable_vms(sc: scenarios.Scenario) -> int:
+    return sum(1 for vm in sc.vms if vm.node in sc.drain_hint and vm.live_migratable
+               and vm.eviction_strategy in ("LiveMigrate", "LiveMigrateIfPossible"))
 
 
 def _faults(rc: RunningCluster, fail_nodes: list[str]) -> None:
@@ -95,7 +103,7 @@ async def run_drainctl(sc: scenarios.Scenario, *, time_scale: float, workers: in
             for p in procs:
                 p.wait(15)
     await plain.aclose()
-    makespan, moved, failed = _off_node_makespan(stats, drain, t0)
+    makespan, moved, failed = _off_node_makespan(stats, drain, t0, movable_vms(sc))
     view = json.loads(out) if out.strip().startswith(b"{") else {}
     migrations = max(1, moved + failed)
     return {"tool": "drainctl", "exit_code": proc.returncode, "phase": view.get("phase"),
@@ -127,7 +135,7 @@ async def run_kubectl(sc: scenarios.Scenario, *, time_scale: float, tmp: Path, f
         exit_s = rc.cluster.clock.elapsed() - t0
         wall = time.monotonic() - wall0
         stats = rc.cluster.stats()
-    makespan, moved, failed = _off_node_makespan(stats, drain, t0)
+    makespan, moved, failed = _off_node_makespan(stats, drain, t0, movable_vms(sc))
     migrations = max(1, moved + failed)
     return {"tool": "kubectl drain", "exit_code": max(codes), "phase": "Succeeded" if not any(codes) else "Failed",
             "makespan_s": makespan, "command_s": exit_s, "wall_s": wall, "moved": moved, "failed": failed,

@@ -59,6 +59,12 @@ RETRYABLE = {FailureClass.UNSCHEDULABLE, FailureClass.TARGET_FAILED, FailureClas
              FailureClass.TIMEOUT, FailureClass.UNKNOWN, FailureClass.ABORTED}
 
 
+QUARANTINE_CLASSES = {FailureClass.TARGET_FAILED, FailureClass.UNSCHEDULABLE}
+"""Failures that say something about the target node (not about the VM), counted per node per drain."""
+QUARANTINE_AFTER = 2
+"""Distinct VMs a node must fail before the drain stops sending any VM there."""
+
+
 class Ctx(TypedDict, total=False):
     """What arq passes to every job (`ctx`), filled by the worker's on_startup."""
 
@@ -513,7 +519,7 @@ async def _drive(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec: Reco
         now_node = (vmi_obj.get("status") or {}).get("nodeName")
         if now_node and now_node != source:
             return _Outcome(VmPhase.SUCCEEDED, target=now_node, reason=f"already running on {now_node}")
-        choice = _choose(ctx, vmi_obj, source, rec, limits)
+        choice = _choose(ctx, vmi_obj, source, rec, limits, quarantined=set(drain.get("quarantined") or {}))
         if choice.target is None:
             return _Outcome(VmPhase.FAILED, target=None, reason=choice.reason, failure=FailureClass.UNSCHEDULABLE)
         target = choice.target
@@ -570,7 +576,8 @@ async def _drive(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec: Reco
         raise
 
 
-def _choose(ctx: Ctx, vmi_obj: Record, source: str, rec: Record, limits: Record) -> Any:
+def _choose(ctx: Ctx, vmi_obj: Record, source: str, rec: Record, limits: Record, *,
+            quarantined: set[str]) -> Any:
     view, settings = ctx["view"], ctx["settings"]
     vmi = parse_vmi(vmi_obj)
     nodes = [parse_node(o, i) for i, o in enumerate(view.nodes.values())]
@@ -579,7 +586,7 @@ def _choose(ctx: Ctx, vmi_obj: Record, source: str, rec: Record, limits: Record)
     inbound: dict[str, int] = {n.name: view.inbound(n.name) for n in nodes}
     need = vmi.memory_request_bytes + launcher_overhead(vmi.memory_request_bytes)
     return choose_target(vmi, source=by_name.get(source), nodes=nodes, free=free, inbound=inbound,
-                         exclude=set(rec.get("failed_targets") or []), need_bytes=need,
+                         exclude=set(rec.get("failed_targets") or []) | quarantined, need_bytes=need,
                          max_inbound=int(limits.get("inbound") or settings.limits.max_inbound_per_node))
 
 
@@ -737,6 +744,8 @@ async def _record_outcome(ctx: Ctx, drain_id: str, vmi: str, attempt: int, outco
         return None
 
     rec = await store.update_vm(drain_id, vmi, apply)
+    if outcome.phase is VmPhase.FAILED and outcome.target and outcome.failure in QUARANTINE_CLASSES:
+        await _note_target_failure(ctx, drain_id, outcome.target, vmi, outcome.reason)
     await store.emit(drain_id, f"vm.{rec['phase'].lower()}", vmi=vmi, attempt=attempt, target=outcome.target,
                      reason=outcome.reason, failure_class=outcome.failure.value if outcome.failure else None)
     bound.info("migration.finished", phase=outcome.phase.value, reason=outcome.reason,
@@ -748,6 +757,28 @@ async def _record_outcome(ctx: Ctx, drain_id: str, vmi: str, attempt: int, outco
                                 warning=outcome.phase is not VmPhase.SUCCEEDED, now_iso=_now_iso())
     if rec["phase"] == VmPhase.QUEUED.value and int(rec["attempt"]) == attempt + 1:
         await enqueue_migrate(ctx, drain_id, vmi, attempt + 1, delay_s=backoff)
+
+
+async def _note_target_failure(ctx: Ctx, drain_id: str, node: str, vmi: str, reason: str) -> None:
+    """Count a node's failures across the drain's VMs; at QUARANTINE_AFTER distinct VMs, no VM of this drain
+    goes there any more. KubeVirt has no such memory: its scheduler picks the same broken node again."""
+    newly: list[str] = []
+
+    def note(d: Record) -> None:
+        newly.clear()
+        failures = d.setdefault("target_failures", {})
+        seen = set(failures.get(node) or [])
+        seen.add(vmi)
+        failures[node] = sorted(seen)
+        quarantined = d.setdefault("quarantined", {})
+        if len(seen) >= QUARANTINE_AFTER and node not in quarantined:
+            quarantined[node] = f"{len(seen)} VMs failed there; last: {reason}"
+            newly.append(node)
+
+    await ctx["store"].update(drain_id, note)
+    if newly:
+        await ctx["store"].emit(drain_id, "target.quarantined", node=node, reason=reason)
+        log.warning("target.quarantined", drain_id=drain_id, node=node, reason=reason)
 
 
 # ================================================================================================= finish
