@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypedDict
 
@@ -26,6 +26,7 @@ import structlog
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 from arq.worker import Retry
+from redis.exceptions import RedisError
 
 from orchestrator import keys
 from orchestrator import kube as k
@@ -136,8 +137,26 @@ async def advance_soon(ctx: Ctx, drain_id: str) -> None:
     await enqueue_control(ctx, "advance", drain_id, job_id=f"advance:{drain_id}:{time.time_ns()}")
 
 
+async def retrying(ctx: Ctx, work: Awaitable[str], *, what: str) -> str:
+    """Run a job's work; a retryable failure (API 5xx/429/410/409, connection errors, Redis errors) runs the
+    same job again after a doubling delay (arq Retry keeps its id: no second job, nothing done twice)."""
+    try:
+        return await work
+    except (k.KubeError, RedisError, OSError) as exc:
+        if isinstance(exc, k.KubeError) and not exc.retryable:
+            raise
+        job_try = int(ctx.get("job_try") or 1)
+        delay = min(30.0, 0.5 * 2 ** min(job_try, 6))
+        log.warning("job.retry", what=what, error=str(exc), try_=job_try, defer_s=delay)
+        raise Retry(defer=delay) from exc
+
+
 # =================================================================================================== plan
 async def plan_job(ctx: Ctx, drain_id: str) -> str:
+    return await retrying(ctx, _plan(ctx, drain_id), what=f"plan {drain_id}")
+
+
+async def _plan(ctx: Ctx, drain_id: str) -> str:
     store = ctx["store"]
     drain = await store.get(drain_id)
     bound = log.bind(drain_id=drain_id)
@@ -209,8 +228,11 @@ def _vm_record(vmi: str, node: str, phase: VmPhase, verdict: str, reason: str, *
 
 # ================================================================================================ advance
 async def advance_job(ctx: Ctx, drain_id: str) -> str:
-    await advance_drain(ctx, drain_id)
-    return "ok"
+    async def work() -> str:
+        await advance_drain(ctx, drain_id)
+        return "ok"
+
+    return await retrying(ctx, work(), what=f"advance {drain_id}")
 
 
 async def advance_drain(ctx: Ctx, drain_id: str, *, ensure: bool = False) -> None:
@@ -429,7 +451,7 @@ async def _heartbeat(ctx: Ctx) -> None:
 async def migrate_job(ctx: Ctx, drain_id: str, vmi: str, attempt: int) -> str:
     beat = asyncio.create_task(_heartbeat(ctx), name=f"heartbeat:{drain_id}:{vmi}:{attempt}")
     try:
-        return await _migrate(ctx, drain_id, vmi, attempt)
+        return await retrying(ctx, _migrate(ctx, drain_id, vmi, attempt), what=f"migrate {vmi} attempt {attempt}")
     finally:
         beat.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -497,12 +519,31 @@ async def _migrate(ctx: Ctx, drain_id: str, vmi: str, attempt: int) -> str:
 
 async def _drive(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec: Record, attempt: int,
                  mig_name: str, limits: Record, bound: Any) -> _Outcome:
-    """Create (or adopt) this attempt's VMIM and follow it to an end. Keeps the slot if cancelled mid-flight."""
+    """Create (or adopt) this attempt's VMIM and follow it to an end.
+
+    If anything interrupts us once the VMIM may exist (the worker stops, the API or Redis fails), the slot is
+    kept (rule 1): the job runs again and adopts the VMIM, or the reconciler frees the slot once it is final."""
+    touched: list[bool] = []
+    try:
+        return await _drive_inner(ctx, slot, drain_id=drain_id, vmi=vmi, rec=rec, attempt=attempt,
+                                  mig_name=mig_name, limits=limits, bound=bound, touched=touched)
+    except BaseException:
+        ns, _ = split_vmi_key(vmi)
+        current = ctx["view"].vmims.get(f"{ns}/{mig_name}")
+        if touched and (current is None or (current.get("status") or {}).get("phase") not in FINAL_VMIM):
+            slot.keep()
+        raise
+
+
+async def _drive_inner(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec: Record, attempt: int,
+                       mig_name: str, limits: Record, bound: Any, touched: list[bool]) -> _Outcome:
     kube, view, clock = ctx["kube"], ctx["view"], ctx["clock"]
     ns, name = split_vmi_key(vmi)
     key = f"{ns}/{mig_name}"
     source = str(rec["node"])
     obj = view.vmims.get(key) or await kube.find(k.VMIMS, mig_name, ns)
+    if obj is not None:
+        touched.append(True)
     target: str | None = None
     if obj is None:
         # Re-read what may have changed while we waited for the slot: a cancel, or a newer attempt.
@@ -534,6 +575,7 @@ async def _drive(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec: Reco
                                              str(int(float(limits.get("pending_timeout_s") or 300)))}},
             "spec": {"vmiName": name, "addedNodeSelector": {"kubernetes.io/hostname": target}},
         }
+        touched.append(True)  # from here on the VMIM may exist even if the call below fails
         while obj is None:
             try:
                 obj = await kube.create(k.VMIMS, body, ns)
@@ -564,16 +606,8 @@ async def _drive(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec: Reco
         if rec["phase"] != VmPhase.MIGRATING.value:
             await _update_vm(ctx, drain_id, vmi, phase=VmPhase.MIGRATING, target=target, vmim=mig_name,
                              message=f"migrating to {target} (adopted)")
-    try:
-        return await _follow(ctx, slot, drain_id=drain_id, vmi=vmi, key=key, target=target, rec=rec,
-                             limits=limits, bound=bound)
-    except asyncio.CancelledError:
-        # The worker is stopping: the VMIM goes on without us. Keep the slot (rule 1); the job re-runs
-        # elsewhere and adopts it, or the reconciler frees the slot once the VMIM is final.
-        current = view.vmims.get(key)
-        if current is None or (current.get("status") or {}).get("phase") not in FINAL_VMIM:
-            slot.keep()
-        raise
+    return await _follow(ctx, slot, drain_id=drain_id, vmi=vmi, key=key, target=target, rec=rec,
+                         limits=limits, bound=bound)
 
 
 def _choose(ctx: Ctx, vmi_obj: Record, source: str, rec: Record, limits: Record, *,
@@ -783,6 +817,10 @@ async def _note_target_failure(ctx: Ctx, drain_id: str, node: str, vmi: str, rea
 
 # ================================================================================================= finish
 async def finish_job(ctx: Ctx, drain_id: str, node: str) -> str:
+    return await retrying(ctx, _finish_node(ctx, drain_id, node), what=f"finish {node}")
+
+
+async def _finish_node(ctx: Ctx, drain_id: str, node: str) -> str:
     store, kube, clock = ctx["store"], ctx["kube"], ctx["clock"]
     rec = await store.node(drain_id, node)
     if rec["phase"] in FINAL_NODE:

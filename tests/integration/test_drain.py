@@ -233,3 +233,24 @@ async def test_cancel_in_the_middle(cluster_env: EnvFactory) -> None:
         assert await semaphore_empty(env) == {}
         print(f"\ncancel: {len(aborted)} aborted, {n_vmims - len(aborted)} finished, "
               f"{sum(1 for vm in view.vms.values() if vm['phase'] == 'Cancelled')} VMs cancelled")
+
+
+async def test_drain_survives_api_errors_and_dropped_watches(cluster_env: EnvFactory) -> None:
+    async with cluster_env("small", time_scale=20, workers=2) as env:
+        node = env.cluster.scenario.drain_hint[0]
+        env.cluster.apply_faults(_faults({
+            "errors": [
+                {"verb": "create", "resource": "virtualmachineinstancemigrations", "rate": 0.3, "code": 500},
+                {"verb": "get", "resource": "virtualmachineinstances", "rate": 0.2, "code": 503},
+                {"verb": "patch", "resource": "nodes", "rate": 0.3, "code": 500},
+            ],
+            "drop_watches_every_s": 2.0,
+        }))
+        result = await env.adrainctl("drain", node, "--wait", "-o", "json", timeout_s=280)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:] + env.worker_logs()
+        stats = env.stats()
+        assert env.cluster.faults.injected > 0, "no fault fired: the test proves nothing"
+        assert vmis_on(env, node) == []
+        assert_limits(stats)
+        assert await semaphore_empty(env) == {}
+        print(f"\nfaults injected: {env.cluster.faults.injected}")
