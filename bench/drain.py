@@ -68,7 +68,7 @@ def pick_fail_node(sc: scenarios.Scenario) -> str:
 
 
 async def run_drainctl(sc: scenarios.Scenario, *, time_scale: float, workers: int, redis_db: int,
-                       tmp: Path, fail_nodes: list[str]) -> dict[str, Any]:
+                       tmp: Path, fail_nodes: list[str], non_migratable: str = "block") -> dict[str, Any]:
     redis_url = f"redis://127.0.0.1:6379/{redis_db}"
     plain = aioredis.Redis.from_url(redis_url)
     await plain.flushdb()
@@ -91,6 +91,7 @@ async def run_drainctl(sc: scenarios.Scenario, *, time_scale: float, workers: in
             wall0 = time.monotonic()
             proc = await asyncio.create_subprocess_exec(
                 drainctl, "drain", *drain, "--max-parallel-nodes", str(sc.parallel_hint), "--wait", "-o", "json",
+                "--non-migratable", non_migratable,
                 env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
             out, errout = await proc.communicate()
             exit_s = rc.cluster.clock.elapsed() - t0
@@ -151,7 +152,7 @@ async def amain(args: argparse.Namespace) -> int:
     fail_nodes = [] if not args.fail_node else [pick_fail_node(sc) if args.fail_node == "auto" else args.fail_node]
     with tempfile.TemporaryDirectory(prefix="drainctl-bench-") as tmp:
         ours = await run_drainctl(sc, time_scale=args.time_scale, workers=args.workers, redis_db=args.redis_db,
-                                  tmp=Path(tmp), fail_nodes=fail_nodes)
+                                  tmp=Path(tmp), fail_nodes=fail_nodes, non_migratable=args.non_migratable)
         theirs = await run_kubectl(sc, time_scale=args.time_scale, tmp=Path(tmp), fail_nodes=fail_nodes,
                                    timeout_s=args.kubectl_timeout)
     print(f"scenario {sc.name} (seed {sc.seed}): drain {', '.join(sc.drain_hint)} "
@@ -184,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fail-node", default=None,
                         help="a node that fails every migration it receives: a name, or 'auto' for the node "
                              "kube-scheduler prefers")
+    parser.add_argument("--non-migratable", default="block", choices=("block", "skip"),
+                        help="drainctl's policy for VMs that cannot move (kubectl drain has none)")
     parser.add_argument("--kubectl-timeout", type=float, default=3600.0,
                         help="cluster seconds after which kubectl drain gives up")
     return asyncio.run(amain(parser.parse_args(argv)))

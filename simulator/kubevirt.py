@@ -36,6 +36,7 @@ from simulator.faults import Faults
 from simulator.physics import Flow, MonitorConfig, Transfer, VMPhysics, fair_share
 from simulator.quantity import to_bytes
 from simulator.resources import EVENTS, KUBEVIRTS, NODES, PDBS, PODS, VMIMS, VMIS, VMS, ResourceType
+from simulator.scenarios import default_migrations
 from simulator.store import Obj, Store, iso
 
 IN_FLIGHT = ("Scheduling", "Scheduled", "PreparingTarget", "TargetReady", "Running")
@@ -57,17 +58,7 @@ INJECTED_FAILURE = ("Live migration failed error encountered during MigrateToURI
                     "failed: Lost connection to destination host")
 ABORTED = "Live migration aborted "
 
-DEFAULT_MIGRATIONS: dict[str, Any] = {
-    "parallelMigrationsPerCluster": 5,
-    "parallelOutboundMigrationsPerNode": 2,
-    "bandwidthPerMigration": "0Mi",
-    "completionTimeoutPerGiB": 150,
-    "progressTimeout": 150,
-    "allowAutoConverge": False,
-    "allowPostCopy": False,
-    "unsafeMigrationOverride": False,
-    "nodeDrainTaintKey": "kubevirt.io/drain",
-}
+DEFAULT_MIGRATIONS: dict[str, Any] = default_migrations()
 
 
 def vmi_key(namespace: str, name: str) -> str:
