@@ -368,6 +368,14 @@ def parse_vmi(
 
     volumes = []
     claims = rwx_claims or {}
+    # KubeVirt reports each PVC's access modes in status.volumeStatus[].persistentVolumeClaimInfo: the VMI
+    # itself says whether its disks are shared, no PVC read needed.
+    reported: dict[str, bool] = {}
+    for status in obj.items("status.volumeStatus"):
+        info = status.get("persistentVolumeClaimInfo")
+        modes = info.get("accessModes") if isinstance(info, Mapping) else None
+        if isinstance(status.get("name"), str) and isinstance(modes, list):
+            reported[status["name"]] = "ReadWriteMany" in modes
     for i, volume in enumerate(obj.items("spec.volumes")):
         name = volume.get("name")
         if not isinstance(name, str):
@@ -382,7 +390,7 @@ def parse_vmi(
         claim = volume[source_kind].get(field)
         if not isinstance(claim, str) or not claim:
             raise obj.error(f"spec.volumes[{i}].{source_kind}.{field}", "missing or not a string")
-        rwx = claims.get((namespace, claim))
+        rwx = claims.get((namespace, claim), reported.get(name))
         volumes.append(VolumeRef(name=name, claim_name=claim, source=source_kind, rwx=rwx))
 
     cpu_model = obj.string("spec.domain.cpu.model") or HOST_MODEL

@@ -460,3 +460,21 @@ def test_snapshot_indexes() -> None:
 def test_duplicate_objects_are_rejected() -> None:
     with pytest.raises(ValueError, match="Node n1: appears twice"):
         f.Cluster().node("n1").node("n1").snapshot()
+
+
+def test_volume_access_modes_come_from_the_vmis_volume_status() -> None:
+    from orchestrator.snapshot import parse_vmi
+
+    raw = {
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+        "metadata": {"namespace": "ns", "name": "vm", "uid": "u"},
+        "spec": {"domain": {"resources": {"requests": {"memory": "1Gi"}}},
+                 "volumes": [{"name": "root", "persistentVolumeClaim": {"claimName": "root-pvc"}},
+                             {"name": "data", "persistentVolumeClaim": {"claimName": "data-pvc"}}]},
+        "status": {"phase": "Running", "nodeName": "n1", "volumeStatus": [
+            {"name": "root", "persistentVolumeClaimInfo": {"claimName": "root-pvc", "accessModes": ["ReadWriteMany"]}},
+            {"name": "data", "persistentVolumeClaimInfo": {"claimName": "data-pvc", "accessModes": ["ReadWriteOnce"]}},
+        ]},
+    }
+    vmi = parse_vmi(raw)
+    assert {v.name: v.rwx for v in vmi.volumes} == {"root": True, "data": False}
