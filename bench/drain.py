@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import secrets
@@ -48,6 +49,15 @@ def _off_node_makespan(stats: dict[str, Any], drain: list[str], t0: float,
     return (None if end is None or not done else end - t0), len(moved), len(failed)
 
 
+def remigrated(stats: dict[str, Any]) -> int:
+    """VMs that moved more than once (a rolling drain that parks VMs on nodes it drains next)."""
+    moves: dict[str, int] = {}
+    for m in stats["migrations"]:
+        if m["phase"] == "Succeeded":
+            moves[m["vmi"]] = moves.get(m["vmi"], 0) + 1
+    return sum(1 for n in moves.values() if n > 1)
+
+
 def movable_vms(sc: scenarios.Scenario) -> int:
     return sum(1 for vm in sc.vms if vm.node in sc.drain_hint and vm.live_migratable
                and vm.eviction_strategy in ("LiveMigrate", "LiveMigrateIfPossible"))
@@ -68,7 +78,8 @@ def pick_fail_node(sc: scenarios.Scenario) -> str:
 
 
 async def run_drainctl(sc: scenarios.Scenario, *, time_scale: float, workers: int, redis_db: int,
-                       tmp: Path, fail_nodes: list[str], non_migratable: str = "block") -> dict[str, Any]:
+                       tmp: Path, fail_nodes: list[str], non_migratable: str = "block",
+                       extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     redis_url = f"redis://127.0.0.1:6379/{redis_db}"
     plain = aioredis.Redis.from_url(redis_url)
     await plain.flushdb()
@@ -78,7 +89,7 @@ async def run_drainctl(sc: scenarios.Scenario, *, time_scale: float, workers: in
                                kubeconfig_out=kubeconfig) as rc:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DRAIN_")}
         env.update(KUBECONFIG=str(kubeconfig), DRAIN_REDIS_URL=redis_url, DRAIN_TIME_SCALE=str(time_scale),
-                   DRAIN_QUEUE_NAME=f"bench-{secrets.token_hex(3)}")
+                   DRAIN_QUEUE_NAME=f"bench-{secrets.token_hex(3)}", **(extra_env or {}))
         drainctl = str(Path(sys.executable).with_name("drainctl"))
         _faults(rc, fail_nodes)
         procs = [subprocess.Popen([drainctl, "worker"], env=env, stdout=subprocess.DEVNULL,  # noqa: ASYNC220
@@ -113,7 +124,8 @@ async def run_drainctl(sc: scenarios.Scenario, *, time_scale: float, workers: in
                 stats["max_in_flight_per_node"].values(), default=0),
             "api_per_migration": (stats["api_requests_total"] - api_before) / migrations,
             "redis_per_migration": (redis_after - redis_before) / migrations,
-            "restarts": len(stats["vm_restarts"]), "stderr": errout.decode()[-300:]}
+            "restarts": len(stats["vm_restarts"]), "remigrated": remigrated(stats),
+            "stderr": errout.decode()[-300:]}
 
 
 async def run_kubectl(sc: scenarios.Scenario, *, time_scale: float, tmp: Path, fail_nodes: list[str],
@@ -128,10 +140,13 @@ async def run_kubectl(sc: scenarios.Scenario, *, time_scale: float, tmp: Path, f
         t0 = rc.cluster.clock.elapsed()
         wall0 = time.monotonic()
         wall_timeout = max(30, int(timeout_s / time_scale))
+        # kubectl drains the nodes it is given one after the other: one process per node when the drain is
+        # parallel, one process for all of them when it is not (a rolling drain).
+        groups = [[node] for node in drain] if sc.parallel_hint > 1 else [drain]
         procs = [await asyncio.create_subprocess_exec(
-            KUBECTL, "--kubeconfig", str(kubeconfig), "--cache-dir", str(tmp / f"cache-{node}"), "drain", node,
-            "--ignore-daemonsets", "--delete-emptydir-data", f"--timeout={wall_timeout}s",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL) for node in drain]
+            KUBECTL, "--kubeconfig", str(kubeconfig), "--cache-dir", str(tmp / f"cache-{group[0]}"), "drain",
+            *group, "--ignore-daemonsets", "--delete-emptydir-data", f"--timeout={wall_timeout}s",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL) for group in groups]
         codes = [await p.wait() for p in procs]
         exit_s = rc.cluster.clock.elapsed() - t0
         wall = time.monotonic() - wall0
@@ -143,16 +158,20 @@ async def run_kubectl(sc: scenarios.Scenario, *, time_scale: float, tmp: Path, f
             "max_in_flight": stats["max_in_flight_cluster"],
             "max_per_node": max(stats["max_in_flight_per_node"].values(), default=0),
             "api_per_migration": (stats["api_requests_total"] - api_before) / migrations,
-            "redis_per_migration": 0.0, "restarts": len(stats["vm_restarts"]), "stderr": ""}
+            "redis_per_migration": 0.0, "restarts": len(stats["vm_restarts"]), "remigrated": remigrated(stats),
+            "stderr": ""}
 
 
 async def amain(args: argparse.Namespace) -> int:
     sc = scenarios.builtin(args.scenario, seed=args.seed)
+    if args.nodes:
+        sc = dataclasses.replace(sc, drain_hint=tuple(args.nodes.split(",")), parallel_hint=args.parallel)
     lb = sc.lower_bound()
     fail_nodes = [] if not args.fail_node else [pick_fail_node(sc) if args.fail_node == "auto" else args.fail_node]
     with tempfile.TemporaryDirectory(prefix="drainctl-bench-") as tmp:
         ours = await run_drainctl(sc, time_scale=args.time_scale, workers=args.workers, redis_db=args.redis_db,
-                                  tmp=Path(tmp), fail_nodes=fail_nodes, non_migratable=args.non_migratable)
+                                  tmp=Path(tmp), fail_nodes=fail_nodes, non_migratable=args.non_migratable,
+                                  extra_env=dict(kv.split("=", 1) for kv in args.drain_env))
         theirs = await run_kubectl(sc, time_scale=args.time_scale, tmp=Path(tmp), fail_nodes=fail_nodes,
                                    timeout_s=args.kubectl_timeout)
     print(f"scenario {sc.name} (seed {sc.seed}): drain {', '.join(sc.drain_hint)} "
@@ -161,13 +180,13 @@ async def amain(args: argparse.Namespace) -> int:
     print(f"lower bound (migration-model.md 3.3): physical {lb.phys:.1f} s, pre-copy {lb.precopy:.1f} s "
           f"(busiest source {lb.busiest_source}, {lb.non_converging} VM(s) cannot converge by pre-copy)")
     print(f"{'tool':<14} {'exit':>4} {'moved':>5} {'failed':>6} {'VMs off s':>9} {'/LB phys':>8} "
-          f"{'command s':>9} {'max infl':>8} {'API/mig':>7} {'Redis/mig':>9} {'restarts':>8}")
+          f"{'command s':>9} {'max infl':>8} {'API/mig':>7} {'Redis/mig':>9} {'restarts':>8} {'moved 2x':>8}")
     for r in (ours, theirs):
         ratio = (r["makespan_s"] / lb.phys) if r["makespan_s"] and lb.phys else float("nan")
         ms = f"{r['makespan_s']:.1f}" if r["makespan_s"] is not None else "-"
         print(f"{r['tool']:<14} {r['exit_code']:>4} {r['moved']:>5} {r['failed']:>6} {ms:>9} {ratio:>8.2f} "
               f"{r['command_s']:>9.1f} {r['max_in_flight']:>8} {r['api_per_migration']:>7.1f} "
-              f"{r['redis_per_migration']:>9.1f} {r['restarts']:>8}")
+              f"{r['redis_per_migration']:>9.1f} {r['restarts']:>8} {r['remigrated']:>8}")
     if ours["makespan_s"] and theirs["makespan_s"]:
         print(f"kubectl drain / drainctl makespan: {theirs['makespan_s'] / ours['makespan_s']:.2f}x")
     if ours["exit_code"] != 0:
@@ -185,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fail-node", default=None,
                         help="a node that fails every migration it receives: a name, or 'auto' for the node "
                              "kube-scheduler prefers")
+    parser.add_argument("--drain-env", action="append", default=[], metavar="DRAIN_X=VALUE",
+                        help="a setting for drainctl's workers and CLI, e.g. DRAIN_COMPLETION_TIMEOUT_PER_GIB=20")
+    parser.add_argument("--nodes", default=None, help="comma-separated nodes to drain instead of the scenario's")
+    parser.add_argument("--parallel", type=int, default=1, help="with --nodes: nodes drained at once")
     parser.add_argument("--non-migratable", default="block", choices=("block", "skip"),
                         help="drainctl's policy for VMs that cannot move (kubectl drain has none)")
     parser.add_argument("--kubectl-timeout", type=float, default=3600.0,

@@ -633,6 +633,8 @@ async def _follow(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, key: str
     started = clock.now()
     running_since: float | None = None
     pending_timeout = float(limits.get("pending_timeout_s") or 300.0)
+    progress_timeout = float(limits.get("progress_timeout_s") or 150.0)
+    last_change = started
     memory = int(rec.get("memory_bytes") or 0)
     per_gib = float(limits.get("completion_timeout_per_gib") or 150)
     # KubeVirt's own budget (per GB of migration data, decimal, rounded up) plus a margin: KubeVirt
@@ -657,6 +659,7 @@ async def _follow(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, key: str
         phase = status.get("phase") or ""
         if phase != last_phase:
             bound.info("migration.phase", vmim=mig_name, phase=phase)
+            last_change = clock.now()
             if phase == "Running" and running_since is None:
                 running_since = clock.now()
                 await _update_vm(ctx, drain_id, vmi, message=f"transferring to {target}")
@@ -678,6 +681,10 @@ async def _follow(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, key: str
         if running_since is None and now - started > pending_timeout:
             abort_reason = (f"aborted by drainctl: not running after {pending_timeout:.0f} s (phase {phase or 'new'})",
                             FailureClass.UNSCHEDULABLE)
+        elif running_since is None and now - last_change > progress_timeout and phase != "Pending":
+            # Pending is KubeVirt's queue (its own limits); any other phase that stands still is stuck.
+            abort_reason = (f"aborted by drainctl: no progress for {progress_timeout:.0f} s in phase {phase}",
+                            FailureClass.TIMEOUT)
         elif running_since is not None and now - running_since > completion_budget:
             abort_reason = (f"aborted by drainctl: not completed within {completion_budget:.0f} s",
                             FailureClass.NOT_CONVERGING)
