@@ -254,3 +254,29 @@ async def test_drain_survives_api_errors_and_dropped_watches(cluster_env: EnvFac
         assert_limits(stats)
         assert await semaphore_empty(env) == {}
         print(f"\nfaults injected: {env.cluster.faults.injected}")
+
+
+async def test_cancel_letting_in_flight_migrations_finish(cluster_env: EnvFactory) -> None:
+    base = scenarios.builtin("small")
+    sc = dataclasses.replace(base, migrations={**dict(base.migrations), "bandwidthPerMigration": "64Mi"})
+    async with cluster_env(sc, time_scale=10, workers=2) as env:
+        node = sc.drain_hint[0]
+        service = await env.service()
+        from orchestrator.model import DrainRequest
+
+        record, _ = await service.submit(DrainRequest.from_json({"nodes": [node], "uncordon_on_cancel": False}))
+        await wait_for(lambda: any(m.phase == "Running" for m in env.cluster.kubevirt.active.values()),
+                       within_s=60, what="a running migration")
+        result = await env.adrainctl("cancel", record["id"], "--let-finish", "-o", "json")
+        assert result.returncode == 0, result.stderr
+        in_flight = {m.vmi for m in env.cluster.kubevirt.active.values()}
+        view = await service.wait(record["id"], timeout_s=180)
+        assert view.drain["phase"] == "Cancelled", view.drain
+        stats = env.stats()
+        ours = [m for m in stats["migrations"] if m["labels"].get("drainctl.io/drain-id") == record["id"]]
+        assert ours and all(m["phase"] == "Succeeded" for m in ours), ours
+        assert {m["vmi"].split("/", 1)[1] for m in ours} >= in_flight
+        assert {vm["phase"] for vm in view.vms.values()} == {"Succeeded", "Cancelled"}
+        # The request said not to uncordon on cancel.
+        assert env.cluster.store.get(NODES, None, node)["spec"]["unschedulable"] is True
+        assert await semaphore_empty(env) == {}
