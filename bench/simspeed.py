@@ -64,7 +64,9 @@ def run_one(name: str, *, hours: float, step_s: float) -> dict[str, Any]:
         "evictions_denied": evicted, "build_s": round(build_s, 2), "simulated_s": round(simulated, 1),
         "wall_s": round(wall, 2), "wall_s_per_simulated_hour": round(per_hour, 2),
         "sustainable_time_scale": round(3600.0 / per_hour, 1) if per_hour else None,
-        "migrations_succeeded": len(done), "migrations_failed": len(stats["migrations"]) - len(done),
+        "migrations_succeeded": len(done),
+        "migrations_failed": sum(1 for m in stats["migrations"] if m["phase"] == "Failed"),
+        "migrations_unfinished": sum(1 for m in stats["migrations"] if m["phase"] not in ("Succeeded", "Failed")),
         "vms_left_on_drained_nodes": left, "store_objects_writes": cluster.store.writes,
         "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_one(args.one, hours=args.hours, step_s=args.step)))
         return 0
     header = (f"{'scenario':<11} {'nodes':>6} {'VMs':>7} {'build s':>8} {'sim s':>7} {'wall s':>7} "
-              f"{'wall s/sim h':>12} {'max scale':>9} {'migrated':>8} {'failed':>6} {'RSS MB':>8}")
+              f"{'wall s/sim h':>12} {'max scale':>9} {'migrated':>8} {'failed':>6} {'queued':>6} {'RSS MB':>8}")
     print(header)
     for name in args.scenarios.split(","):
         proc = subprocess.run([sys.executable, "-m", "bench.simspeed", "--one", name, "--hours", str(args.hours),
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{r['scenario']:<11} {r['nodes']:>6} {r['vms']:>7} {r['build_s']:>8} {r['simulated_s']:>7} "
               f"{r['wall_s']:>7} {r['wall_s_per_simulated_hour']:>12} {r['sustainable_time_scale']:>9} "
-              f"{r['migrations_succeeded']:>8} {r['migrations_failed']:>6} {r['max_rss_mb']:>8}")
+              f"{r['migrations_succeeded']:>8} {r['migrations_failed']:>6} {r['migrations_unfinished']:>6} "
+              f"{r['max_rss_mb']:>8}")
     print("max scale: the time scale the simulator sustains while KubeVirt evacuates the drain-hint nodes "
           "(3600 / wall seconds per simulated hour).")
     return 0
