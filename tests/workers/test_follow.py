@@ -1,0 +1,111 @@
+"""The migrate job's own backstops (jobs._follow), on a VMIM that KubeVirt leaves standing: each fires at its
+time, deletes the VMIM (the abort) and reports the class that decides the retry."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import fakeredis.aioredis
+import pytest
+import structlog
+
+from orchestrator.model import FailureClass, VmPhase
+from orchestrator.store import DrainStore
+from orchestrator.view import ClusterView
+from workers import jobs
+
+NS, NAME = "ns", "drain-x-vm-1"
+KEY = f"{NS}/{NAME}"
+
+
+class SteppingClock:
+    """Cluster time that moves `step` seconds every time someone looks at it."""
+
+    def __init__(self, step: float) -> None:
+        self.t = 0.0
+        self.step = step
+
+    def now(self) -> float:
+        self.t += self.step
+        return self.t
+
+    async def sleep(self, cluster_seconds: float) -> None:
+        await asyncio.sleep(0)
+
+
+class FakeKube:
+    """Deleting the VMIM is KubeVirt's abort: it goes Failed in the watch-fed view."""
+
+    def __init__(self, view: ClusterView) -> None:
+        self.view = view
+        self.deleted: list[str] = []
+
+    async def find(self, kind: Any, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        return self.view.vmims.get(f"{namespace}/{name}")
+
+    async def delete(self, kind: Any, name: str, namespace: str | None = None, *, uid: str | None = None) -> None:
+        self.deleted.append(name)
+        obj = self.view.vmims[f"{namespace}/{name}"]
+        failed = {**obj, "metadata": {**obj["metadata"], "resourceVersion": "99"},
+                  "status": {"phase": "Failed", "migrationState": {"failureReason": "Live migration aborted "}}}
+        await self.view._vmim_event("MODIFIED", failed)
+
+
+class Slot:
+    def __init__(self) -> None:
+        self.lost = asyncio.Event()
+        self.lease = type("L", (), {"holder": "h", "token": 1})()
+
+
+def vmim(phase: str) -> dict[str, Any]:
+    return {"metadata": {"namespace": NS, "name": NAME, "uid": "u1", "resourceVersion": "1"},
+            "spec": {"vmiName": "vm"}, "status": {"phase": phase}}
+
+
+@pytest.fixture
+def parts() -> Iterator[tuple[Any, ...]]:
+    view = ClusterView(kube=None)  # type: ignore[arg-type]
+    redis = fakeredis.aioredis.FakeRedis()
+    yield view, FakeKube(view), DrainStore(redis), redis
+
+
+async def follow(parts: tuple[Any, ...], phase: str, *, step: float, memory: int = 4 * 1024**3) -> Any:
+    view, kube, store, _ = parts
+    await store.create({"id": "d1", "phase": "Running", "request": {"nodes": ["n1"]}}, nodes={},
+                       vms={"ns/vm": {"vmi": "ns/vm", "node": "n1", "phase": "Migrating", "attempt": 1}})
+    view.observe(vmim(phase))
+    ctx = {"kube": kube, "view": view, "clock": SteppingClock(step), "store": store}
+    limits = {"pending_timeout_s": 300, "progress_timeout_s": 150, "completion_timeout_per_gib": 150}
+    return await jobs._follow(ctx, Slot(), drain_id="d1", vmi="ns/vm", key=KEY, target="n2",  # type: ignore[arg-type]
+                              rec={"memory_bytes": memory, "node": "n1"}, limits=limits,
+                              bound=structlog.get_logger("test"))
+
+
+async def test_a_migration_standing_still_before_its_transfer_is_aborted(parts: tuple[Any, ...]) -> None:
+    outcome = await follow(parts, "Scheduling", step=40.0)
+    assert parts[1].deleted == [NAME]
+    assert outcome.phase is VmPhase.FAILED
+    assert outcome.failure is FailureClass.TIMEOUT
+    assert "no progress for 150 s in phase Scheduling" in outcome.reason
+
+
+async def test_pending_in_kubevirts_queue_is_not_progress_but_has_its_own_limit(parts: tuple[Any, ...]) -> None:
+    outcome = await follow(parts, "Pending", step=40.0)
+    assert outcome.failure is FailureClass.UNSCHEDULABLE
+    assert "not running after 300 s" in outcome.reason
+
+
+async def test_a_transfer_past_the_completion_budget_is_aborted(parts: tuple[Any, ...]) -> None:
+    # 4 GiB = 4.29 GB -> 5 x 150 s + 60 s margin = 810 s.
+    outcome = await follow(parts, "Running", step=100.0)
+    assert outcome.failure is FailureClass.NOT_CONVERGING
+    assert "not completed within 810 s" in outcome.reason
+    assert parts[1].deleted == [NAME]
+
+
+async def test_a_succeeded_migration_is_reported_without_an_abort(parts: tuple[Any, ...]) -> None:
+    outcome = await follow(parts, "Succeeded", step=1.0)
+    assert outcome.phase is VmPhase.SUCCEEDED and outcome.target == "n2"
+    assert parts[1].deleted == []
