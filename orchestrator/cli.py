@@ -96,7 +96,9 @@ def _run(coro: Awaitable[T]) -> T:
         raise typer.Exit(130) from None
 
 
-async def _with_service(g: Globals, fn: Callable[[Any], Awaitable[T]]) -> T:
+async def _with_service(g: Globals, fn: Callable[[Any], Awaitable[T]], *, need_kube: bool = True) -> T:
+    """Run `fn(service)`. Reading drains (status, list, cancel) needs only Redis: `need_kube=False` skips the
+    cluster connection, so a finished drain can be inspected without a kubeconfig."""
     from arq.connections import RedisSettings, create_pool
 
     from orchestrator.kube import Kube, KubeError
@@ -109,7 +111,8 @@ async def _with_service(g: Globals, fn: Callable[[Any], Awaitable[T]]) -> T:
         err.print(f"[red]error:[/] cannot reach Redis at {settings.connection.redis_url}: {exc}")
         raise typer.Exit(EXIT_UNREACHABLE) from exc
     try:
-        kube = await Kube.connect(kubeconfig=settings.connection.kubeconfig, context=settings.connection.context)
+        kube = await Kube.connect(kubeconfig=settings.connection.kubeconfig, context=settings.connection.context) \
+            if need_kube else None
     except KubeError as exc:
         await redis.aclose()
         err.print(f"[red]error:[/] cannot reach the cluster: {exc.message}")
@@ -120,7 +123,8 @@ async def _with_service(g: Globals, fn: Callable[[Any], Awaitable[T]]) -> T:
         err.print(f"[red]error:[/] cluster: {exc.message}")
         raise typer.Exit(EXIT_UNREACHABLE) from exc
     finally:
-        await kube.close()
+        if kube is not None:
+            await kube.close()
         await redis.aclose()
 
 
@@ -270,7 +274,7 @@ def status(ctx: typer.Context, drain_id: Annotated[str | None, typer.Argument(he
         else:
             _print_status(view)
 
-    _run(_with_service(ctx.obj, go))
+    _run(_with_service(ctx.obj, go, need_kube=False))
 
 
 @app.command("list")
@@ -281,7 +285,7 @@ def list_drains(ctx: typer.Context, output: OutputOpt = None) -> None:
     async def go(service: Any) -> None:
         _print_list(await service.list(), out)
 
-    _run(_with_service(ctx.obj, go))
+    _run(_with_service(ctx.obj, go, need_kube=False))
 
 
 def _print_list(drains: list[dict[str, Any]], out: str) -> None:
@@ -333,7 +337,7 @@ def cancel(ctx: typer.Context, drain_id: Annotated[str, typer.Argument(help="dra
         else:
             console.print(f"drain [bold]{drain_id}[/]: {record['phase']}")
 
-    _run(_with_service(ctx.obj, go))
+    _run(_with_service(ctx.obj, go, need_kube=False))
 
 
 # ================================================================================================== worker

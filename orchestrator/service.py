@@ -46,11 +46,18 @@ class IdempotencyInProgress(Exception):
 
 
 class DrainService:
-    def __init__(self, *, redis: ArqRedis, settings: Settings, kube: Kube) -> None:
+    def __init__(self, *, redis: ArqRedis, settings: Settings, kube: Kube | None) -> None:
         self.redis = redis
         self.settings = settings
-        self.kube = kube
+        self._kube = kube
         self.store = DrainStore(redis)
+
+    @property
+    def kube(self) -> Kube:
+        """The cluster connection; reading drain records does not need one (the CLI's status, list, cancel)."""
+        if self._kube is None:
+            raise RuntimeError("this operation needs a cluster connection and none was opened")
+        return self._kube
 
     async def plan(self, request: DrainRequest) -> DrainPlan:
         """Dry run: raises PlanError (with every problem) when the drain could not be carried out."""
