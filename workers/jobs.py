@@ -43,7 +43,7 @@ from orchestrator.model import (
 from orchestrator.placement import choose_target, launcher_overhead
 from orchestrator.planner import PlanError, plan_drain
 from orchestrator.settings import Settings
-from orchestrator.snapshot import parse_node, parse_quantity, parse_vmi
+from orchestrator.snapshot import parse_node, parse_vmi
 from orchestrator.store import FINAL_DRAIN, FINAL_NODE, FINAL_VM, DrainStore, Record
 from orchestrator.view import ATTEMPT_LABEL, DRAIN_LABEL, VMI_LABEL, ClusterView
 from workers.semaphore import HeldSlot, RedisSemaphore, Scope, SemaphoreLost, hold
@@ -945,8 +945,3 @@ async def reconcile_job(ctx: Ctx) -> str:
     if adopted or released:
         log.info("reconcile.leases", adopted=adopted, released=released)
     return f"drains={opened} adopted={adopted} released={released}"
-
-
-def memory_of(obj: Record) -> int:
-    req = (((obj.get("spec") or {}).get("domain") or {}).get("resources") or {}).get("requests") or {}
-    return int(parse_quantity(req.get("memory") or 0))
