@@ -104,6 +104,12 @@ def migrate_job_id(drain_id: str, namespace: str, name: str, *, attempt: int) ->
     )
 
 
+def advance_job_id(drain_id: str, nonce: int) -> str:
+    """Job id of one "advance this drain" request: ``advance:{drain_id}:{nonce}`` (a fresh nonce each time,
+    since advancing twice is harmless and a finished job's id stays taken while its result is kept)."""
+    return f"advance:{_part(drain_id, 'drain id')}:{nonce}"
+
+
 def finish_job_id(drain_id: str, node: str) -> str:
     """Job id of the job that finishes one node of a drain: ``finish:{drain_id}:{node}``."""
     return f"finish:{_part(drain_id, 'drain id')}:{_part(node, 'node name')}"

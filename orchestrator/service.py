@@ -12,19 +12,16 @@ import builtins
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from arq.connections import ArqRedis
 
-from orchestrator import keys
+from orchestrator import keys, queue
 from orchestrator.kube import Kube
 from orchestrator.model import DrainPhase, DrainPlan, DrainRequest
 from orchestrator.planner import plan_drain
 from orchestrator.settings import Settings
 from orchestrator.store import FINAL_DRAIN, DrainStore, DrainView, Record
-
-CONTROL_SCORE = datetime(2001, 1, 1, tzinfo=UTC)
 
 
 class NodeConflict(Exception):
@@ -106,9 +103,8 @@ class DrainService:
         }
         await self.store.create(drain, nodes={}, vms={})
         await self.store.emit(drain_id, "drain.submitted", nodes=nodes, source=source)
-        await self.redis.enqueue_job("plan", drain_id, _job_id=keys.plan_job_id(drain_id),
-                                     _defer_until=CONTROL_SCORE, _expires=timedelta(days=2),
-                                     _queue_name=self.settings.connection.queue_name)
+        await queue.enqueue_control(self.redis, self.settings.connection.queue_name, "plan", drain_id,
+                                    job_id=keys.plan_job_id(drain_id))
         return drain, True
 
     async def get(self, drain_id: str) -> DrainView:
@@ -140,9 +136,8 @@ class DrainService:
         if record["phase"] == DrainPhase.CANCELLING.value:
             await self.store.emit(drain_id, "drain.cancelling", uncordon=do_uncordon, mode=mode)
             await self.redis.publish(keys.CANCEL_CHANNEL, drain_id)
-            await self.redis.enqueue_job("advance", drain_id, _job_id=f"advance:{drain_id}:{time.time_ns()}",
-                                         _defer_until=CONTROL_SCORE, _expires=timedelta(days=2),
-                                         _queue_name=self.settings.connection.queue_name)
+            await queue.enqueue_control(self.redis, self.settings.connection.queue_name, "advance", drain_id,
+                                        job_id=keys.advance_job_id(drain_id, time.time_ns()))
         return record
 
     async def wait(self, drain_id: str, *, timeout_s: float | None = None, poll_s: float = 0.5,

@@ -19,7 +19,7 @@ import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, TypedDict
 
 import structlog
@@ -28,7 +28,7 @@ from arq.constants import in_progress_key_prefix
 from arq.worker import Retry
 from redis.exceptions import RedisError
 
-from orchestrator import keys
+from orchestrator import keys, queue
 from orchestrator import kube as k
 from orchestrator.clock import ScaledClock
 from orchestrator.model import (
@@ -50,9 +50,6 @@ from workers.semaphore import HeldSlot, RedisSemaphore, Scope, SemaphoreLost, ho
 
 log = structlog.get_logger("workers.jobs")
 
-CONTROL_SCORE = datetime(2001, 1, 1, tzinfo=UTC)
-"""Control jobs (plan, finish, advance) are queued with this old score so they run before queued migrations."""
-JOB_EXPIRES = timedelta(days=2)
 FINAL_VMIM = ("Succeeded", "Failed")
 NODE_ANNOTATION = "drainctl.io/drain-id"
 DRAINED_ANNOTATION = "drainctl.io/drained-at"
@@ -116,25 +113,15 @@ def classify(reason: str) -> FailureClass:
 
 # ================================================================================================ enqueue
 async def enqueue_control(ctx: Ctx, function: str, *args: Any, job_id: str) -> bool:
-    job = await ctx["redis"].enqueue_job(function, *args, _job_id=job_id, _defer_until=CONTROL_SCORE,
-                                         _expires=JOB_EXPIRES,
-                                         _queue_name=ctx["settings"].connection.queue_name)
-    return job is not None
+    return await queue.enqueue_control(ctx["redis"], ctx["settings"].connection.queue_name, function, *args,
+                                       job_id=job_id)
 
 
 async def enqueue_migrate(ctx: Ctx, drain_id: str, vmi: str, attempt: int, *, delay_s: float = 0.0) -> bool:
     ns, name = split_vmi_key(vmi)
-    wall = ctx["settings"].to_wall(delay_s)
-    job = await ctx["redis"].enqueue_job(
-        "migrate", drain_id, vmi, attempt, _job_id=keys.migrate_job_id(drain_id, ns, name, attempt=attempt),
-        _defer_by=timedelta(seconds=wall) if wall > 0 else None, _expires=JOB_EXPIRES,
-        _queue_name=ctx["settings"].connection.queue_name)
-    return job is not None
-
-
-async def advance_soon(ctx: Ctx, drain_id: str) -> None:
-    """Ask any worker to advance the drain now (a fresh id each time: advancing twice is harmless)."""
-    await enqueue_control(ctx, "advance", drain_id, job_id=f"advance:{drain_id}:{time.time_ns()}")
+    return await queue.enqueue_after(ctx["redis"], ctx["settings"].connection.queue_name, "migrate", drain_id, vmi,
+                                     attempt, job_id=keys.migrate_job_id(drain_id, ns, name, attempt=attempt),
+                                     delay_wall_s=ctx["settings"].to_wall(delay_s))
 
 
 async def retrying(ctx: Ctx, work: Awaitable[str], *, what: str) -> str:
