@@ -17,7 +17,8 @@ from typing import Any
 import structlog
 
 from orchestrator import kube as k
-from orchestrator.snapshot import parse_quantity
+from orchestrator.model import Node
+from orchestrator.snapshot import parse_node, quantity_to_int
 
 log = structlog.get_logger("orchestrator.view")
 
@@ -35,7 +36,7 @@ def _pod_memory(pod: Obj) -> int:
     for c in (pod.get("spec") or {}).get("containers") or []:
         req = ((c.get("resources") or {}).get("requests") or {}).get("memory")
         if req is not None:
-            total += int(parse_quantity(req))
+            total += quantity_to_int(req)
     return total
 
 
@@ -57,6 +58,7 @@ class ClusterView:
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = {name: asyncio.Event() for name in ("vmims", "nodes", "pods")}
         self._cancelled: set[str] = set()
+        self._parsed: dict[str, tuple[str, Node]] = {}
 
     async def start(self) -> None:
         self._tasks = [
@@ -168,21 +170,29 @@ class ClusterView:
             self._put_pod(obj)
 
     # ------------------------------------------------------------------------------------------ reads
-    def free_memory(self, node: str) -> int:
-        obj = self.nodes.get(node)
-        if obj is None:
-            return 0
-        alloc = ((obj.get("status") or {}).get("allocatable") or {}).get("memory")
-        return int(parse_quantity(alloc)) - self.node_used.get(node, 0) if alloc else 0
+    def parsed_nodes(self) -> list[Node]:
+        """The nodes as model objects, parsed once per node resourceVersion (target choice runs per migration)."""
+        out = []
+        for index, (name, obj) in enumerate(self.nodes.items()):
+            rv = str(obj["metadata"].get("resourceVersion") or "")
+            cached = self._parsed.get(name)
+            if cached is None or cached[0] != rv:
+                cached = (rv, parse_node(obj, index))
+                self._parsed[name] = cached
+            out.append(cached[1])
+        return out
 
-    def inbound(self, node: str) -> int:
-        """Our non-final migrations heading to `node`."""
-        n = 0
+    def free_memory(self, node: Node) -> int:
+        return node.allocatable_memory_bytes - self.node_used.get(node.name, 0)
+
+    def inbound_counts(self) -> dict[str, int]:
+        """Our non-final migrations per target node, in one pass over the cached VMIMs."""
+        counts: dict[str, int] = defaultdict(int)
         for o in self.vmims.values():
             target = ((o.get("spec") or {}).get("addedNodeSelector") or {}).get("kubernetes.io/hostname")
-            if target == node and (o.get("status") or {}).get("phase") not in FINAL:
-                n += 1
-        return n
+            if target and (o.get("status") or {}).get("phase") not in FINAL:
+                counts[target] += 1
+        return counts
 
     async def wait_vmim(self, key: str, predicate: Callable[[Obj | None], bool], *, timeout_s: float) -> Obj | None:
         """Wait until `predicate(vmim or None)` holds or the timeout (wall seconds) passes; return the VMIM."""

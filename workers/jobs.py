@@ -43,7 +43,7 @@ from orchestrator.model import (
 from orchestrator.placement import choose_target, launcher_overhead
 from orchestrator.planner import PlanError, plan_drain
 from orchestrator.settings import Settings
-from orchestrator.snapshot import parse_node, parse_vmi
+from orchestrator.snapshot import parse_vmi
 from orchestrator.store import FINAL_DRAIN, FINAL_NODE, FINAL_VM, DrainStore, Record
 from orchestrator.view import ATTEMPT_LABEL, DRAIN_LABEL, VMI_LABEL, ClusterView
 from workers.semaphore import HeldSlot, RedisSemaphore, Scope, SemaphoreLost, hold
@@ -355,11 +355,8 @@ def _capacity_gate(ctx: Ctx, drain_nodes: set[str], nodes: list[Record], by_node
     view = ctx.get("view")
     if view is None or not view.nodes:
         return True, ""
-    spare = 0
-    for node_name, obj in view.nodes.items():
-        if node_name in drain_nodes or (obj.get("spec") or {}).get("unschedulable"):
-            continue
-        spare += max(0, view.free_memory(node_name))
+    spare = sum(max(0, view.free_memory(node)) for node in view.parsed_nodes()
+                if node.name not in drain_nodes and not node.unschedulable)
     running = {n["node"] for n in nodes if n["phase"] == NodePhase.MIGRATING.value}
     need = 0
     for node_name in running | {name}:
@@ -601,10 +598,10 @@ def _choose(ctx: Ctx, vmi_obj: Record, source: str, rec: Record, limits: Record,
             quarantined: set[str]) -> Any:
     view, settings = ctx["view"], ctx["settings"]
     vmi = parse_vmi(vmi_obj)
-    nodes = [parse_node(o, i) for i, o in enumerate(view.nodes.values())]
+    nodes = view.parsed_nodes()
     by_name: dict[str, Any] = {n.name: n for n in nodes}
-    free: dict[str, int] = {n.name: view.free_memory(n.name) for n in nodes}
-    inbound: dict[str, int] = {n.name: view.inbound(n.name) for n in nodes}
+    free: dict[str, int] = {n.name: view.free_memory(n) for n in nodes}
+    inbound = view.inbound_counts()
     need = vmi.memory_request_bytes + launcher_overhead(vmi.memory_request_bytes)
     return choose_target(vmi, source=by_name.get(source), nodes=nodes, free=free, inbound=inbound,
                          exclude=set(rec.get("failed_targets") or []) | quarantined, need_bytes=need,
