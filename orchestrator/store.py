@@ -31,6 +31,10 @@ FINAL_VM = {VmPhase.SUCCEEDED.value, VmPhase.FAILED.value, VmPhase.SKIPPED.value
             VmPhase.CANCELLED.value}
 
 
+class RecordNotFound(KeyError):
+    """A node or VM record (or a drain record) that should exist does not."""
+
+
 class DrainNotFound(KeyError):
     def __init__(self, drain_id: str) -> None:
         super().__init__(drain_id)
@@ -121,26 +125,10 @@ class DrainStore:
         return [_text(x) for x in raw]
 
     async def update(self, drain_id: str, fn: Callable[[Record], None]) -> Record:
-        key = keys.drain_key(drain_id)
-        while True:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                try:
-                    await pipe.watch(key)
-                    raw = await pipe.get(key)
-                    if raw is None:
-                        raise DrainNotFound(drain_id)
-                    record = _loads(raw)
-                    before = _dumps(record)
-                    fn(record)
-                    if _dumps(record) == before:
-                        return record
-                    record["updated_at"] = time.time()
-                    pipe.multi()
-                    pipe.set(key, _dumps(record))
-                    await pipe.execute()
-                    return record
-                except WatchError:
-                    continue
+        try:
+            return await self._modify(keys.drain_key(drain_id), None, fn)
+        except RecordNotFound:
+            raise DrainNotFound(drain_id) from None
 
     # ----------------------------------------------------------------------------------- nodes, vms
     async def node(self, drain_id: str, node: str) -> Record:
@@ -172,21 +160,28 @@ class DrainStore:
         return await self._update_field(keys.drain_vms_key(drain_id), vmi, fn)
 
     async def _update_field(self, key: str, field: str, fn: Callable[[Record], bool | None]) -> Record:
-        """Read-modify-write one JSON field of a hash. `fn` returns False to leave it unchanged."""
+        return await self._modify(key, field, fn)
+
+    async def _modify(self, key: str, field: str | None, fn: Callable[[Record], bool | None]) -> Record:
+        """Read-modify-write one JSON record (a string key, or one field of a hash) under WATCH/MULTI,
+        retrying when someone else wrote it meanwhile. `fn` returns False to leave it unchanged."""
         while True:
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
                     await pipe.watch(key)
-                    raw = await pipe.hget(key, field)
+                    raw = await (pipe.get(key) if field is None else pipe.hget(key, field))
                     if raw is None:
-                        raise KeyError(f"{key}: {field} not found")
+                        raise RecordNotFound(f"{key}: {field or 'record'} not found")
                     record = _loads(raw)
                     before = _dumps(record)
                     if fn(record) is False or _dumps(record) == before:
                         return record
                     record["updated_at"] = time.time()
                     pipe.multi()
-                    pipe.hset(key, field, _dumps(record))
+                    if field is None:
+                        pipe.set(key, _dumps(record))
+                    else:
+                        pipe.hset(key, field, _dumps(record))
                     await pipe.execute()
                     return record
                 except WatchError:

@@ -49,10 +49,10 @@ class SimCluster:
         self.token = token
         self.tick_s = tick_s
         self.api_requests: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        self._ip = 0
+        self.ips = objects.IpAllocator()
         infos = self._populate()
         self.kubevirt = KubeVirtSim(
-            self.store, self.clock, self.faults, vms=infos, seed=scenario.seed,
+            self.store, self.clock, self.faults, vms=infos, seed=scenario.seed, ips=self.ips,
             network=NetworkModel(
                 nic_bytes_per_s={n.name: n.nic_bytes_per_s for n in scenario.nodes},
                 efficiency=scenario.nic_efficiency,
@@ -65,10 +65,6 @@ class SimCluster:
         self._last = self.clock.now()
 
     # --------------------------------------------------------------------------------------- populate
-    def _next_ip(self) -> str:
-        self._ip += 1
-        return f"10.{128 + (self._ip >> 16) % 64}.{(self._ip >> 8) % 256}.{self._ip % 256}"
-
     def _populate(self) -> dict[str, VMInfo]:
         sc = self.scenario
         now = self.clock.now()
@@ -91,7 +87,7 @@ class SimCluster:
                     admit=False)
         for node in sc.nodes:
             if not node.control_plane:
-                create(PODS, objects.daemon_pod(ds, node_name=node.name, pod_ip=self._next_ip(), now=now),
+                create(PODS, objects.daemon_pod(ds, node_name=node.name, pod_ip=self.ips.next(), now=now),
                        admit=False)
         infos: dict[str, VMInfo] = {}
         for vm in sc.vms:
@@ -111,7 +107,7 @@ class SimCluster:
                 "uid": vm_obj["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}]
             vmi_obj = create(VMIS, vmi, admit=False)
             memory = vm.memory_bytes + objects.launcher_overhead(vm.memory_bytes, vm.cpus)
-            ip = self._next_ip()
+            ip = self.ips.next()
             pod = create(PODS, objects.launcher_pod(vmi_obj, node_name=vm.node, memory_request=memory,
                                                     cpus=vm.cpus, node_selector=dict(vm.node_selector),
                                                     target_of=None, pod_ip=ip, now=now,

@@ -138,7 +138,7 @@ class KubeVirtSim:
     """All of KubeVirt's controllers, stepped by `advance` on cluster time."""
 
     def __init__(self, store: Store, clock: SimClock, faults: Faults, *, vms: Mapping[str, VMInfo],
-                 network: NetworkModel, seed: int = 0) -> None:
+                 network: NetworkModel, seed: int = 0, ips: objects.IpAllocator | None = None) -> None:
         self.store = store
         self.clock = clock
         self.faults = faults
@@ -159,7 +159,7 @@ class KubeVirtSim:
         self._restarts: list[tuple[float, str, str]] = []
         self._node_used: dict[str, int] = defaultdict(int)
         self._pod_seq = 0
-        self._ip_seq = 0
+        self._ips = ips or objects.IpAllocator()
         self.records: list[dict[str, Any]] = []
         self.max_in_flight_cluster = 0
         self.max_in_flight_per_node: dict[str, int] = {}
@@ -687,10 +687,6 @@ class KubeVirtSim:
                 return name
         return None
 
-    def _next_ip(self) -> str:
-        self._ip_seq += 1
-        return f"10.{128 + (self._ip_seq >> 16) % 64}.{(self._ip_seq >> 8) % 256}.{self._ip_seq % 256}"
-
     def _suffix(self) -> str:
         return "".join(self._rand.choice("bcdfghjklmnpqrstvwxz2456789") for _ in range(5))
 
@@ -860,7 +856,7 @@ class KubeVirtSim:
         return ""
 
     def _pod_ready(self, mig: Migration, now: float) -> None:
-        ip = self._next_ip()
+        ip = self._ips.next()
         self.store.mutate(PODS, mig.namespace, mig.target_pod or "",
                           lambda o: objects.set_pod_running(o, pod_ip=ip, now=now))
 
@@ -1187,7 +1183,7 @@ class KubeVirtSim:
         if node is None:
             self.store.create(PODS, pod, admit=False)
             return
-        ip = self._next_ip()
+        ip = self._ips.next()
         pod["spec"]["nodeName"] = node
         objects.set_pod_running(pod, pod_ip=ip, now=now)
         pod_obj = self.store.create(PODS, pod, admit=False)

@@ -25,6 +25,18 @@ KUBELET_VERSION = "v1.32.4"
 Obj = dict[str, Any]
 
 
+class IpAllocator:
+    """Pod IPs from 10.128.0.0/10, never handed out twice in one cluster."""
+
+    def __init__(self) -> None:
+        self._n = 0
+
+    def next(self) -> str:
+        self._n += 1
+        n = self._n
+        return f"10.{128 + (n >> 16) % 64}.{(n >> 8) % 256}.{n % 256}"
+
+
 def quantity(n_bytes: int) -> str:
     """Bytes as a Kubernetes quantity, exact (Gi/Mi/Ki when they divide evenly)."""
     for suffix, unit in (("Ti", 1024**4), ("Gi", GiB), ("Mi", MiB), ("Ki", 1024)):
