@@ -112,17 +112,22 @@ class DrainAccepted(BaseModel):
     links: Links
 
 
-class DrainSummary(BaseModel):
+class _DrainBase(BaseModel):
+    """The fields every view of a drain record carries."""
+
     model_config = ConfigDict(extra="allow")
 
     id: str
     phase: str
     message: str | None = None
-    nodes: list[str]
     source: str | None = None
     created_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
+
+
+class DrainSummary(_DrainBase):
+    nodes: list[str]
     estimate_s: float | None = None
     links: Links
 
@@ -186,18 +191,9 @@ class Progress(BaseModel):
     vms_failed: int
 
 
-class DrainDetail(BaseModel):
+class DrainDetail(_DrainBase):
     """One drain with every node and VM record (the same shape as `drainctl status -o json`), plus ETA."""
 
-    model_config = ConfigDict(extra="allow")
-
-    id: str
-    phase: str
-    message: str | None = None
-    source: str | None = None
-    created_at: float | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
     estimate_s: float | None = None
     links: Links
     request: dict[str, Any]
