@@ -1,0 +1,133 @@
+"""Redis taken away mid-drain, on the real path: a redis-server of the test's own (never the shared one),
+`drainctl worker` processes, the simulator over HTTPS. With persistence (AOF) the drain completes as if
+nothing happened; without it the loss is detected and the drains and cordoned nodes it left are reported.
+Assertions read the simulator's ground truth and Redis, plus the workers' log lines where the log line is the
+promised behaviour."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from redis.exceptions import RedisError
+
+from bench.redis_server import RedisServer
+from orchestrator.kube import EVENTS, NODES, VMIMS
+from orchestrator.model import DrainRequest
+from tests.integration.conftest import Env, EnvFactory
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+NODE = "worker-01"
+
+
+async def until(check: Callable[[], Awaitable[bool]], *, timeout_s: float, what: str) -> None:
+    """Poll `check` (Redis errors while Redis is away count as "not yet")."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                try:
+                    if await check():
+                        return
+                except (RedisError, OSError):
+                    pass
+                await asyncio.sleep(0.2)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+def succeeded_from(e: Env, node: str) -> list[dict[str, Any]]:
+    return [m for m in e.stats()["migrations"] if m["source"] == node and m["phase"] == "Succeeded"]
+
+
+def full_logs(e: Env) -> str:
+    return "\n".join((e.tmp / f"worker-{i}.log").read_text(errors="replace") for i in range(len(e.workers)))
+
+
+async def moved(e: Env, n: int) -> bool:
+    return len(succeeded_from(e, NODE)) >= n
+
+
+async def leftovers(e: Env) -> dict[str, list[str]]:
+    """Semaphore leases, node locks and non-final VMIMs of ours still standing."""
+    redis: Any = e.redis
+    leases = [k.decode() for k in await redis.keys("{drainctl:sem:*}:lease:*")]
+    locks = [k.decode() for k in await redis.keys("drainctl:node:*:drain")]
+    service = await e.service()
+    vmims, _ = await service.kube.list(VMIMS, label_selector="drainctl.io/drain-id")
+    running = [o["metadata"]["name"] for o in vmims
+               if (o.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
+    return {"leases": leases, "locks": locks, "vmims": running}
+
+
+@pytest.mark.parametrize("kill", [False, True], ids=["sigterm", "sigkill"])
+async def test_a_redis_restart_with_aof_loses_nothing(cluster_env: EnvFactory, kill: bool) -> None:
+    async with RedisServer(aof=True) as server, \
+            cluster_env("small", time_scale=30.0, workers=2, redis_url=server.url) as e:
+        service = await e.service()
+        record, _ = await service.submit(DrainRequest.from_json({"nodes": [NODE]}))
+        drain_id = record["id"]
+        await until(lambda: moved(e, 3), timeout_s=90, what="three migrations done")
+        await server.restart(down_s=3.0, kill=kill)
+
+        async def final() -> bool:
+            return (await service.get(drain_id)).drain["phase"] in ("Succeeded", "Failed", "Cancelled")
+
+        await until(final, timeout_s=150, what="the drain to end")
+        view = await service.get(drain_id)
+        assert view.drain["phase"] == "Succeeded", view.drain.get("message")
+        # Ground truth: every VM of the node moved exactly once, never two migrations of one VM at once.
+        truth = e.stats()
+        moves = collections.Counter(m["vmi"] for m in succeeded_from(e, NODE))
+        assert len(moves) == 15 and set(moves.values()) == {1}, moves
+        assert truth["max_in_flight_per_vmi"] <= 1
+        assert truth["max_in_flight_cluster"] <= 5
+        assert await leftovers(e) == {"leases": [], "locks": [], "vmims": []}
+        # Both workers rode the outage out and said so.
+        assert all(p.poll() is None for p in e.workers), e.worker_logs()
+        logs = full_logs(e)
+        assert "redis.unavailable" in logs and "redis.available" in logs, logs
+        assert "redis.data_lost" not in logs
+
+
+async def test_a_redis_that_comes_back_empty_is_reported(cluster_env: EnvFactory) -> None:
+    async with RedisServer(aof=False) as server, \
+            cluster_env("small", time_scale=30.0, workers=2, redis_url=server.url) as e:
+        service = await e.service()
+        record, _ = await service.submit(DrainRequest.from_json({"nodes": [NODE]}))
+        drain_id = record["id"]
+        await until(lambda: moved(e, 2), timeout_s=90, what="two migrations done")
+        await server.restart(down_s=3.0)
+
+        async def reported() -> bool:
+            return (await service.store.find(drain_id) or {}).get("source") == "recovered"
+
+        await until(reported, timeout_s=60, what="the lost drain to be reported")
+        view = await service.get(drain_id)
+        assert view.drain["phase"] == "Failed"
+        assert f"drain {drain_id} was lost" in view.drain["message"] and NODE in view.drain["message"]
+        assert view.nodes[NODE]["phase"] == "Failed" and "cordoned" in view.nodes[NODE]["message"]
+        assert drain_id in [d["id"] for d in await service.list()]
+        # In the cluster: the node is still cordoned (nothing uncordons it silently) and carries a Warning Event.
+        node = await service.kube.get(NODES, NODE)
+        assert node["spec"].get("unschedulable") is True
+        events, _ = await service.kube.list(EVENTS, "default")
+        lost = [ev for ev in events if ev.get("reason") == "DrainLost"
+                and ev["involvedObject"].get("name") == NODE]
+        assert len(lost) == 1 and drain_id in lost[0]["message"] and lost[0]["type"] == "Warning"
+        assert all(p.poll() is None for p in e.workers), e.worker_logs()
+        assert "drain.lost" in full_logs(e) and "redis.data_lost" in full_logs(e)
+        # The way on that the report names: draining the node again finishes the job, each VM moved once.
+        again, _ = await service.submit(DrainRequest.from_json({"nodes": [NODE]}))
+
+        async def drained() -> bool:
+            return (await service.get(again["id"])).drain["phase"] == "Succeeded"
+
+        await until(drained, timeout_s=150, what="the second drain to succeed")
+        moves = collections.Counter(m["vmi"] for m in succeeded_from(e, NODE))
+        assert len(moves) == 15 and set(moves.values()) == {1}, moves
+        assert e.stats()["max_in_flight_per_vmi"] <= 1
+        assert await leftovers(e) == {"leases": [], "locks": [], "vmims": []}
