@@ -17,6 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
+APPENDFSYNC = "always"
+"""The fsync policy of k8s/redis.yaml (a test keeps the two in step)."""
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -25,7 +28,7 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, *, aof: bool, fsync: str = "always", port: int | None = None,
+    def __init__(self, *, aof: bool, fsync: str = APPENDFSYNC, port: int | None = None,
                  workdir: Path | None = None) -> None:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         if not Path(binary).exists():
