@@ -1,4 +1,4 @@
-"""The DrainRequest controller: `drainctl.io/v1alpha1` DrainRequest objects drive drains.
+"""The DrainRequest controller: `drainctl.io/v1alpha1` DrainRequest objects drive drains. Built on kopf.
 
 Promises:
 - A new DrainRequest starts exactly one drain through `DrainService.submit`, with the object's uid as the
@@ -8,14 +8,30 @@ Promises:
   the reason in `status.message`; nodes held by another drain leave it Pending, retried until they are free.
 - Deleting a DrainRequest whose drain is still open cancels that drain. A finalizer
   (`drainctl.io/cancel-drain`) makes this hold even when the deletion happens while no controller runs.
+- It survives Redis and API outages: a pass that fails is retried at the next tick (one resync period) and
+  the failure is visible in `ControllerHealth` (so `/readyz` answers 503) until a pass succeeds again.
 - With several replicas only one acts: leader election on a `coordination.k8s.io/v1` Lease (holderIdentity,
   leaseDurationSeconds, acquireTime, renewTime, leaseTransitions), with client-go's rules: a lease held by
   someone else is taken over only after it went unrenewed for leaseDurationSeconds as measured by our own
   monotonic clock (no trust in other machines' clocks), every write is guarded by the resourceVersion read,
-  and a leader that cannot renew in time stops acting before its lease could be taken.
+  and a leader that cannot renew in time stops acting before its lease could be taken. The Lease lives in
+  the cluster, so a Redis outage never costs the leadership.
 
-Level-based: each pass re-reads the watch-fed cache and the drain store and writes only what differs, so a
-missed event costs at most one resync period. Start it with ``run_controller(service, kube, identity=...,
+What kopf does here and what it does not:
+- kopf (https://kopf.dev) runs the watch of DrainRequests, one timer per object (`interval=resync_s`) that
+  calls `DrainRequestHandlers.tick`, the deletion handler behind our finalizer, status patches on the
+  status subresource, retries with backoff and the stop path. It talks to the API server with its own
+  aiohttp client, logged in with the same credentials as our `Kube` (`Kube.credentials`).
+- kopf's own peering cannot elect a leader among identical replicas: peers of equal priority "issue a
+  warning and freeze, leaving the cluster unserved" (docs.kopf.dev/en/latest/peering), and a Deployment's
+  replicas share one priority. So kopf runs `standalone` (no peering objects) and only on the replica that
+  holds our Lease (`LeaderElector`, kept from before); losing the Lease stops kopf before anyone may take
+  over. kopf's progress and diff-base annotations use our prefix (`drainctl.io/`), its finalizer is ours.
+- Resource scanning is off (no CRD watch, no cluster-wide CRD permission): the controller checks that the
+  DrainRequest CRD is served before starting kopf, and reports a missing CRD as a readiness problem.
+
+Level-based: each tick re-reads the object and the drain store and writes only what differs, so a missed
+event costs at most one resync period. Start it with ``run_controller(service, kube, identity=...,
 stop=event)`` beside the HTTP API; it returns after `stop` is set, releasing the lease.
 """
 
@@ -23,16 +39,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import kopf
 import structlog
+from redis.exceptions import RedisError
 
 from orchestrator import keys
 from orchestrator import kube as k
@@ -53,20 +72,18 @@ SPEC_FIELDS = {"nodes": "nodes", "maxParallelNodes": "max_parallel_nodes", "orde
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
-@dataclass(frozen=True)
-class _StatusOf(k.Kind):
-    """The /status subresource of a kind: on a resource with a status subresource, only writes there change
-    status (the API server drops status from writes to the main resource)."""
-
-    def path(self, namespace: str | None = None, name: str | None = None, sub: str | None = None) -> str:
-        return super().path(namespace, name, "status")
-
-
-def status_subresource(kind: k.Kind) -> k.Kind:
-    return _StatusOf(kind.plural, kind.group, kind.version, kind.namespaced)
-
-
-DRAINREQUEST_STATUS = status_subresource(k.DRAINREQUESTS)
+KOPF_GRANTS: tuple[tuple[str, str, str], ...] = (
+    (k.DRAINREQUESTS.group, k.DRAINREQUESTS.plural, "list"),
+    (k.DRAINREQUESTS.group, k.DRAINREQUESTS.plural, "watch"),
+    (k.DRAINREQUESTS.group, k.DRAINREQUESTS.plural, "patch"),
+    (k.DRAINREQUESTS.group, f"{k.DRAINREQUESTS.plural}/status", "patch"),
+    ("", "events", "create"),
+)
+"""(api group, resource, verb) of the calls kopf makes for us: list+watch DrainRequests, patch their
+finalizers and annotations, patch their status, post Events about handler failures."""
+RETRYABLE = (k.KubeError, RedisError, OSError)
+"""A pass that fails with one of these is retried at the next tick (a non-retryable KubeError included: the
+object may change, and a stuck object must stay visible in the health)."""
 
 
 def micro_time(at: float | None = None) -> str:
@@ -225,82 +242,110 @@ def status_from_view(view: DrainView, *, generation: int | None) -> Obj:
     return status
 
 
-class DrainRequestController:
-    """Reconciles every DrainRequest in the cluster against the drain store. Run `run()` while leader."""
+@dataclass
+class ControllerHealth:
+    """What `/readyz` reads: the controller's role and what keeps it from doing its job right now."""
 
-    def __init__(self, service: DrainService, kube: k.Kube, *, resync_s: float = 1.0) -> None:
+    role: str = "starting"
+    """starting, standby (another replica leads), leading, stopped."""
+    problems: dict[str, str] = field(default_factory=dict)
+
+    def report(self, key: str, problem: str | None) -> None:
+        if problem is None:
+            self.problems.pop(key, None)
+        else:
+            self.problems[key] = problem
+
+    @property
+    def ok(self) -> bool:
+        return self.role in ("standby", "leading") and not self.problems
+
+    def describe(self) -> str:
+        if self.ok:
+            return "ok" if self.role == "leading" else "ok (standby)"
+        return "; ".join([f"{self.role}", *(f"{key}: {text}" for key, text in sorted(self.problems.items()))])
+
+
+class DrainRequestHandlers:
+    """The kopf handlers: a timer per DrainRequest that submits and mirrors, and the deletion handler."""
+
+    def __init__(self, service: DrainService, *, health: ControllerHealth) -> None:
         self.service = service
-        self.kube = kube
-        self.resync_s = resync_s
-        self.cache: dict[str, Obj] = {}
-        self.deleted: dict[str, Obj] = {}
+        self.health = health
         self.conflict_retry_s = 10.0
         self._not_before: dict[str, float] = {}
         """uid -> monotonic time before which a DrainRequest waiting for busy nodes is not submitted again."""
-        self._wake = asyncio.Event()
-        self._synced = asyncio.Event()
 
-    # ------------------------------------------------------------------------------------------- watch
-    async def _on_list(self, items: list[Obj]) -> None:
-        fresh = {o["metadata"]["uid"]: o for o in items}
-        for uid, obj in self.cache.items():
-            if uid not in fresh:
-                self.deleted[uid] = obj
-        self.cache = fresh
-        self._synced.set()
-        self._wake.set()
-
-    async def _on_event(self, etype: str, obj: Obj) -> None:
-        uid = obj["metadata"]["uid"]
-        if etype == "DELETED":
-            self.cache.pop(uid, None)
-            self.deleted[uid] = obj
-        else:
-            self.cache[uid] = obj
-        self._wake.set()
-
-    async def _watch(self) -> None:
-        while True:
-            try:
-                await self.kube.watch(k.DRAINREQUESTS, on_list=self._on_list, on_event=self._on_event)
-            except k.NotFound:
-                log.warning("drainrequests.crd_missing", hint="kubectl apply -f k8s/crd-drainrequest.yaml")
-                await asyncio.sleep(10.0)
-
-    # ------------------------------------------------------------------------------------------ loop
-    async def run(self) -> None:
-        """Watch and reconcile until cancelled."""
-        watch = asyncio.create_task(self._watch(), name="drainrequest-watch")
-        try:
-            while True:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.resync_s):
-                        await self._wake.wait()
-                self._wake.clear()
-                if watch.done():
-                    watch.result()
-                if self._synced.is_set():
-                    await self.reconcile_all()
-        finally:
-            watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watch
-
-    async def reconcile_all(self) -> None:
-        for uid, obj in list(self.deleted.items()):
-            await self._guard(obj, self.on_deleted)
-            self.deleted.pop(uid, None)
-        for obj in list(self.cache.values()):
-            await self._guard(obj, self.reconcile)
-
-    async def _guard(self, obj: Obj, step: Callable[[Obj], Any]) -> None:
-        """One object's failure (cluster or Redis unavailable) must not stop the others; the next pass retries."""
+    # ------------------------------------------------------------------------------------------ kopf entry
+    async def tick(self, body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        obj: Obj = dict(body)
         meta = obj.get("metadata") or {}
         try:
-            await step(obj)
-        except (k.KubeError, OSError, ConnectionError) as exc:
+            status = await self.reconcile(obj)
+        except RETRYABLE as exc:
+            self.health.report(f"drainrequest {meta.get('namespace')}/{meta.get('name')}", f"retrying: {exc}")
             log.warning("drainrequest.retry", name=meta.get("name"), namespace=meta.get("namespace"),
-                        error=str(exc))
+                        error=str(exc) or type(exc).__name__)
+            return
+        self.health.report(f"drainrequest {meta.get('namespace')}/{meta.get('name')}", None)
+        if status is not None:
+            patch["status"] = status
+
+    async def deleted(self, body: kopf.Body, **_: Any) -> None:
+        obj: Obj = dict(body)
+        meta = obj.get("metadata") or {}
+        self.health.report(f"drainrequest {meta.get('namespace')}/{meta.get('name')}", None)
+        self._not_before.pop(str(meta.get("uid")), None)
+        try:
+            await self._cancel(obj)
+        except RETRYABLE as exc:
+            # kopf keeps the finalizer and calls us again: the cancel is not lost.
+            raise kopf.TemporaryError(f"cancelling the drain: {exc}", delay=1.0) from exc
+
+    # ------------------------------------------------------------------------------------------ reconcile
+    async def reconcile(self, obj: Obj) -> Obj | None:
+        """The status the object should have now, or None when it has it already."""
+        meta = obj["metadata"]
+        status = obj.get("status") or {}
+        final = status.get("phase") in FINAL_DRAIN
+        if final and not status.get("drainId"):
+            return None  # refused or invalid: nothing runs, nothing to mirror
+        drain_id = status.get("drainId")
+        if not drain_id:
+            return _changed(status, await self._submit(obj))
+        if final:
+            return None
+        try:
+            view = await self.service.get(str(drain_id))
+        except DrainNotFound:
+            return _changed(status, {"phase": DrainPhase.FAILED.value, "drainId": drain_id,
+                                     "message": f"drain {drain_id} is no longer recorded in Redis"})
+        log.debug("drainrequest.synced", name=meta["name"], namespace=meta.get("namespace"), drain_id=drain_id,
+                  phase=view.drain["phase"])
+        return _changed(status, status_from_view(view, generation=meta.get("generation")))
+
+    async def _submit(self, obj: Obj) -> Obj | None:
+        meta = obj["metadata"]
+        generation = meta.get("generation")
+        if time.monotonic() < self._not_before.get(meta["uid"], 0.0):
+            return None
+        try:
+            request = request_from_spec(obj.get("spec") or {})
+        except ValueError as exc:
+            return {"phase": DrainPhase.FAILED.value, "message": f"invalid: {exc}", "observedGeneration": generation}
+        try:
+            record, created = await self.service.submit(request, idempotency_key=meta["uid"], source=SOURCE)
+        except PlanError as exc:
+            return {"phase": DrainPhase.FAILED.value, "observedGeneration": generation,
+                    "message": "refused by the planner: " + "; ".join(exc.problems)}
+        except NodeConflict as exc:
+            # Submitting plans against a fresh snapshot first; retrying that every tick would hammer the API.
+            self._not_before[meta["uid"]] = time.monotonic() + self.conflict_retry_s
+            return {"phase": DrainPhase.PENDING.value, "observedGeneration": generation,
+                    "message": f"waiting: {exc}"}
+        log.info("drainrequest.submitted", name=meta["name"], namespace=meta.get("namespace"),
+                 drain_id=record["id"], created=created)
+        return status_from_view(await self.service.get(record["id"]), generation=generation)
 
     async def _drain_id(self, obj: Obj) -> str | None:
         found = (obj.get("status") or {}).get("drainId")
@@ -321,114 +366,84 @@ class DrainRequestController:
         log.info("drainrequest.cancelled", name=meta.get("name"), namespace=meta.get("namespace"),
                  drain_id=drain_id, phase=record.get("phase"))
 
-    async def on_deleted(self, obj: Obj) -> None:
-        await self._cancel(obj)
 
-    async def reconcile(self, obj: Obj) -> None:
-        meta = obj["metadata"]
-        name, ns = meta["name"], meta.get("namespace") or "default"
-        status = obj.get("status") or {}
-        finalizers = list(meta.get("finalizers") or [])
-        if meta.get("deletionTimestamp"):
-            if FINALIZER in finalizers:
-                await self._cancel(obj)
-                await self._write_meta(obj, finalizers=[f for f in finalizers if f != FINALIZER])
-            return
-        final = status.get("phase") in FINAL_DRAIN
-        if final and not status.get("drainId"):
-            return  # refused or invalid: nothing runs, nothing to mirror
-        if not final and FINALIZER not in finalizers:
-            obj = await self._write_meta(obj, finalizers=[*finalizers, FINALIZER])
-        drain_id = status.get("drainId")
-        if not drain_id:
-            await self._submit(obj)
-            return
-        if final:
-            return
-        try:
-            view = await self.service.get(str(drain_id))
-        except DrainNotFound:
-            await self._set_status(obj, {"phase": DrainPhase.FAILED.value, "drainId": drain_id,
-                                         "message": f"drain {drain_id} is no longer recorded in Redis"})
-            return
-        await self._set_status(obj, status_from_view(view, generation=meta.get("generation")))
-        log.debug("drainrequest.synced", name=name, namespace=ns, drain_id=drain_id, phase=view.drain["phase"])
+def _changed(current: Obj, status: Obj | None) -> Obj | None:
+    """`status` without its None values, or None when `current` already has every one of them."""
+    if status is None:
+        return None
+    wanted = {key: value for key, value in status.items() if value is not None}
+    if all(current.get(key) == value for key, value in wanted.items()):
+        return None
+    return wanted
 
-    async def _submit(self, obj: Obj) -> None:
-        meta = obj["metadata"]
-        generation = meta.get("generation")
-        if time.monotonic() < self._not_before.get(meta["uid"], 0.0):
-            return
-        try:
-            request = request_from_spec(obj.get("spec") or {})
-        except ValueError as exc:
-            await self._set_status(obj, {"phase": DrainPhase.FAILED.value, "message": f"invalid: {exc}",
-                                         "observedGeneration": generation})
-            return
-        try:
-            record, created = await self.service.submit(request, idempotency_key=meta["uid"], source=SOURCE)
-        except PlanError as exc:
-            await self._set_status(obj, {"phase": DrainPhase.FAILED.value, "observedGeneration": generation,
-                                         "message": "refused by the planner: " + "; ".join(exc.problems)})
-            return
-        except NodeConflict as exc:
-            # Submitting plans against a fresh snapshot first; retrying that every pass would hammer the API.
-            self._not_before[meta["uid"]] = time.monotonic() + self.conflict_retry_s
-            await self._set_status(obj, {"phase": DrainPhase.PENDING.value, "observedGeneration": generation,
-                                         "message": f"waiting: {exc}"})
-            return
-        log.info("drainrequest.submitted", name=meta["name"], namespace=meta.get("namespace"),
-                 drain_id=record["id"], created=created)
-        view = await self.service.get(record["id"])
-        await self._set_status(obj, status_from_view(view, generation=generation))
 
-    async def _write_meta(self, obj: Obj, *, finalizers: list[str]) -> Obj:
-        meta = obj["metadata"]
-        patch = {"metadata": {"resourceVersion": meta.get("resourceVersion"), "finalizers": finalizers or None}}
-        updated = await self.kube.patch(k.DRAINREQUESTS, meta["name"], patch, meta.get("namespace"))
-        self.cache[meta["uid"]] = updated
-        return updated
+def kopf_settings() -> kopf.OperatorSettings:
+    settings = kopf.OperatorSettings()
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="drainctl.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="drainctl.io")
+    settings.scanning.disabled = True
+    settings.posting.level = logging.WARNING  # Events for handler failures only, not one per tick
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    return settings
 
-    async def _set_status(self, obj: Obj, status: Obj) -> None:
-        current = obj.get("status") or {}
-        wanted = {key: value for key, value in status.items() if value is not None}
-        if all(current.get(key) == value for key, value in wanted.items()):
-            return
-        meta = obj["metadata"]
-        updated = await self.kube.patch(DRAINREQUEST_STATUS, meta["name"], {"status": wanted}, meta.get("namespace"))
-        if meta["uid"] in self.cache:
-            self.cache[meta["uid"]] = updated
+
+def kopf_registry(handlers: DrainRequestHandlers, kube: k.Kube, *, resync_s: float) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    resource = (k.DRAINREQUESTS.group, k.DRAINREQUESTS.version, k.DRAINREQUESTS.plural)
+
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        cred = kube.credentials()
+        return kopf.ConnectionInfo(server=cred.server, token=cred.token, ca_path=cred.ca_file,
+                                   certificate_path=cred.cert_file, private_key_path=cred.key_file,
+                                   insecure=not cred.verify_ssl)
+
+    kopf.on.login(registry=registry)(login)
+    kopf.timer(*resource, interval=resync_s, registry=registry)(handlers.tick)
+    kopf.on.delete(*resource, registry=registry)(handlers.deleted)
+    return registry
 
 
 # ================================================================================================== run
 async def run_controller(service: DrainService, kube: k.Kube, *, identity: str, stop: asyncio.Event,
                          namespace: str | None = None, lease_name: str = LEASE_NAME, lease_duration_s: float = 15.0,
-                         renew_every_s: float = 5.0, retry_every_s: float = 2.0, resync_s: float = 1.0) -> None:
-    """Campaign for the lease; while holding it, reconcile DrainRequests. Returns once `stop` is set."""
+                         renew_every_s: float = 5.0, retry_every_s: float = 2.0, resync_s: float = 1.0,
+                         health: ControllerHealth | None = None) -> None:
+    """Campaign for the lease; while holding it, run kopf. Returns once `stop` is set, lease released."""
     renew_deadline_s = lease_duration_s * 2 / 3
     if not 0 < renew_every_s < renew_deadline_s:
         raise ValueError(f"renew_every_s: {renew_every_s} must be positive and below 2/3 of lease_duration_s "
                          f"({renew_deadline_s:.1f})")
+    health = health if health is not None else ControllerHealth()
     elector = LeaderElector(kube, identity=identity, namespace=namespace or default_namespace(), name=lease_name,
                             lease_duration_s=lease_duration_s)
+    handlers = DrainRequestHandlers(service, health=health)
     try:
         while not stop.is_set():
-            if await _attempt(elector):
-                await _lead(service, kube, elector, stop=stop, renew_every_s=renew_every_s,
-                            renew_deadline_s=renew_deadline_s, resync_s=resync_s)
+            if await _attempt(elector, health):
+                health.role = "leading"
+                await _lead(handlers, kube, elector, health, stop=stop, renew_every_s=renew_every_s,
+                            renew_deadline_s=renew_deadline_s, resync_s=resync_s, retry_every_s=retry_every_s)
             else:
+                health.role = "standby"
+                health.problems.clear()
                 await _wait(stop, retry_every_s)
     finally:
+        health.role = "stopped"
         with contextlib.suppress(k.KubeError):
             await elector.release()
 
 
-async def _attempt(elector: LeaderElector) -> bool:
+async def _attempt(elector: LeaderElector, health: ControllerHealth) -> bool:
     try:
-        return await elector.try_acquire_or_renew()
+        won = await elector.try_acquire_or_renew()
     except k.KubeError as exc:
         log.warning("leader.error", identity=elector.identity, error=str(exc))
-        return False
+        health.report("lease", f"cannot reach the Lease: {exc}")
+        return elector.is_leader
+    health.report("lease", None)
+    return won
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
@@ -437,19 +452,49 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
             await stop.wait()
 
 
-async def _lead(service: DrainService, kube: k.Kube, elector: LeaderElector, *, stop: asyncio.Event,
-                renew_every_s: float, renew_deadline_s: float, resync_s: float) -> None:
-    """Reconcile while the lease is ours; stop as soon as renewing failed for too long."""
-    controller = DrainRequestController(service, kube, resync_s=resync_s)
-    task = asyncio.create_task(controller.run(), name=f"drainrequest-controller:{elector.identity}")
+async def _crd_served(kube: k.Kube, health: ControllerHealth) -> bool:
+    try:
+        await kube.list(k.DRAINREQUESTS)
+    except k.NotFound:
+        health.report("crd", "the DrainRequest CRD is not installed (kubectl apply -f k8s/crd-drainrequest.yaml, "
+                             "or run the API with --no-controller)")
+        log.warning("drainrequests.crd_missing", hint="kubectl apply -f k8s/crd-drainrequest.yaml")
+        return False
+    except k.KubeError as exc:
+        health.report("crd", f"cannot list DrainRequests: {exc}")
+        return False
+    health.report("crd", None)
+    return True
+
+
+async def _lead(handlers: DrainRequestHandlers, kube: k.Kube, elector: LeaderElector, health: ControllerHealth, *,
+                stop: asyncio.Event, renew_every_s: float, renew_deadline_s: float, resync_s: float,
+                retry_every_s: float) -> None:
+    """Run kopf while the lease is ours; stop it as soon as renewing failed for too long. A kopf that ends on
+    its own is started again (after `retry_every_s`) as long as we lead."""
+    kopf_stop, ready = asyncio.Event(), asyncio.Event()
+    operator: asyncio.Task[None] | None = None
     try:
         while not stop.is_set():
-            await _wait(stop, renew_every_s)
+            if operator is None and await _crd_served(kube, health):
+                kopf_stop, ready = asyncio.Event(), asyncio.Event()
+                operator = asyncio.create_task(
+                    kopf.operator(registry=kopf_registry(handlers, kube, resync_s=resync_s),
+                                  settings=kopf_settings(), standalone=True, clusterwide=True,
+                                  stop_flag=kopf_stop, ready_flag=ready),
+                    name=f"drainrequest-controller:{elector.identity}")
+            health.report("kopf", None if operator is not None and ready.is_set() else "starting")
+            await _wait(stop, min(renew_every_s, retry_every_s) if operator is None or not ready.is_set()
+                        else renew_every_s)
             if stop.is_set():
                 break
-            if task.done():
-                task.result()  # a crashed reconciler surfaces here instead of dying silently
-            renewed = await _attempt(elector)
+            if operator is not None and operator.done():
+                error = None if operator.cancelled() else operator.exception()
+                log.error("controller.kopf_ended", identity=elector.identity, error=repr(error))
+                health.report("kopf", f"ended: {error!r}; restarting")
+                operator = None
+                await _wait(stop, retry_every_s)
+            renewed = await _attempt(elector, health)
             # Step down before anyone else may take the lease: they wait a full lease duration after the last
             # renew they saw, we stop after the (shorter) renew deadline since our last successful renew.
             last = elector.last_renewed
@@ -457,6 +502,14 @@ async def _lead(service: DrainService, kube: k.Kube, elector: LeaderElector, *, 
                 log.warning("leader.lost", identity=elector.identity)
                 break
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        health.report("kopf", None)
+        if operator is not None:
+            kopf_stop.set()
+            try:
+                await asyncio.wait_for(operator, 15)
+            except (TimeoutError, asyncio.CancelledError):
+                operator.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await operator
+            except Exception as exc:  # a failing kopf while stopping is logged, not raised
+                log.warning("controller.kopf_stop_failed", error=repr(exc))
