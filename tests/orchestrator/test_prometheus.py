@@ -25,7 +25,7 @@ def test_settings_read_the_prometheus_url_and_token() -> None:
     assert settings.connection.prometheus_token == "t"
     assert "'t'" not in repr(settings)  # the token is not printed
     assert Settings.from_env({}).connection.prometheus_url is None
-    with pytest.raises(SettingsError, match="DRAIN_PROMETHEUS_URL: .*must be an http:// or https:// URL"):
+    with pytest.raises(SettingsError, match=r"DRAIN_PROMETHEUS_URL: .*must be an http:// or https:// URL"):
         Settings.from_env({"DRAIN_PROMETHEUS_URL": "thanos:9091"})
     overridden = Settings.from_env({"DRAIN_PROMETHEUS_URL": "http://a:1"}, prometheus_url="http://b:2")
     assert overridden.connection.prometheus_url == "http://b:2"

@@ -60,7 +60,7 @@ def test_selector_matching(query: str, labels: dict[str, str], expected: bool) -
     ("1 + 1", "unexpected character"),
 ])
 def test_selector_errors(query: str, message: str) -> None:
-    with pytest.raises(PromQLError, match=None) as info:
+    with pytest.raises(PromQLError) as info:
         parse_selector(query)
     assert message in str(info.value)
 
@@ -207,7 +207,7 @@ async def test_bad_queries_get_prometheus_error_json(hostile: RunningCluster) ->
     assert status == 400 and "exceeded maximum resolution" in body["error"]
     status, _, body = await _get(hostile, "/api/v1/query", query="up")
     assert (status, body) == (200, {"status": "success", "data": {"resultType": "vector", "result": []}})
-    status, text, _ = await _get(hostile, "/api/v1/nothing")
+    status, _, _ = await _get(hostile, "/api/v1/nothing")
     assert status == 404
 
 
