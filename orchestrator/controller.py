@@ -55,10 +55,10 @@ from redis.exceptions import RedisError
 
 from orchestrator import keys
 from orchestrator import kube as k
-from orchestrator.model import DrainPhase, DrainRequest
+from orchestrator.model import DrainPhase, DrainRequest, VmPhase, VmVerdict
 from orchestrator.planner import PlanError
 from orchestrator.service import DrainService, NodeConflict
-from orchestrator.store import FINAL_DRAIN, FINAL_VM, DrainNotFound, DrainView
+from orchestrator.store import DrainNotFound, DrainView
 
 log = structlog.get_logger("orchestrator.controller")
 
@@ -69,6 +69,7 @@ SOURCE = "drainrequest"
 SPEC_FIELDS = {"nodes": "nodes", "maxParallelNodes": "max_parallel_nodes", "order": "order",
                "nonMigratable": "non_migratable", "maxAttempts": "max_attempts"}
 """DrainRequest spec field -> DrainRequest (model) field."""
+FINAL_PHASES = frozenset(p.value for p in DrainPhase if p.is_final)
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
@@ -219,24 +220,24 @@ def status_from_view(view: DrainView, *, generation: int | None) -> Obj:
     """The DrainRequest status that mirrors one drain."""
     drain = view.drain
     nodes = []
-    for name, node in sorted(view.nodes.items(), key=lambda kv: int(kv[1].get("index", 0))):
-        mine = [vm for vm in view.vms.values() if vm.get("node") == name]
-        nodes.append({"name": name, "phase": node.get("phase"), "message": node.get("message") or "",
-                      "vms": len(mine), "migrated": sum(1 for vm in mine if vm.get("phase") == "Succeeded"),
-                      "failed": sum(1 for vm in mine if vm.get("phase") == "Failed")})
-    to_move = [vm for vm in view.vms.values() if vm.get("verdict") == "Migrate"]
-    done = sum(1 for vm in to_move if vm.get("phase") == "Succeeded")
+    for node in view.nodes_in_order():
+        mine = view.vms_on(node.node)
+        nodes.append({"name": node.node, "phase": node.phase.value, "message": node.message or "",
+                      "vms": len(mine), "migrated": sum(1 for vm in mine if vm.phase is VmPhase.SUCCEEDED),
+                      "failed": sum(1 for vm in mine if vm.phase is VmPhase.FAILED)})
+    to_move = [vm for vm in view.vms.values() if vm.verdict is VmVerdict.MIGRATE]
+    done = sum(1 for vm in to_move if vm.phase is VmPhase.SUCCEEDED)
     status: Obj = {
-        "phase": drain.get("phase"), "drainId": drain.get("id"), "message": drain.get("message") or "",
+        "phase": drain.phase.value, "drainId": drain.id, "message": drain.message or "",
         "nodes": nodes,
         "progress": f"{done}/{len(to_move)} VMs",
         "vms": {"total": len(view.vms), "migrated": done,
-                "failed": sum(1 for vm in view.vms.values() if vm.get("phase") == "Failed"),
-                "open": sum(1 for vm in view.vms.values() if vm.get("phase") not in FINAL_VM)},
-        "startedAt": _rfc3339(drain.get("started_at")), "finishedAt": _rfc3339(drain.get("finished_at")),
+                "failed": sum(1 for vm in view.vms.values() if vm.phase is VmPhase.FAILED),
+                "open": sum(1 for vm in view.vms.values() if not vm.phase.is_final)},
+        "startedAt": _rfc3339(drain.started_at), "finishedAt": _rfc3339(drain.finished_at),
     }
-    if isinstance(drain.get("estimate_s"), int | float):
-        status["estimateSeconds"] = round(float(drain["estimate_s"]))
+    if drain.estimate_s is not None:
+        status["estimateSeconds"] = round(drain.estimate_s)
     if generation is not None:
         status["observedGeneration"] = generation
     return status
@@ -307,7 +308,7 @@ class DrainRequestHandlers:
         """The status the object should have now, or None when it has it already."""
         meta = obj["metadata"]
         status = obj.get("status") or {}
-        final = status.get("phase") in FINAL_DRAIN
+        final = status.get("phase") in FINAL_PHASES
         if final and not status.get("drainId"):
             return None  # refused or invalid: nothing runs, nothing to mirror
         drain_id = status.get("drainId")
@@ -321,7 +322,7 @@ class DrainRequestHandlers:
             return _changed(status, {"phase": DrainPhase.FAILED.value, "drainId": drain_id,
                                      "message": f"drain {drain_id} is no longer recorded in Redis"})
         log.debug("drainrequest.synced", name=meta["name"], namespace=meta.get("namespace"), drain_id=drain_id,
-                  phase=view.drain["phase"])
+                  phase=view.drain.phase.value)
         return _changed(status, status_from_view(view, generation=meta.get("generation")))
 
     async def _submit(self, obj: Obj) -> Obj | None:
@@ -344,8 +345,8 @@ class DrainRequestHandlers:
             return {"phase": DrainPhase.PENDING.value, "observedGeneration": generation,
                     "message": f"waiting: {exc}"}
         log.info("drainrequest.submitted", name=meta["name"], namespace=meta.get("namespace"),
-                 drain_id=record["id"], created=created)
-        return status_from_view(await self.service.get(record["id"]), generation=generation)
+                 drain_id=record.id, created=created)
+        return status_from_view(await self.service.get(record.id), generation=generation)
 
     async def _drain_id(self, obj: Obj) -> str | None:
         found = (obj.get("status") or {}).get("drainId")
@@ -364,7 +365,7 @@ class DrainRequestHandlers:
             return
         meta = obj["metadata"]
         log.info("drainrequest.cancelled", name=meta.get("name"), namespace=meta.get("namespace"),
-                 drain_id=drain_id, phase=record.get("phase"))
+                 drain_id=drain_id, phase=record.phase.value)
 
 
 def _changed(current: Obj, status: Obj | None) -> Obj | None:

@@ -27,7 +27,6 @@ What it does not do:
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -39,14 +38,15 @@ from redis.asyncio import Redis
 
 from orchestrator import keys
 from orchestrator import kube as k
-from orchestrator.model import DrainPhase, NodePhase
+from orchestrator.model import DrainPhase, DrainRequest, NodePhase
+from orchestrator.records import DrainRecord, NodeRecord
+from orchestrator.store import DrainStore
+from orchestrator.view import NODE_DRAIN_ANNOTATION, NODE_DRAINED_ANNOTATION
 
 log = structlog.get_logger("orchestrator.epoch")
 
-DRAIN_ANNOTATION = "drainctl.io/drain-id"
-"""On a node: the drain that cordoned it (written by the plan job, kept after the node is drained)."""
-DRAINED_ANNOTATION = "drainctl.io/drained-at"
-"""On a node: when its drain finished it."""
+DRAIN_ANNOTATION = NODE_DRAIN_ANNOTATION
+DRAINED_ANNOTATION = NODE_DRAINED_ANNOTATION
 LOST_SOURCE = "recovered"
 LOST_REPORT_TTL_S = 30 * 86_400
 
@@ -113,20 +113,17 @@ async def find_lost_drains(redis: Any, kube: k.Kube) -> list[LostDrain]:
     return lost
 
 
-def lost_drain_record(lost: LostDrain, *, now: float) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+def lost_drain_record(lost: LostDrain, *, now: float) -> tuple[DrainRecord, dict[str, NodeRecord]]:
     """The drain record (phase Failed) and node records that stand for a lost drain in the store."""
-    drain = {
-        "id": lost.drain_id, "phase": DrainPhase.FAILED.value, "message": lost.message, "source": LOST_SOURCE,
-        "created_at": now, "updated_at": now, "started_at": None, "finished_at": now,
-        "request": {"nodes": [n.name for n in lost.nodes]}, "estimate_s": None, "warnings": [],
-        "lost": {"detected_at": now, "nodes": [n.name for n in lost.nodes],
-                 "running_vmims": list(lost.running_vmims)},
-    }
+    request = DrainRequest.from_json({"nodes": [n.name for n in lost.nodes]})
+    drain = DrainRecord(id=lost.drain_id, phase=DrainPhase.FAILED, message=lost.message, source=LOST_SOURCE,
+                        created_at=now, finished_at=now, request=request.to_json())
     nodes = {
-        n.name: {"node": n.name, "index": i, "wave": 0, "vms": 0,
-                 "phase": NodePhase.DRAINED.value if n.drained_at else NodePhase.FAILED.value,
-                 "message": (f"drained at {n.drained_at}; the drain's records were lost; still cordoned"
-                             if n.drained_at else "left cordoned by a drain whose records were lost")}
+        n.name: NodeRecord(
+            node=n.name, index=i, finished_at=now,
+            phase=NodePhase.DRAINED if n.drained_at else NodePhase.FAILED,
+            message=(f"drained at {n.drained_at}; the drain's records were lost; still cordoned"
+                     if n.drained_at else "left cordoned by a drain whose records were lost"))
         for i, n in enumerate(lost.nodes)
     }
     return drain, nodes
@@ -140,18 +137,11 @@ async def report_lost_drain(redis: Any, kube: k.Kube, lost: LostDrain) -> bool:
     log.error("drain.lost", drain_id=lost.drain_id, nodes=[n.name for n in lost.nodes],
               mid_drain=[n.name for n in lost.nodes if not n.drained_at],
               running_vmims=list(lost.running_vmims), action="left cordoned; drain again or uncordon")
+    store = DrainStore(redis)
     drain, nodes = lost_drain_record(lost, now=now)
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.set(keys.drain_key(lost.drain_id), json.dumps(drain, separators=(",", ":"), sort_keys=True), nx=True)
-        pipe.hset(keys.drain_nodes_key(lost.drain_id),
-                  mapping={name: json.dumps(rec, separators=(",", ":"), sort_keys=True)
-                           for name, rec in nodes.items()})
-        pipe.zadd(keys.DRAINS_INDEX, {lost.drain_id: now})
-        pipe.xadd(keys.drain_events_key(lost.drain_id),
-                  {"event": "drain.lost", "ts": repr(now),
-                   "data": json.dumps({"nodes": [n.name for n in lost.nodes],
-                                       "running_vmims": list(lost.running_vmims)})})
-        await pipe.execute()
+    await store.create(drain, nodes=nodes, vms={})
+    await store.emit(lost.drain_id, "drain.lost", nodes=[n.name for n in lost.nodes],
+                     running_vmims=list(lost.running_vmims), message=lost.message)
     for node in lost.nodes:
         obj = await kube.find(k.NODES, node.name)
         if obj is not None:

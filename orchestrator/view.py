@@ -27,6 +27,10 @@ log = structlog.get_logger("orchestrator.view")
 DRAIN_LABEL = "drainctl.io/drain-id"
 ATTEMPT_LABEL = "drainctl.io/attempt"
 VMI_LABEL = "drainctl.io/vmi"
+NODE_DRAIN_ANNOTATION = DRAIN_LABEL
+"""On a node: the drain that cordoned it (written by the plan job, kept after the node is drained)."""
+NODE_DRAINED_ANNOTATION = "drainctl.io/drained-at"
+"""On a node: when its drain finished it."""
 Obj = dict[str, Any]
 FINAL = ("Succeeded", "Failed")
 

@@ -69,16 +69,16 @@ async def test_a_redis_restart_with_aof_loses_nothing(cluster_env: EnvFactory, k
             cluster_env("small", time_scale=30.0, workers=2, redis_url=server.url) as e:
         service = await e.service()
         record, _ = await service.submit(DrainRequest.from_json({"nodes": [NODE]}))
-        drain_id = record["id"]
+        drain_id = record.id
         await until(lambda: moved(e, 3), timeout_s=90, what="three migrations done")
         await server.restart(down_s=3.0, kill=kill)
 
         async def final() -> bool:
-            return (await service.get(drain_id)).drain["phase"] in ("Succeeded", "Failed", "Cancelled")
+            return (await service.get(drain_id)).drain.phase.is_final
 
         await until(final, timeout_s=150, what="the drain to end")
         view = await service.get(drain_id)
-        assert view.drain["phase"] == "Succeeded", view.drain.get("message")
+        assert view.drain.phase.value == "Succeeded", view.drain.message
         # Ground truth: every VM of the node moved exactly once, never two migrations of one VM at once.
         truth = e.stats()
         moves = collections.Counter(m["vmi"] for m in succeeded_from(e, NODE))
@@ -98,19 +98,20 @@ async def test_a_redis_that_comes_back_empty_is_reported(cluster_env: EnvFactory
             cluster_env("small", time_scale=30.0, workers=2, redis_url=server.url) as e:
         service = await e.service()
         record, _ = await service.submit(DrainRequest.from_json({"nodes": [NODE]}))
-        drain_id = record["id"]
+        drain_id = record.id
         await until(lambda: moved(e, 2), timeout_s=90, what="two migrations done")
         await server.restart(down_s=3.0)
 
         async def reported() -> bool:
-            return (await service.store.find(drain_id) or {}).get("source") == "recovered"
+            found = await service.store.find(drain_id)
+            return found is not None and found.source == "recovered"
 
         await until(reported, timeout_s=60, what="the lost drain to be reported")
         view = await service.get(drain_id)
-        assert view.drain["phase"] == "Failed"
-        assert f"drain {drain_id} was lost" in view.drain["message"] and NODE in view.drain["message"]
-        assert view.nodes[NODE]["phase"] == "Failed" and "cordoned" in view.nodes[NODE]["message"]
-        assert drain_id in [d["id"] for d in await service.list()]
+        assert view.drain.phase.value == "Failed" and view.drain.message is not None
+        assert f"drain {drain_id} was lost" in view.drain.message and NODE in view.drain.message
+        assert view.nodes[NODE].phase.value == "Failed" and "cordoned" in view.nodes[NODE].message
+        assert drain_id in [d.id for d in await service.list()]
         # In the cluster: the node is still cordoned (nothing uncordons it silently) and carries a Warning Event.
         node = await service.kube.get(NODES, NODE)
         assert node["spec"].get("unschedulable") is True
@@ -124,7 +125,7 @@ async def test_a_redis_that_comes_back_empty_is_reported(cluster_env: EnvFactory
         again, _ = await service.submit(DrainRequest.from_json({"nodes": [NODE]}))
 
         async def drained() -> bool:
-            return (await service.get(again["id"])).drain["phase"] == "Succeeded"
+            return (await service.get(again.id)).drain.phase.value == "Succeeded"
 
         await until(drained, timeout_s=150, what="the second drain to succeed")
         moves = collections.Counter(m["vmi"] for m in succeeded_from(e, NODE))
