@@ -27,14 +27,17 @@ What it does not do:
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from orchestrator import keys
 from orchestrator import kube as k
@@ -191,3 +194,18 @@ class EpochGuard:
                 reported.append(lost)
         self._scan_pending = False
         return reported
+
+
+async def check_epoch_forever(guard: EpochGuard, *, every_s: float = 5.0,
+                              report: Callable[[str | None], None] | None = None) -> None:
+    """Run `guard.check()` every `every_s` (one GET), for a supervised task; `report` gets each failure (or
+    None once a check succeeds again). A loss is caught within `every_s` even where no outage was seen."""
+    while True:
+        try:
+            await guard.check()
+            if report is not None:
+                report(None)
+        except (RedisError, OSError, k.KubeError) as exc:
+            if report is not None:
+                report(f"epoch check failed: {exc or type(exc).__name__}")
+        await asyncio.sleep(every_s)

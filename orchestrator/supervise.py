@@ -34,13 +34,23 @@ class Supervisor:
         self._down: dict[str, str] = {}
         self._degraded: dict[str, str] = {}
         self.restarts: dict[str, int] = {}
+        self._graceful: set[str] = set()
 
-    def spawn(self, name: str, run: Runner) -> None:
-        """Run `run()` as task `name` until `stop()`, restarting it whenever it ends."""
+    def spawn(self, name: str, run: Runner, *, until: asyncio.Event | None = None) -> None:
+        """Run `run()` as task `name` until `stop()`, restarting it whenever it ends; a task given `until`
+        may also end on its own once that event is set (its graceful stop path), and is not restarted then."""
         if name in self._tasks:
             raise ValueError(f"{self.owner}: a task named {name!r} is already supervised")
         self.restarts[name] = 0
-        self._tasks[name] = asyncio.create_task(self._keep(name, run), name=f"{self.owner}:{name}")
+        self._tasks[name] = asyncio.create_task(self._keep(name, run, until), name=f"{self.owner}:{name}")
+        if until is not None:
+            self._graceful.add(name)
+
+    async def join(self, timeout_s: float) -> None:
+        """Give tasks that stop on their own (see `until`) up to `timeout_s` to end; `stop()` ends the rest."""
+        pending = [task for name, task in self._tasks.items() if name in self._graceful and not task.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
 
     def degraded(self, name: str, problem: str | None) -> None:
         """A task says it runs but cannot do its job (`problem`), or that it can again (None)."""
@@ -62,13 +72,15 @@ class Supervisor:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def _keep(self, name: str, run: Runner) -> None:
+    async def _keep(self, name: str, run: Runner, until: asyncio.Event | None) -> None:
         loop = asyncio.get_running_loop()
         backoff = self.backoff_s
         while True:
             started = loop.time()
             try:
                 await run()
+                if until is not None and until.is_set():
+                    return
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any failure of a supervised task is logged and restarted

@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 from orchestrator import keys
 from orchestrator import kube as k
 from orchestrator.clock import ScaledClock
-from orchestrator.epoch import EpochGuard
+from orchestrator.epoch import EpochGuard, check_epoch_forever
 from orchestrator.kube import Kube
 from orchestrator.settings import Settings
 from orchestrator.store import DrainStore
@@ -192,22 +192,14 @@ def build_worker(settings: Settings, *, redis: ArqRedis | None = None, kube_fact
         if guard:
             await guard[0].check()
 
-    async def check_epoch_forever() -> None:
-        while True:
-            try:
-                await check_epoch()
-                supervisor.degraded("redis-epoch", None)
-            except (*REDIS_ERRORS, k.KubeError) as exc:
-                supervisor.degraded("redis-epoch", f"epoch check failed: {exc}")
-            await asyncio.sleep(EPOCH_CHECK_EVERY_S)
-
     async def startup(ctx: dict[str, Any]) -> None:
         kube = await factory()
         view = ClusterView(kube)
         await view.start()
         view.listen_for_cancels(ctx["redis"], keys.CANCEL_CHANNEL)
         guard.append(EpochGuard(ctx["redis"], kube, owner="worker"))
-        supervisor.spawn("redis-epoch", check_epoch_forever)
+        supervisor.spawn("redis-epoch", lambda: check_epoch_forever(
+            guard[0], every_s=EPOCH_CHECK_EVERY_S, report=lambda problem: supervisor.degraded("redis-epoch", problem)))
         ctx.update(settings=settings, kube=kube, view=view, store=DrainStore(ctx["redis"]),
                    semaphore=RedisSemaphore(ctx["redis"], lease_ttl_s=settings.timeouts.lease_ttl_s),
                    clock=ScaledClock(settings.time_scale))
