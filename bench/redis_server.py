@@ -63,6 +63,7 @@ class RedisServer:
     async def start(self, *, timeout_s: float = 15.0) -> None:
         if self.proc is not None and self.proc.poll() is None:
             return
+        self.workdir.mkdir(parents=True, exist_ok=True)
         # Popen returns at once; the server's readiness is awaited below without blocking the loop.
         self.proc = subprocess.Popen(self._argv(), stdout=subprocess.DEVNULL,  # noqa: ASYNC220
                                      stderr=subprocess.DEVNULL, start_new_session=True)

@@ -27,6 +27,9 @@ What kopf does here and what it does not:
   replicas share one priority. So kopf runs `standalone` (no peering objects) and only on the replica that
   holds our Lease (`LeaderElector`, kept from before); losing the Lease stops kopf before anyone may take
   over. kopf's progress and diff-base annotations use our prefix (`drainctl.io/`), its finalizer is ours.
+- kopf runs in a thread of its own, with its own event loop, Redis pool and cluster connection: when it stops
+  it cancels every task of its loop that it did not find at its start ("there is no way to trace who spawned
+  what", kopf/_core/reactor/running.py), which in the API's loop would be request handlers and event streams.
 - Resource scanning is off (no CRD watch, no cluster-wide CRD permission): the controller checks that the
   DrainRequest CRD is served before starting kopf, and reports a missing CRD as a readiness problem.
 
@@ -42,6 +45,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +55,7 @@ from typing import Any
 
 import kopf
 import structlog
+from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
 from orchestrator import keys
@@ -58,6 +63,7 @@ from orchestrator import kube as k
 from orchestrator.model import DrainPhase, DrainRequest, VmPhase, VmVerdict
 from orchestrator.planner import PlanError
 from orchestrator.service import DrainService, NodeConflict
+from orchestrator.settings import Settings
 from orchestrator.store import DrainNotFound, DrainView
 
 log = structlog.get_logger("orchestrator.controller")
@@ -245,26 +251,36 @@ def status_from_view(view: DrainView, *, generation: int | None) -> Obj:
 
 @dataclass
 class ControllerHealth:
-    """What `/readyz` reads: the controller's role and what keeps it from doing its job right now."""
+    """What `/readyz` reads: the controller's role and what keeps it from doing its job right now. Written from
+    kopf's thread and the API's loop, hence the lock."""
 
     role: str = "starting"
     """starting, standby (another replica leads), leading, stopped."""
     problems: dict[str, str] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def report(self, key: str, problem: str | None) -> None:
-        if problem is None:
-            self.problems.pop(key, None)
-        else:
-            self.problems[key] = problem
+        with self._lock:
+            if problem is None:
+                self.problems.pop(key, None)
+            else:
+                self.problems[key] = problem
+
+    def clear(self) -> None:
+        with self._lock:
+            self.problems.clear()
 
     @property
     def ok(self) -> bool:
-        return self.role in ("standby", "leading") and not self.problems
+        with self._lock:
+            return self.role in ("standby", "leading") and not self.problems
 
     def describe(self) -> str:
         if self.ok:
             return "ok" if self.role == "leading" else "ok (standby)"
-        return "; ".join([f"{self.role}", *(f"{key}: {text}" for key, text in sorted(self.problems.items()))])
+        with self._lock:
+            problems = sorted(self.problems.items())
+        return "; ".join([f"{self.role}", *(f"{key}: {text}" for key, text in problems)])
 
 
 class DrainRequestHandlers:
@@ -411,7 +427,8 @@ async def run_controller(service: DrainService, kube: k.Kube, *, identity: str, 
                          namespace: str | None = None, lease_name: str = LEASE_NAME, lease_duration_s: float = 15.0,
                          renew_every_s: float = 5.0, retry_every_s: float = 2.0, resync_s: float = 1.0,
                          health: ControllerHealth | None = None) -> None:
-    """Campaign for the lease; while holding it, run kopf. Returns once `stop` is set, lease released."""
+    """Campaign for the lease; while holding it, run kopf (in its own thread, with connections of its own made
+    from `service.settings`). Returns once `stop` is set, lease released."""
     renew_deadline_s = lease_duration_s * 2 / 3
     if not 0 < renew_every_s < renew_deadline_s:
         raise ValueError(f"renew_every_s: {renew_every_s} must be positive and below 2/3 of lease_duration_s "
@@ -419,16 +436,16 @@ async def run_controller(service: DrainService, kube: k.Kube, *, identity: str, 
     health = health if health is not None else ControllerHealth()
     elector = LeaderElector(kube, identity=identity, namespace=namespace or default_namespace(), name=lease_name,
                             lease_duration_s=lease_duration_s)
-    handlers = DrainRequestHandlers(service, health=health)
     try:
         while not stop.is_set():
             if await _attempt(elector, health):
                 health.role = "leading"
-                await _lead(handlers, kube, elector, health, stop=stop, renew_every_s=renew_every_s,
-                            renew_deadline_s=renew_deadline_s, resync_s=resync_s, retry_every_s=retry_every_s)
+                await _lead(kube, elector, health, settings=service.settings, stop=stop,
+                            renew_every_s=renew_every_s, renew_deadline_s=renew_deadline_s, resync_s=resync_s,
+                            retry_every_s=retry_every_s)
             else:
                 health.role = "standby"
-                health.problems.clear()
+                health.clear()
                 await _wait(stop, retry_every_s)
     finally:
         health.role = "stopped"
@@ -468,31 +485,73 @@ async def _crd_served(kube: k.Kube, health: ControllerHealth) -> bool:
     return True
 
 
-async def _lead(handlers: DrainRequestHandlers, kube: k.Kube, elector: LeaderElector, health: ControllerHealth, *,
-                stop: asyncio.Event, renew_every_s: float, renew_deadline_s: float, resync_s: float,
-                retry_every_s: float) -> None:
+class KopfThread:
+    """kopf's operator in a thread of its own, with its own event loop and its own connections (see the module
+    docstring for why). `start()`, `ready`, `alive`, `error`, `stop()`."""
+
+    def __init__(self, settings: Settings, *, health: ControllerHealth, resync_s: float, name: str) -> None:
+        self.settings = settings
+        self.health = health
+        self.resync_s = resync_s
+        self.stop_flag = threading.Event()
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as exc:  # reported to the thread that supervises kopf
+            self.error = exc
+
+    async def _run(self) -> None:
+        conn = self.settings.connection
+        kube = await k.Kube.connect(kubeconfig=conn.kubeconfig, context=conn.context)
+        redis = ArqRedis.from_url(conn.redis_url)  # connects on first use: Redis may be away right now
+        try:
+            handlers = DrainRequestHandlers(DrainService(redis=redis, settings=self.settings, kube=kube),
+                                            health=self.health)
+            await kopf.operator(registry=kopf_registry(handlers, kube, resync_s=self.resync_s),
+                                settings=kopf_settings(), standalone=True, clusterwide=True,
+                                stop_flag=self.stop_flag, ready_flag=self.ready)
+        finally:
+            await redis.aclose()
+            await kube.close()
+
+    async def stop(self, *, timeout_s: float = 20.0) -> bool:
+        """Ask kopf to stop and wait for its thread; False if it did not end in time (it is a daemon thread)."""
+        self.stop_flag.set()
+        await asyncio.to_thread(self._thread.join, timeout_s)
+        return not self._thread.is_alive()
+
+
+async def _lead(kube: k.Kube, elector: LeaderElector, health: ControllerHealth, *,
+                settings: Settings, stop: asyncio.Event, renew_every_s: float, renew_deadline_s: float,
+                resync_s: float, retry_every_s: float) -> None:
     """Run kopf while the lease is ours; stop it as soon as renewing failed for too long. A kopf that ends on
     its own is started again (after `retry_every_s`) as long as we lead."""
-    kopf_stop, ready = asyncio.Event(), asyncio.Event()
-    operator: asyncio.Task[None] | None = None
+    operator: KopfThread | None = None
     try:
         while not stop.is_set():
             if operator is None and await _crd_served(kube, health):
-                kopf_stop, ready = asyncio.Event(), asyncio.Event()
-                operator = asyncio.create_task(
-                    kopf.operator(registry=kopf_registry(handlers, kube, resync_s=resync_s),
-                                  settings=kopf_settings(), standalone=True, clusterwide=True,
-                                  stop_flag=kopf_stop, ready_flag=ready),
-                    name=f"drainrequest-controller:{elector.identity}")
-            health.report("kopf", None if operator is not None and ready.is_set() else "starting")
-            await _wait(stop, min(renew_every_s, retry_every_s) if operator is None or not ready.is_set()
+                operator = KopfThread(settings, health=health, resync_s=resync_s,
+                                      name=f"drainrequest-controller:{elector.identity}")
+                operator.start()
+            health.report("kopf", None if operator is not None and operator.ready.is_set() else "starting")
+            await _wait(stop, min(renew_every_s, retry_every_s) if operator is None or not operator.ready.is_set()
                         else renew_every_s)
             if stop.is_set():
                 break
-            if operator is not None and operator.done():
-                error = None if operator.cancelled() else operator.exception()
-                log.error("controller.kopf_ended", identity=elector.identity, error=repr(error))
-                health.report("kopf", f"ended: {error!r}; restarting")
+            if operator is not None and not operator.alive:
+                log.error("controller.kopf_ended", identity=elector.identity, error=repr(operator.error))
+                health.report("kopf", f"ended: {operator.error!r}; restarting")
                 operator = None
                 await _wait(stop, retry_every_s)
             renewed = await _attempt(elector, health)
@@ -504,13 +563,5 @@ async def _lead(handlers: DrainRequestHandlers, kube: k.Kube, elector: LeaderEle
                 break
     finally:
         health.report("kopf", None)
-        if operator is not None:
-            kopf_stop.set()
-            try:
-                await asyncio.wait_for(operator, 15)
-            except (TimeoutError, asyncio.CancelledError):
-                operator.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await operator
-            except Exception as exc:  # a failing kopf while stopping is logged, not raised
-                log.warning("controller.kopf_stop_failed", error=repr(exc))
+        if operator is not None and not await asyncio.shield(operator.stop()):
+            log.error("controller.kopf_stop_timeout", identity=elector.identity)
