@@ -662,9 +662,10 @@ async def test_events_stream_until_finished_and_metrics_after(tmp_path: Path) ->
         assert samples[("drainctl_drains", (("phase", "Succeeded"),))] == 1
         assert samples[("drainctl_drains", (("phase", "Running"),))] == 0
         assert samples[("drainctl_migration_duration_seconds_count", (("outcome", "Succeeded"),))] == 15
-        # Migrations in the simulator last at least their setup time (several cluster seconds).
+        # Migrations in the simulator last at least their setup time (several cluster seconds); no upper bound:
+        # cluster time runs with the wall clock, and a busy machine stretches it.
         total_s = samples[("drainctl_migration_duration_seconds_sum", (("outcome", "Succeeded"),))]
-        assert 15 * 1.0 < total_s < 15 * 600.0
+        assert total_s > 15 * 1.0
         assert samples[("drainctl_vm_migration_attempts_count", ())] == 15
         assert samples[("drainctl_semaphore_waiters", ())] == 0
         assert not any(name == "drainctl_semaphore_slots_in_use" and value > 0
