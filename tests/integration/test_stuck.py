@@ -43,7 +43,7 @@ async def in_progress(env: Env, job_id: str) -> bool:
 
 
 async def phase(env: Env, drain_id: str) -> str:
-    return str((await (await env.service()).get(drain_id)).drain["phase"])
+    return (await (await env.service()).get(drain_id)).drain.phase.value
 
 
 def kill(proc: subprocess.Popen[bytes]) -> None:
@@ -90,7 +90,7 @@ async def test_worker_killed_in_plan_job_does_not_stall_the_drain(cluster_env: E
         node = env.cluster.scenario.drain_hint[0]
         service = await env.service()
         record, _ = await service.submit(DrainRequest.from_json({"nodes": [node]}))
-        drain_id = record["id"]
+        drain_id = record.id
         # Every API call takes 1.5 s: the plan job's snapshot is slow enough to be killed in the middle of it.
         env.cluster.apply_faults(_faults({"latency_ms": 1500}))
         victim = env.start_workers(1)[0]
@@ -101,7 +101,7 @@ async def test_worker_killed_in_plan_job_does_not_stall_the_drain(cluster_env: E
         env.cluster.apply_faults(_faults({"clear": True}))
         env.start_workers(1)
         view = await service.wait(drain_id, timeout_s=240)
-        assert view.drain["phase"] == "Succeeded", (view.drain, env.worker_logs())
+        assert view.drain.phase.value == "Succeeded", (view.drain, env.worker_logs())
         assert vmis_on(env, node) == []
         assert_limits(env.stats())
         assert await semaphore_empty(env) == {}
@@ -114,21 +114,21 @@ async def test_worker_killed_in_finish_job_does_not_stall_the_drain(cluster_env:
         guarded_pod(env, node)
         service = await env.service()
         record, _ = await service.submit(DrainRequest.from_json({"nodes": [node]}))
-        drain_id = record["id"]
+        drain_id = record.id
         finish = keys.finish_job_id(drain_id, node)
         await eventually(lambda: in_progress(env, finish), within_s=200, what="the finish job")
 
         async def evicting() -> bool:
-            return bool((await service.get(drain_id)).nodes[node]["phase"] == "Evicting")
+            return (await service.get(drain_id)).nodes[node].phase.value == "Evicting"
 
         await eventually(evicting, within_s=30, what="the finish job evicting")
         await asyncio.to_thread(kill, victim)
-        assert (await service.get(drain_id)).nodes[node]["phase"] == "Evicting"
+        assert (await service.get(drain_id)).nodes[node].phase.value == "Evicting"
         # The budget is lifted: the eviction the killed job kept retrying can now go through.
         env.cluster.store.delete(PDBS, "default", "guarded")
         env.start_workers(1)
         view = await service.wait(drain_id, timeout_s=240)
-        assert view.drain["phase"] == "Succeeded", (view.drain, view.nodes, env.worker_logs())
+        assert view.drain.phase.value == "Succeeded", (view.drain, view.nodes, env.worker_logs())
         assert env.cluster.store.get(PODS, "default", "guarded") is None
         assert vmis_on(env, node) == []
         assert "drainctl.io/drained-at" in node_obj(env, node)["metadata"]["annotations"]
@@ -151,7 +151,7 @@ async def test_cancel_before_any_worker_runs_ends_cancelled(cluster_env: EnvFact
         # Workers come up afterwards (scaled from zero).
         env.start_workers(1)
         view = await (await env.service()).wait(drain_id, timeout_s=120)
-        assert view.drain["phase"] == "Cancelled", (view.drain, env.worker_logs())
+        assert view.drain.phase.value == "Cancelled", (view.drain, env.worker_logs())
         assert ours(env, drain_id) == []
         obj = node_obj(env, node)
         assert not obj["spec"].get("unschedulable"), "the node was cordoned although nothing was planned"
@@ -166,19 +166,19 @@ async def test_cancel_while_planning_ends_cancelled(cluster_env: EnvFactory) -> 
         node = env.cluster.scenario.drain_hint[0]
         service = await env.service()
         record, _ = await service.submit(DrainRequest.from_json({"nodes": [node]}))
-        drain_id = record["id"]
+        drain_id = record.id
         env.cluster.apply_faults(_faults({"latency_ms": 1000}))
         env.start_workers(1)
         await eventually(lambda: _is(phase(env, drain_id), "Planning"), within_s=120, what="planning")
         await service.cancel(drain_id)
         env.cluster.apply_faults(_faults({"clear": True}))
         view = await service.wait(drain_id, timeout_s=120)
-        assert view.drain["phase"] == "Cancelled", (view.drain, env.worker_logs())
+        assert view.drain.phase.value == "Cancelled", (view.drain, env.worker_logs())
         assert ours(env, drain_id) == [], "migrations started after the cancel"
         assert len(vmis_on(env, node)) == 15
         assert not node_obj(env, node)["spec"].get("unschedulable")
         assert await env.redis.get(keys.node_lock_key(node)) is None
-        assert all(n["phase"] == "Cancelled" for n in view.nodes.values()), view.nodes
+        assert all(n.phase.value == "Cancelled" for n in view.nodes.values()), view.nodes
 
 
 # ------------------------------------------------------------------- defect 5: a submitter that dies half-way
@@ -191,7 +191,7 @@ async def test_submitter_killed_while_planning_leaks_nothing(cluster_env: EnvFac
         proc = spawn(env, "drain", node, "--idempotency-key", key, "-o", "json")
 
         async def planning() -> bool:
-            return sum(env.stats()["api_requests"].get("list", {}).values()) > lists_before
+            return bool(sum(env.stats()["api_requests"].get("list", {}).values()) > lists_before)
 
         await eventually(planning, within_s=60, what="the CLI reading its snapshot")
         await asyncio.to_thread(kill, proc)
@@ -206,7 +206,7 @@ async def test_submitter_killed_while_planning_leaks_nothing(cluster_env: EnvFac
         assert json.loads(again.stdout) == {**first, "created": False}
         env.start_workers(1)
         view = await (await env.service()).wait(first["id"], timeout_s=240)
-        assert view.drain["phase"] == "Succeeded", (view.drain, env.worker_logs())
+        assert view.drain.phase.value == "Succeeded", (view.drain, env.worker_logs())
         assert await env.redis.get(keys.node_lock_key(node)) is None
 
 
@@ -221,10 +221,10 @@ async def test_node_lock_left_by_a_dead_submitter_is_taken_over(cluster_env: Env
         stale = "0dead0beef00"
         if owner == "finished":
             done, _ = await service.submit(DrainRequest.from_json({"nodes": [other]}))
-            stale = done["id"]
+            stale = done.id
             await eventually(lambda: _is(phase(env, stale), "Running"), within_s=120, what="the first drain")
             await service.cancel(stale)
-            assert (await service.wait(stale, timeout_s=120)).drain["phase"] == "Cancelled"
+            assert (await service.wait(stale, timeout_s=120)).drain.phase.value == "Cancelled"
         await env.redis.set(keys.node_lock_key(node), stale)
         result = await env.adrainctl("drain", node, "--wait", "-o", "json", timeout_s=280)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
