@@ -150,6 +150,20 @@ class DrainStore:
         raw = await pipe.get(key)
         return None if raw is None else _loads(DrainRecord, raw)
 
+    async def create(self, drain: DrainRecord, *, nodes: Mapping[str, NodeRecord],
+                     vms: Mapping[str, VmRecord]) -> None:
+        """Write a drain with its children, taking no node lock (imports and tests; drains are submitted
+        with :meth:`submit`)."""
+        drain_id = drain.id
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(keys.drain_key(drain_id), _dumps(drain))
+            if nodes:
+                pipe.hset(keys.drain_nodes_key(drain_id), mapping={n: _dumps(r) for n, r in nodes.items()})
+            if vms:
+                pipe.hset(keys.drain_vms_key(drain_id), mapping={v: _dumps(r) for v, r in vms.items()})
+            pipe.zadd(keys.DRAINS_INDEX, {drain_id: drain.created_at or time.time()})
+            await pipe.execute()
+
     async def create_children(self, drain_id: str, *, nodes: Mapping[str, NodeRecord],
                               vms: Mapping[str, VmRecord]) -> None:
         """Write a drain's node and VM records at once (the plan job; a re-run rewrites them whole)."""
