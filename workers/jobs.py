@@ -90,6 +90,17 @@ def _set(**fields: Any) -> Callable[[NodeRecord | VmRecord | DrainRecord], None]
     return apply
 
 
+def _only_from(expected: DrainPhase, **fields: Any) -> Callable[[DrainRecord], bool | None]:
+    """A drain update that sets `fields` only while the drain is still in phase `expected` (a cancel wins)."""
+    def apply(record: DrainRecord) -> bool | None:
+        if record.phase is not expected:
+            return False
+        for name, value in fields.items():
+            setattr(record, name, value)
+        return None
+    return apply
+
+
 def _now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -169,7 +180,7 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
         await advance_drain(ctx, drain_id)
         return drain.phase.value
     if drain.phase is DrainPhase.PENDING:
-        await store.update(drain_id, _set(phase=DrainPhase.PLANNING))
+        await store.update(drain_id, _only_from(DrainPhase.PENDING, phase=DrainPhase.PLANNING))
     request = DrainRequest.from_json(drain.request)
     snapshot = await ctx["kube"].snapshot()
     try:
@@ -194,9 +205,10 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
             vms[decision.vmi] = _vm_record(decision.vmi, node_plan.node, VmPhase.BLOCKED, decision.verdict,
                                            decision.reason)
     limits = plan.limits
-    await store.create_children(drain_id, nodes=nodes, vms=vms)
 
-    def running(d: DrainRecord) -> None:
+    def running(d: DrainRecord) -> bool | None:
+        if d.phase is not DrainPhase.PLANNING:
+            return False  # cancelled meanwhile: keep the cancel
         d.phase = DrainPhase.RUNNING
         d.plan = plan.to_json()
         d.started_at = time.time()
@@ -209,15 +221,26 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
                                progress_timeout_s=limits.progress_timeout_s.effective)
         d.estimate_s = plan.estimate.total_s
         d.warnings = list(plan.warnings)
+        return None
 
-    for node in plan.drain_nodes:
-        await ctx["kube"].cordon(node, annotations={NODE_ANNOTATION: drain_id})
-        await store.update_node(drain_id, node, _set(phase=NodePhase.CORDONED))
-        node_obj = await ctx["kube"].find(k.NODES, node)
-        if node_obj is not None:
-            await ctx["kube"].event(involved=node_obj, reason="DrainStarted",
-                                    message=f"drainctl drain {drain_id}: node cordoned", now_iso=_now_iso())
-    await store.update(drain_id, running)
+    # Under the drain's lock, so that a cancel's advance step sees either no plan (and closes the drain
+    # untouched) or a plan with its nodes cordoned, never a cordon landing after it closed the drain.
+    async with ctx["redis"].lock(keys.drain_lock_key(drain_id), timeout=60, blocking_timeout=30):
+        if (await store.get(drain_id)).phase is not DrainPhase.PLANNING:
+            bound.info("drain.plan_dropped", reason="cancelled while planning")
+        else:
+            await store.create_children(drain_id, nodes=nodes, vms=vms)
+            for node in plan.drain_nodes:
+                await ctx["kube"].cordon(node, annotations={NODE_ANNOTATION: drain_id})
+                await store.update_node(drain_id, node, _set(phase=NodePhase.CORDONED))
+                node_obj = await ctx["kube"].find(k.NODES, node)
+                if node_obj is not None:
+                    await ctx["kube"].event(involved=node_obj, reason="DrainStarted",
+                                            message=f"drainctl drain {drain_id}: node cordoned", now_iso=_now_iso())
+            await store.update(drain_id, running)
+    if (await store.get(drain_id)).phase is not DrainPhase.RUNNING:
+        await advance_drain(ctx, drain_id)
+        return (await store.get(drain_id)).phase.value
     await store.emit(drain_id, "drain.planned", nodes=list(plan.drain_nodes), vms=len(vms),
                      migrate=sum(1 for v in vms.values() if v.phase is VmPhase.QUEUED),
                      estimate_s=plan.estimate.total_s, warnings=list(plan.warnings))
@@ -260,6 +283,11 @@ async def _advance(ctx: Ctx, drain_id: str, *, ensure: bool) -> None:
         await enqueue_control(ctx, "plan", drain_id, job_id=keys.plan_job_id(drain_id))
         return
     cancelling = phase is DrainPhase.CANCELLING
+    if cancelling and not view.nodes:
+        # Cancelled before it was planned: nothing was cordoned or started (the plan job writes the node
+        # records and cordons under this lock, and drops its plan once it sees the cancel).
+        await _close_drain(ctx, drain_id, DrainPhase.CANCELLED, "cancelled before it was planned")
+        return
     by_node: dict[str, list[VmRecord]] = {}
     for vm in view.vms.values():
         by_node.setdefault(vm.node, []).append(vm)
@@ -420,19 +448,31 @@ def _summary(nodes: dict[str, NodeRecord], vms: dict[str, VmRecord]) -> str:
 
 
 async def _close_drain(ctx: Ctx, drain_id: str, phase: DrainPhase, message: str) -> None:
+    """End the drain: uncordon the nodes it cordoned if a cancel asked so, record the end, free the nodes.
+
+    The cluster is touched before the record turns final, so a failure there re-runs this step (the drain is
+    still open); a crash between the record and the unlock leaves a lock the next submit takes over."""
     store = ctx["store"]
+    drain = await store.get(drain_id)
+    nodes = drain.nodes
+    if not drain.phase.is_final and phase is DrainPhase.CANCELLED and drain.cancel is not None \
+            and drain.cancel.uncordon:
+        uncordoned = []
+        for node in nodes:
+            obj = await ctx["kube"].find(k.NODES, node)
+            if obj is None or ((obj.get("metadata") or {}).get("annotations") or {}).get(NODE_ANNOTATION) != drain_id:
+                continue  # not cordoned by this drain: leave it as it was
+            with contextlib.suppress(k.NotFound):
+                await ctx["kube"].cordon(node, unschedulable=False, annotations={NODE_ANNOTATION: None})
+            uncordoned.append(node)
+        if uncordoned:
+            await store.emit(drain_id, "nodes.uncordoned", nodes=uncordoned)
 
     def close(d: DrainRecord) -> None:
         if not d.phase.is_final:
             d.phase, d.message, d.finished_at = phase, message, time.time()
 
-    drain = await store.update(drain_id, close)
-    nodes = drain.nodes
-    if phase is DrainPhase.CANCELLED and drain.cancel is not None and drain.cancel.uncordon:
-        for node in nodes:
-            with contextlib.suppress(k.NotFound):
-                await ctx["kube"].cordon(node, unschedulable=False, annotations={NODE_ANNOTATION: None})
-        await store.emit(drain_id, "nodes.uncordoned", nodes=nodes)
+    await store.update(drain_id, close)
     await store.unlock_nodes(drain_id, nodes)
     await store.emit(drain_id, "drain.finished", phase=phase.value, message=message)
     log.info("drain.finished", drain_id=drain_id, phase=phase.value, message=message)
