@@ -14,7 +14,6 @@ looking at the cluster.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import time
@@ -24,7 +23,6 @@ from typing import Any, TypedDict
 
 import structlog
 from arq.connections import ArqRedis
-from arq.constants import in_progress_key_prefix
 from arq.worker import Retry
 from redis.exceptions import RedisError
 
@@ -479,27 +477,8 @@ async def _close_drain(ctx: Ctx, drain_id: str, phase: DrainPhase, message: str)
 
 
 # ================================================================================================ migrate
-async def _heartbeat(ctx: Ctx) -> None:
-    """Keep arq's in-progress key short-lived but alive while this job runs, so that after a kill -9 another
-    worker re-runs the job within seconds instead of after the longest job timeout (arq #402/#407)."""
-    job_id = ctx.get("job_id")
-    if not job_id:
-        return
-    key = in_progress_key_prefix + job_id
-    while True:
-        with contextlib.suppress(Exception):
-            await ctx["redis"].pexpire(key, 6000)
-        await asyncio.sleep(2.0)
-
-
 async def migrate_job(ctx: Ctx, drain_id: str, vmi: str, attempt: int) -> str:
-    beat = asyncio.create_task(_heartbeat(ctx), name=f"heartbeat:{drain_id}:{vmi}:{attempt}")
-    try:
-        return await retrying(ctx, _migrate(ctx, drain_id, vmi, attempt), what=f"migrate {vmi} attempt {attempt}")
-    finally:
-        beat.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await beat
+    return await retrying(ctx, _migrate(ctx, drain_id, vmi, attempt), what=f"migrate {vmi} attempt {attempt}")
 
 
 class _Outcome:
