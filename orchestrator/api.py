@@ -45,11 +45,15 @@ from redis.exceptions import RedisError
 from orchestrator import keys
 from orchestrator import kube as k
 from orchestrator.metrics import CONTENT_TYPE, MetricsSource, render
-from orchestrator.model import DrainPlan, DrainRequest, NodeOrder, NonMigratablePolicy
+from orchestrator.model import DrainPlan, DrainRequest, NodeOrder, NonMigratablePolicy, VmPhase
 from orchestrator.planner import PlanError
+from orchestrator.records import DrainRecord, NodeRecord, VmRecord
 from orchestrator.service import DrainService, NodeConflict
 from orchestrator.settings import Settings
-from orchestrator.store import FINAL_DRAIN, FINAL_NODE, FINAL_VM, DrainNotFound, Record
+from orchestrator.store import DrainNotFound, Event
+
+Obj = dict[str, Any]
+"""A Kubernetes object as the API returns it."""
 
 log = structlog.get_logger("orchestrator.api")
 
@@ -361,7 +365,7 @@ class _Api:
                 raise ApiError(400, "bad_json", f"the body is not valid JSON: {detail}") from None
             raise _schema_error(exc) from None
 
-    async def _require_nodes(self, request: DrainRequest) -> list[Record]:
+    async def _require_nodes(self, request: DrainRequest) -> list[Obj]:
         """The requested node objects; 404 naming those the cluster does not have (checked before planning)."""
         items, _ = await self.service.kube.list(k.NODES)
         by_name = {(obj.get("metadata") or {}).get("name"): obj for obj in items}
@@ -370,7 +374,7 @@ class _Api:
             raise ApiError(404, "unknown_nodes", f"unknown node(s): {', '.join(unknown)}", {"nodes": unknown})
         return [by_name[n] for n in request.nodes]
 
-    async def _node_events(self, nodes: list[Record], *, reason: str, message: str) -> None:
+    async def _node_events(self, nodes: list[Obj], *, reason: str, message: str) -> None:
         """Tell `kubectl describe node` readers who asked for what; a lost Event is logged, never fatal."""
         now_iso = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         kube = self.service.kube
@@ -408,11 +412,11 @@ class _Api:
             self._check_same(key, record, drain_request)
         else:
             await self._node_events(node_objs, reason="DrainRequested",
-                                    message=f"drainctl drain {record['id']} requested through the API")
-        log.info("api.drain_submitted", drain_id=record["id"], nodes=list(drain_request.nodes), created=created)
+                                    message=f"drainctl drain {record.id} requested through the API")
+        log.info("api.drain_submitted", drain_id=record.id, nodes=list(drain_request.nodes), created=created)
         return self._accepted(record, created=created)
 
-    async def _idempotent(self, key: str, request: DrainRequest) -> Record | None:
+    async def _idempotent(self, key: str, request: DrainRequest) -> DrainRecord | None:
         service = self.service
         redis: Any = service.redis
         existing = await redis.get(keys.idempotency_key(key))
@@ -425,15 +429,15 @@ class _Api:
         return record
 
     @staticmethod
-    def _check_same(key: str | None, record: Record, request: DrainRequest) -> None:
-        if record.get("request") != request.to_json():
+    def _check_same(key: str | None, record: DrainRecord, request: DrainRequest) -> None:
+        if record.request != request.to_json():
             raise ApiError(422, "idempotency_key_reused",
-                           f"{IDEMPOTENCY_HEADER} {key!r} was used for a different request (drain {record['id']})",
-                           {"drain": record["id"]})
+                           f"{IDEMPOTENCY_HEADER} {key!r} was used for a different request (drain {record.id})",
+                           {"drain": record.id})
 
     @staticmethod
-    def _accepted(record: Record, *, created: bool) -> web.Response:
-        body = DrainAccepted(id=record["id"], phase=record["phase"], created=created, links=_links(record["id"]))
+    def _accepted(record: DrainRecord, *, created: bool) -> web.Response:
+        body = DrainAccepted(id=record.id, phase=record.phase.value, created=created, links=_links(record.id))
         return web.json_response(body.model_dump(mode="json"), status=202 if created else 200,
                                  headers={"Location": body.links.self})
 
@@ -464,10 +468,10 @@ class _Api:
             record = await self.service.cancel(drain_id, uncordon=uncordon, mode=mode)
         except DrainNotFound:
             raise ApiError(404, "not_found", f"drain {drain_id!r} not found") from None
-        log.info("api.drain_cancel", drain_id=drain_id, phase=record["phase"], mode=mode, uncordon=uncordon)
-        if record["phase"] not in FINAL_DRAIN:
+        log.info("api.drain_cancel", drain_id=drain_id, phase=record.phase.value, mode=mode, uncordon=uncordon)
+        if not record.phase.is_final:
             try:
-                nodes = [obj for obj in [await self.service.kube.find(k.NODES, n) for n in record["request"]["nodes"]]
+                nodes = [obj for obj in [await self.service.kube.find(k.NODES, n) for n in record.nodes]
                          if obj is not None]
             except k.KubeError as exc:
                 # The cancel is recorded and the workers act on it; an unreachable cluster only costs the Events.
@@ -476,9 +480,9 @@ class _Api:
             await self._node_events(nodes, reason="DrainCancelRequested",
                                     message=f"drainctl drain {drain_id}: cancel requested through the API "
                                             f"(mode {mode})")
-        body = CancelAccepted(id=drain_id, phase=record["phase"], links=_links(drain_id))
+        body = CancelAccepted(id=drain_id, phase=record.phase.value, links=_links(drain_id))
         # A drain that had already ended is left as it was: nothing was accepted.
-        return web.json_response(body.model_dump(mode="json"), status=200 if record["phase"] in FINAL_DRAIN else 202)
+        return web.json_response(body.model_dump(mode="json"), status=200 if record.phase.is_final else 202)
 
     async def plan(self, request: web.Request) -> web.Response:
         body = await self._body(request)
@@ -536,8 +540,8 @@ class _Api:
                 drain = await service.store.find(drain_id)
                 # The phase turns final a moment before drain.finished is written (nodes are uncordoned in
                 # between); long after, a missing event was trimmed away and nothing more will come.
-                if drain is None or (drain["phase"] in FINAL_DRAIN
-                                     and time.time() - float(drain.get("finished_at") or 0) > FINISHED_GRACE_S):
+                if drain is None or (drain.phase.is_final
+                                     and time.time() - (drain.finished_at or 0.0) > FINISHED_GRACE_S):
                     return
                 await response.write(b": keep-alive\n\n")
                 continue
@@ -581,7 +585,7 @@ class _Api:
         return web.json_response(self.openapi)
 
 
-async def _send(response: web.StreamResponse, event: Record) -> str:
+async def _send(response: web.StreamResponse, event: Event) -> str:
     """Write one event in SSE framing; returns its stream id."""
     event_id = str(event["id"])
     name = str(event.get("event") or "message").replace("\n", " ")
@@ -615,37 +619,36 @@ def _bool_query(request: web.Request, name: str, *, default: bool | None) -> boo
     return value
 
 
-def _summary(drain: Record) -> DrainSummary:
-    fields = {name: drain.get(name) for name in ("message", "source", "created_at", "started_at", "finished_at",
-                                                 "estimate_s")}
-    return DrainSummary(id=drain["id"], phase=drain["phase"], nodes=list(drain["request"]["nodes"]),
-                        links=_links(drain["id"]), **fields)
+def _summary(drain: DrainRecord) -> DrainSummary:
+    return DrainSummary(id=drain.id, phase=drain.phase.value, nodes=drain.nodes, links=_links(drain.id),
+                        message=drain.message, source=drain.source, created_at=drain.created_at,
+                        started_at=drain.started_at, finished_at=drain.finished_at, estimate_s=drain.estimate_s)
 
 
-def _detail(drain: Record, nodes: dict[str, Record], vms: dict[str, Record], *, now: float,
+def _detail(drain: DrainRecord, nodes: dict[str, NodeRecord], vms: dict[str, VmRecord], *, now: float,
             with_plan: bool) -> DrainDetail:
-    scale = float(drain.get("time_scale") or 1.0)
-    start = drain.get("started_at") or drain.get("created_at") or now
-    end = drain.get("finished_at") or now
-    elapsed = max(0.0, float(end) - float(start)) * scale
-    estimate = drain.get("estimate_s")
-    final = drain["phase"] in FINAL_DRAIN
-    remaining = None if final or estimate is None else max(0.0, float(estimate) - elapsed)
-    vm_phases = [vm.get("phase") for vm in vms.values()]
-    progress = Progress(nodes=len(nodes), nodes_final=sum(1 for n in nodes.values() if n.get("phase") in FINAL_NODE),
-                        vms=len(vms), vms_final=sum(1 for p in vm_phases if p in FINAL_VM),
-                        vms_succeeded=vm_phases.count("Succeeded"), vms_failed=vm_phases.count("Failed"))
+    scale = drain.time_scale or 1.0
+    start = drain.started_at or drain.created_at or now
+    end = drain.finished_at or now
+    elapsed = max(0.0, end - start) * scale
+    estimate = drain.estimate_s
+    remaining = None if drain.phase.is_final or estimate is None else max(0.0, estimate - elapsed)
+    vm_phases = [vm.phase for vm in vms.values()]
+    progress = Progress(nodes=len(nodes), nodes_final=sum(1 for n in nodes.values() if n.phase.is_final),
+                        vms=len(vms), vms_final=sum(1 for p in vm_phases if p.is_final),
+                        vms_succeeded=vm_phases.count(VmPhase.SUCCEEDED), vms_failed=vm_phases.count(VmPhase.FAILED))
     return DrainDetail(
-        id=drain["id"], phase=drain["phase"], message=drain.get("message"), source=drain.get("source"),
-        created_at=drain.get("created_at"), started_at=drain.get("started_at"),
-        finished_at=drain.get("finished_at"), estimate_s=estimate, links=_links(drain["id"]),
-        request=drain["request"], warnings=list(drain.get("warnings") or []), limits=drain.get("limits"),
-        cancel=drain.get("cancel"),
-        nodes={name: NodeState.model_validate(rec) for name, rec in nodes.items()},
-        vms={name: VmState.model_validate(rec) for name, rec in vms.items()},
+        id=drain.id, phase=drain.phase.value, message=drain.message, source=drain.source,
+        created_at=drain.created_at, started_at=drain.started_at,
+        finished_at=drain.finished_at, estimate_s=estimate, links=_links(drain.id),
+        request=drain.request, warnings=list(drain.warnings),
+        limits=None if drain.limits is None else drain.limits.to_json(),
+        cancel=None if drain.cancel is None else drain.cancel.to_json(),
+        nodes={name: NodeState.model_validate(rec.to_json()) for name, rec in nodes.items()},
+        vms={name: VmState.model_validate(rec.to_json()) for name, rec in vms.items()},
         eta=Eta(estimate_s=estimate, elapsed_s=round(elapsed, 3),
                 remaining_s=None if remaining is None else round(remaining, 3), time_scale=scale),
-        progress=progress, plan=drain.get("plan") if with_plan else None)
+        progress=progress, plan=drain.plan if with_plan else None)
 
 
 def build_app(service_factory: ServiceFactory, *, token: str, sse_block_ms: int = 15_000, controller: bool = False,

@@ -48,11 +48,13 @@ class Globals:
     redis_url: str | None
     time_scale: float | None
     output: str
+    prometheus_url: str | None = None
 
     def settings(self) -> Settings:
         try:
             return Settings.from_env(os.environ, kubeconfig=self.kubeconfig, context=self.context,
-                                     redis_url=self.redis_url, time_scale=self.time_scale)
+                                     redis_url=self.redis_url, time_scale=self.time_scale,
+                                     prometheus_url=self.prometheus_url)
         except SettingsError as exc:
             err.print(f"[red]error:[/] {exc}")
             raise typer.Exit(EXIT_USAGE) from exc
@@ -73,12 +75,15 @@ def main(
                                                           "($DRAIN_TIME_SCALE, default 1)")] = None,
     output: Annotated[str, typer.Option("--output", "-o", help="table or json")] = "table",
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "warning",
+    prometheus_url: Annotated[str | None, typer.Option(help="Prometheus API with KubeVirt's migration metrics "
+                                                            "($DRAIN_PROMETHEUS_URL; token: "
+                                                            "$DRAIN_PROMETHEUS_TOKEN; default: none)")] = None,
 ) -> None:
     configure_logging(level=log_level)
     if output not in ("table", "json"):
         err.print(f"[red]error:[/] --output: {output!r} is not one of table, json")
         raise typer.Exit(EXIT_USAGE)
-    ctx.obj = Globals(kubeconfig, context, redis_url, time_scale, output)
+    ctx.obj = Globals(kubeconfig, context, redis_url, time_scale, output, prometheus_url)
 
 
 def _output(ctx: typer.Context, local: str | None) -> str:
@@ -225,13 +230,13 @@ def drain(ctx: typer.Context, nodes: NodesArg, max_parallel_nodes: ParallelOpt =
         except NodeConflict as exc:
             err.print(f"[red]conflict:[/] {exc}")
             raise typer.Exit(EXIT_CONFLICT) from exc
-        drain_id = record["id"]
+        drain_id = record.id
         if not wait:
             if out == "json":
-                print(json.dumps({"id": drain_id, "created": created, "phase": record["phase"]}))
+                print(json.dumps({"id": drain_id, "created": created, "phase": record.phase.value}))
             else:
                 console.print(f"drain [bold]{drain_id}[/] {'queued' if created else 'already exists'} "
-                              f"(estimate {record.get('estimate_s') or 0:.0f} cluster s)")
+                              f"(estimate {record.estimate_s or 0:.0f} cluster s)")
             return EXIT_OK
         if out == "json":
             view = await service.wait(drain_id, timeout_s=timeout)
@@ -242,8 +247,8 @@ def drain(ctx: typer.Context, nodes: NodesArg, max_parallel_nodes: ParallelOpt =
             console.print(f"drain [bold]{drain_id}[/] queued")
             view = await live_progress(service, drain_id, console=console, timeout_s=timeout)
             print_summary(view, console)
-        phase = view.drain["phase"]
-        if phase not in ("Succeeded", "Failed", "Cancelled"):
+        phase = view.drain.phase
+        if not phase.is_final:
             return EXIT_TIMEOUT
         return EXIT_OK if phase == "Succeeded" else EXIT_NOT_DRAINED
 
@@ -288,27 +293,26 @@ def list_drains(ctx: typer.Context, output: OutputOpt = None) -> None:
     _run(_with_service(ctx.obj, go, need_kube=False))
 
 
-def _print_list(drains: list[dict[str, Any]], out: str) -> None:
+def _print_list(drains: list[Any], out: str) -> None:
     if out == "json":
-        print(json.dumps(drains, indent=2, default=str))
+        print(json.dumps([d.to_json() for d in drains], indent=2, default=str))
         return
     table = Table("id", "phase", "nodes", "message")
     for d in drains:
-        table.add_row(d["id"], d["phase"], ",".join(d["request"]["nodes"]), str(d.get("message") or ""))
+        table.add_row(d.id, d.phase.value, ",".join(d.nodes), d.message or "")
     console.print(table)
 
 
 def _print_status(view: Any) -> None:
     d = view.drain
-    console.print(f"drain [bold]{d['id']}[/]: [bold]{d['phase']}[/] {d.get('message') or ''}")
+    console.print(f"drain [bold]{d.id}[/]: [bold]{d.phase.value}[/] {d.message or ''}")
     nodes = Table("node", "phase", "message")
     for name, n in view.nodes.items():
-        nodes.add_row(name, n["phase"], str(n.get("message") or ""))
+        nodes.add_row(name, n.phase.value, n.message or "")
     console.print(nodes)
     vms = Table("VM", "node", "phase", "attempt", "target", "message")
     for key, vm in view.vms.items():
-        vms.add_row(key, vm["node"], vm["phase"], str(vm.get("attempt") or ""), str(vm.get("target") or ""),
-                    str(vm.get("message") or ""))
+        vms.add_row(key, vm.node, vm.phase.value, str(vm.attempt or ""), vm.target or "", vm.message or "")
     console.print(vms)
 
 
@@ -333,9 +337,9 @@ def cancel(ctx: typer.Context, drain_id: Annotated[str, typer.Argument(help="dra
             err.print(f"[red]error:[/] {exc}")
             raise typer.Exit(EXIT_USAGE) from exc
         if out == "json":
-            print(json.dumps({"id": drain_id, "phase": record["phase"]}))
+            print(json.dumps({"id": drain_id, "phase": record.phase.value}))
         else:
-            console.print(f"drain [bold]{drain_id}[/]: {record['phase']}")
+            console.print(f"drain [bold]{drain_id}[/]: {record.phase.value}")
 
     _run(_with_service(ctx.obj, go, need_kube=False))
 
@@ -367,6 +371,9 @@ def sim_serve(
         help="write a kubeconfig whose token alone may read the ground truth (/sim/v1/*)")] = None,
     token: Annotated[str | None, typer.Option(help="bearer token (default: a random one, written to the "
                                                    "kubeconfig)")] = None,
+    prometheus_port: Annotated[int | None, typer.Option(
+        help="also serve the Prometheus HTTP API (/api/v1/query) with KubeVirt's live migration metrics on this "
+             "port (0: any free port); the cluster token reads it")] = None,
 ) -> None:
     """Serve a simulated cluster until interrupted."""
     import secrets
@@ -383,8 +390,8 @@ def sim_serve(
 
     async def serve() -> None:
         async with running_cluster(loaded, time_scale=time_scale, token=bearer, host=host, port=port,
-                                   kubeconfig_out=kubeconfig_out,
-                                   admin_kubeconfig_out=admin_kubeconfig_out) as rc:
+                                   kubeconfig_out=kubeconfig_out, admin_kubeconfig_out=admin_kubeconfig_out,
+                                   prometheus_port=prometheus_port) as rc:
             summary = loaded.summary()
             console.print(f"simulated cluster [bold]{loaded.name}[/] (seed {loaded.seed}) at {rc.url}, "
                           f"time scale {time_scale}: {summary.get('nodes')} nodes, {summary.get('vms')} VMs")
@@ -392,6 +399,8 @@ def sim_serve(
                 console.print(f"kubeconfig: {kubeconfig_out}  (kubectl --kubeconfig {kubeconfig_out} get nodes)")
             if admin_kubeconfig_out:
                 console.print(f"admin kubeconfig (ground truth, /sim/v1/*): {admin_kubeconfig_out}")
+            if rc.prometheus_url:
+                console.print(f"prometheus: {rc.prometheus_url}  (bearer: the kubeconfig's token)")
             sys.stdout.flush()
             await asyncio.Event().wait()
 

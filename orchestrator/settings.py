@@ -117,6 +117,11 @@ class Connection:
     """Kubeconfig context; None means the current context."""
     queue_name: str = "drainctl"
     """arq queue name, also the prefix that separates deployments sharing one Redis."""
+    prometheus_url: str | None = None
+    """Prometheus HTTP API base URL (e.g. the cluster's thanos-querier) for KubeVirt's live migration metrics;
+    None: drainctl works without them, from time alone."""
+    prometheus_token: str | None = field(default=None, repr=False)
+    """Bearer token sent to Prometheus (e.g. a service account token); None sends none."""
 
     def __post_init__(self) -> None:
         _check(
@@ -131,6 +136,13 @@ class Connection:
             "queue_name",
             f"{self.queue_name!r} may only contain letters, digits and _ . : -",
         )
+        _check(
+            self.prometheus_url is None or re.match(r"^https?://[^/\s]+", self.prometheus_url) is not None,
+            "prometheus_url",
+            f"{self.prometheus_url!r} must be an http:// or https:// URL",
+        )
+        _check(self.prometheus_token is None or self.prometheus_token.strip() != "", "prometheus_token",
+               "empty token")
 
 
 @dataclass(frozen=True)
@@ -175,6 +187,8 @@ ENV_VARS: Mapping[str, tuple[str, str]] = {
     "DRAIN_KUBECONFIG": ("connection", "kubeconfig"),
     "DRAIN_CONTEXT": ("connection", "context"),
     "DRAIN_QUEUE_NAME": ("connection", "queue_name"),
+    "DRAIN_PROMETHEUS_URL": ("connection", "prometheus_url"),
+    "DRAIN_PROMETHEUS_TOKEN": ("connection", "prometheus_token"),
     "DRAIN_ESTIMATE_SETUP": ("estimate", "setup_s"),
     "DRAIN_ESTIMATE_NODE_BANDWIDTH": ("estimate", "node_bandwidth_bytes_per_s"),
 }

@@ -23,6 +23,7 @@ from simulator.errors import ApiError
 from simulator.faults import Faults, FaultsBody
 from simulator.kubevirt import DEFAULT_MIGRATIONS, KubeVirtSim, NetworkModel, VMInfo, vmi_key
 from simulator.physics import VMPhysics
+from simulator.prometheus import MigrationMetrics, serve_prometheus
 from simulator.resources import (
     DAEMONSETS,
     KUBEVIRTS,
@@ -68,6 +69,8 @@ class SimCluster:
                 cleanup_s=scenario.cleanup_s,
             ),
         )
+        self.metrics = MigrationMetrics(self.kubevirt, self.store, start=self.clock.now())
+        self.kubevirt.probes.append(self.metrics)
         self._wake: asyncio.Event | None = None
         self._last = self.clock.now()
 
@@ -213,6 +216,8 @@ class RunningCluster:
     url: str
     port: int
     kubeconfig: Path | None
+    prometheus_url: str | None = None
+    """The Prometheus HTTP API with KubeVirt's migration metrics, when asked for (plain HTTP, same token)."""
     admin_kubeconfig: Path | None = None
     ca_data: bytes | None = None
 
@@ -220,12 +225,18 @@ class RunningCluster:
         """A client for `/sim/v1/*` with the admin token (close it, or use it with `async with`)."""
         return SimAdmin(self.url, self.cluster.admin_token, ca_data=self.ca_data)
 
+    async def stats(self) -> dict[str, Any]:
+        """GET /sim/v1/stats over HTTP with the admin token."""
+        async with self.admin() as admin:
+            return await admin.stats()
+
 
 @contextlib.asynccontextmanager
 async def running_cluster(scenario: Scenario, *, time_scale: float = 1.0, token: str | None = None,
                           host: str = "127.0.0.1", port: int = 0, kubeconfig_out: Path | None = None,
                           admin_kubeconfig_out: Path | None = None, admin_token: str | None = None,
-                          tls: bool | None = None) -> AsyncIterator[RunningCluster]:
+                          tls: bool | None = None, prometheus_port: int | None = None
+                          ) -> AsyncIterator[RunningCluster]:
     """Serve `scenario` and run its controllers for the duration of the block.
 
     With a token the server speaks HTTPS with a self-signed certificate (written into the kubeconfig):
@@ -246,12 +257,21 @@ async def running_cluster(scenario: Scenario, *, time_scale: float = 1.0, token:
         if admin_kubeconfig_out is not None:
             server.write_kubeconfig(admin_kubeconfig_out, server_url=url, token=cluster.admin_token,
                                     ca_data=ca_data, name="drainctl-sim-admin")
+        prom_runner = None
+        prom_url = None
+        if prometheus_port is not None:
+            prom_runner, prom_bound = await serve_prometheus(
+                cluster.metrics.series, now=cluster.clock.now, host=host, port=prometheus_port,
+                tokens=lambda: (cluster.token, cluster.admin_token))
+            prom_url = f"http://{host}:{prom_bound}"
         task = asyncio.create_task(cluster.run(), name="sim-controllers")
         try:
-            yield RunningCluster(cluster, url, bound, kubeconfig_out, admin_kubeconfig_out, ca_data)
+            yield RunningCluster(cluster, url, bound, kubeconfig_out, prom_url, admin_kubeconfig_out, ca_data)
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             cluster.store.close_watches()
+            if prom_runner is not None:
+                await prom_runner.cleanup()
             await runner.cleanup()

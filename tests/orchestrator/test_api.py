@@ -25,6 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import kube as k
 from orchestrator.api import build_app, openapi_document, read_token
+from orchestrator.model import DrainPhase
+from orchestrator.records import DrainRecord
 from orchestrator.service import DrainService
 from orchestrator.settings import Settings
 from simulator import scenarios
@@ -358,12 +360,12 @@ async def test_cancel_validates_its_query(env: Env) -> None:
     assert bad_mode.status == 422 and (await _error(bad_mode))["message"].startswith("mode: ")
     bad_flag = await env.client.delete(f"/v1/drains/{drain_id}?uncordon=maybe", headers=AUTH)
     assert bad_flag.status == 422 and (await _error(bad_flag))["message"].startswith("uncordon: ")
-    assert (await env.service.store.get(drain_id))["phase"] == "Pending"
+    assert (await env.service.store.get(drain_id)).phase == "Pending"
     ok = await env.client.delete(f"/v1/drains/{drain_id}?mode=finish&uncordon=false", headers=AUTH)
     assert ok.status == 202
     assert (await ok.json())["phase"] == "Cancelling"
     record = await env.service.store.get(drain_id)
-    assert record["cancel"]["mode"] == "finish" and record["cancel"]["uncordon"] is False
+    assert record.cancel is not None and record.cancel.mode == "finish" and record.cancel.uncordon is False
     reasons = [reason for reason, _ in await _node_events(env, DRAIN_NODE)]
     assert reasons.count("DrainCancelRequested") == 1
 
@@ -387,8 +389,8 @@ async def test_events_of_an_open_drain_stay_open_with_keep_alives(env: Env) -> N
 
 async def test_events_of_a_long_finished_drain_without_its_finish_event_end(env: Env) -> None:
     old = time.time() - 3600
-    await env.service.store.create({"id": "old0drain", "phase": "Succeeded", "created_at": old - 60,
-                                    "finished_at": old, "request": {"nodes": [DRAIN_NODE]}}, nodes={}, vms={})
+    await env.service.store.create(DrainRecord(id="old0drain", phase=DrainPhase.SUCCEEDED, created_at=old - 60,
+                                               finished_at=old, request={"nodes": [DRAIN_NODE]}), nodes={}, vms={})
     stream = await env.client.get("/v1/drains/old0drain/events", headers=AUTH)
     assert stream.status == 200
     async with asyncio.timeout(10):

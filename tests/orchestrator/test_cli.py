@@ -11,6 +11,8 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
+from orchestrator.model import DrainPhase, NodePhase, VmPhase
+from orchestrator.records import DrainRecord, NodeRecord, VmRecord
 from orchestrator.store import DrainStore
 from tests.redis_db import claimed_db
 
@@ -25,10 +27,11 @@ async def test_status_and_list_read_redis_without_a_cluster(tmp_path: Path) -> N
     async with claimed_db() as url:
         redis = Redis.from_url(url)
         store = DrainStore(redis)
-        await store.create({"id": "abc123", "phase": "Succeeded", "message": "nodes: 1 Drained",
-                            "created_at": 1.0, "request": {"nodes": ["worker-01"]}},
-                           nodes={"worker-01": {"node": "worker-01", "phase": "Drained", "index": 0}},
-                           vms={"ns/vm": {"vmi": "ns/vm", "node": "worker-01", "phase": "Succeeded", "attempt": 1}})
+        await store.create(DrainRecord(id="abc123", phase=DrainPhase.SUCCEEDED, message="nodes: 1 Drained",
+                                       created_at=1.0, request={"nodes": ["worker-01"]}),
+                           nodes={"worker-01": NodeRecord(node="worker-01", phase=NodePhase.DRAINED, index=0)},
+                           vms={"ns/vm": VmRecord(vmi="ns/vm", node="worker-01", phase=VmPhase.SUCCEEDED,
+                                                  attempt=1)})
         await redis.aclose()
         env = {k: v for k, v in os.environ.items() if not k.startswith("DRAIN_") and k != "KUBECONFIG"}
         env.update(HOME=str(tmp_path), DRAIN_REDIS_URL=url)

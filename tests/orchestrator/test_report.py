@@ -11,6 +11,7 @@ import pytest
 from rich.console import Console
 
 from orchestrator.progress import live_progress, print_summary
+from orchestrator.records import DrainRecord, NodeRecord, VmRecord
 from orchestrator.report import attempt_rows, drain_summary, format_seconds, render_html
 from orchestrator.store import DrainView
 
@@ -57,7 +58,8 @@ def make_view(*, phase: str = "Failed") -> DrainView:
         "ns/c": vm("n2", "Skipped", [], message="evictionStrategy None", verdict="Skip"),
         "ns/d": vm("n1", "Migrating", [attempt(1, target="n5", start=25, end=None, outcome=None)]),
     }
-    return DrainView(drain, nodes, vms)
+    return DrainView(DrainRecord.model_validate(drain), {k: NodeRecord.model_validate(v) for k, v in nodes.items()},
+                     {k: VmRecord.model_validate({"vmi": k, **v}) for k, v in vms.items()})
 
 
 class Page(HTMLParser):
@@ -188,6 +190,6 @@ async def test_live_progress_draws_bars_on_a_terminal() -> None:
     console = Console(file=buffer, width=200, force_terminal=True)
     final = await live_progress(StubService([make_view(phase="Running"), make_view()]), "x",  # type: ignore[arg-type]
                                 console=console)
-    assert final.drain["phase"] == "Failed"
+    assert final.drain.phase == "Failed"
     text = buffer.getvalue()
     assert "drain abc123def456 [Failed]" in text and "n1 [Drained]" in text
