@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from orchestrator.model import REQUEST_BOUNDS
+
 
 class SettingsError(ValueError):
     """A setting is missing, malformed or out of range. Never retryable: fix the input."""
@@ -79,6 +81,10 @@ class Timeouts:
         for name in ("progress_timeout_s", "pending_timeout_s", "retry_backoff_s", "lease_ttl_s"):
             seconds = getattr(self, name)
             _check(math.isfinite(seconds) and seconds > 0, name, f"{seconds!r} must be a positive number")
+        # No default above what a drain request may ask for (small values stay allowed: tests run at scale).
+        for name in ("completion_timeout_per_gib", "progress_timeout_s", "pending_timeout_s"):
+            high = REQUEST_BOUNDS[name].high
+            _check(getattr(self, name) <= high, name, f"{getattr(self, name)!r} is above {high}")
         _check(
             math.isfinite(self.retry_backoff_max_s) and self.retry_backoff_max_s >= self.retry_backoff_s,
             "retry_backoff_max_s",
@@ -102,7 +108,8 @@ class Retry:
     def __post_init__(self) -> None:
         value = self.max_attempts
         _check(isinstance(value, int) and not isinstance(value, bool), "max_attempts", f"{value!r} not int")
-        _check(1 <= value <= 100, "max_attempts", f"{value} is out of range 1..100")
+        bound = REQUEST_BOUNDS["max_attempts"]
+        _check(bound.admits(value), "max_attempts", f"{value} is out of range {bound}")
 
 
 @dataclass(frozen=True)
