@@ -106,7 +106,13 @@ async def test_reads_live_migration_metrics_from_the_simulated_cluster() -> None
         last = [s[HOT] for s in samples if DB in s][-1]
         assert last.dirty_rate_bytes_per_s is not None and last.transfer_rate_bytes_per_s is not None
         assert last.dirty_rate_bytes_per_s >= 0.99 * last.transfer_rate_bytes_per_s > 0
-        phases = {m["vmi"]: m["phase"] for m in (await rc.stats())["migrations"]}
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 30
+        while True:  # the series ends with the transfer; the VMIM succeeds after KubeVirt's cleanup
+            phases = {m["vmi"]: m["phase"] for m in (await rc.stats())["migrations"]}
+            if phases["/".join(DB)] == "Succeeded" or loop.time() > end:
+                break
+            await asyncio.sleep(0.05)
         assert phases["/".join(DB)] == "Succeeded" and phases["/".join(HOT)] == "Running"
 
 
