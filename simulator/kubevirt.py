@@ -562,7 +562,9 @@ class KubeVirtSim:
             running = [m for m in self.active.values() if m.transfer is not None and m.complete_at is None
                        and m.transfer.phase in ("precopy", "postcopy", "paused")]
             shares = self._bandwidth(running)
-            horizon = min(t1, self._next_deadline(now), *(p.next_at for p in self.probes))
+            horizon = min(t1, self._next_deadline(now))
+            if running:  # probes sample transfers: stop at their instants only while one runs
+                horizon = min([horizon, *(p.next_at for p in self.probes)])
             for mig, bw in zip(running, shares, strict=True):
                 assert mig.transfer is not None
                 horizon = min(horizon, now + max(mig.transfer.next_event_in(bw), 1e-6))
