@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 import structlog
 
+from orchestrator.convergence import Sample
 from orchestrator.settings import Settings
 
 __all__ = ["METRICS", "MigrationHistory", "MigrationMetricsReader", "VMIMigrationMetrics"]
@@ -163,6 +164,13 @@ class MigrationHistory:
     data_remaining_bytes: tuple[tuple[float, float], ...] = ()
     transfer_rate_bytes_per_s: tuple[tuple[float, float], ...] = ()
     dirty_rate_bytes_per_s: tuple[tuple[float, float], ...] = ()
+
+    def samples(self) -> list[Sample]:
+        """The instants where remaining bytes, transfer rate and dirty rate are all known, for `judge`."""
+        transfer = dict(self.transfer_rate_bytes_per_s)
+        dirty = dict(self.dirty_rate_bytes_per_s)
+        return [Sample(t=t, remaining_bytes=v, transfer_rate=transfer[t], dirty_rate=dirty[t])
+                for t, v in self.data_remaining_bytes if t in transfer and t in dirty]
 
 
 def parse_matrix(body: Mapping[str, Any], namespace: str, name: str) -> MigrationHistory | None:
