@@ -120,7 +120,7 @@ async def test_reads_live_migration_metrics_from_the_simulated_cluster() -> None
         loop = asyncio.get_running_loop()
         end = loop.time() + 30
         while True:  # the series ends with the transfer; the VMIM succeeds after KubeVirt's cleanup
-            phases = {m["vmi"]: m["phase"] for m in rc.cluster.stats()["migrations"]}
+            phases = {m["vmi"]: m["phase"] for m in (await rc.stats())["migrations"]}
             if phases["/".join(DB)] == "Succeeded" or loop.time() > end:
                 break
             await asyncio.sleep(0.05)

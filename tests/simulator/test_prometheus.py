@@ -141,7 +141,7 @@ async def test_migration_metrics_follow_the_physics(hostile: RunningCluster) -> 
     await _until(both_reporting)
     every = await _series(rc, '{__name__=~"kubevirt_vmi_migration_.*"}')
     assert {s["metric"]["__name__"] for s in every} == set(METRIC_NAMES)
-    sources = {m["vmi"]: m["source"] for m in rc.cluster.stats()["migrations"]}
+    sources = {m["vmi"]: m["source"] for m in (await rc.stats())["migrations"]}
     for s in every:
         metric = s["metric"]
         vmi = f"{metric['namespace']}/{metric['name']}"
@@ -176,7 +176,7 @@ async def test_migration_metrics_follow_the_physics(hostile: RunningCluster) -> 
     await _until(db_done, wall_s=90)
 
     async def db_succeeded() -> bool:  # the series ends with the transfer; the VMIM succeeds after cleanup
-        return any(m["vmi"] == "/".join(DB) and m["phase"] == "Succeeded" for m in rc.cluster.stats()["migrations"])
+        return any(m["vmi"] == "/".join(DB) and m["phase"] == "Succeeded" for m in (await rc.stats())["migrations"])
 
     await _until(db_succeeded)
     assert len(db_remaining) >= 3 and db_remaining[-1] < db_remaining[0] / 2
