@@ -219,6 +219,8 @@ async def test_the_cluster_token_is_required(hostile: RunningCluster) -> None:
     assert (status, text) == (401, "Unauthorized\n")
     status, _, _ = await _get(hostile, "/api/v1/query", token="wrong", query="up")
     assert status == 401
+    status, _, _ = await _get(hostile, "/api/v1/query", token=hostile.cluster.admin_token, query="up")
+    assert status == 200  # the admin token reads what the cluster shows too
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as session, \
             session.post(f"{hostile.prometheus_url}/api/v1/query", data={"query": "up"}) as resp:
         assert resp.status == 200  # form POST, as Prometheus clients send long queries
