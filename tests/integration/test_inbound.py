@@ -39,14 +39,14 @@ async def test_inbound_limit_holds_over_repeated_parallel_drains(cluster_env: En
                                          timeout_s=280)
             assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:] + env.worker_logs()
             view = json.loads(result.stdout)
-            stats = env.stats()
+            stats = await env.stats()
             ours = [m for m in stats["migrations"] if m["labels"].get("drainctl.io/drain-id") == view["id"]]
             assert ours, "nothing migrated: the round proves nothing"
             per_round.append(max(stats["max_inbound_per_node"].values()))
             for node in sources:
                 assert vmis_on(env, node) == []
                 _uncordon(env, node)
-        stats = env.stats()
+        stats = await env.stats()
         print(f"\ninbound limit {limit}: most migrations into one node per round (cumulative) {per_round}; "
               f"{len(stats['migrations'])} migrations")
         assert all(count <= limit for count in stats["max_inbound_per_node"].values()), \

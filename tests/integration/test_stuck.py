@@ -24,7 +24,7 @@ from orchestrator import keys
 from orchestrator.model import DrainRequest
 from simulator.resources import NODES, PDBS, PODS
 from tests.integration.conftest import DRAINCTL, Env, EnvFactory, requires_redis
-from tests.integration.test_drain import _faults, assert_limits, semaphore_empty, vmis_on
+from tests.integration.test_drain import assert_limits, semaphore_empty, vmis_on
 
 pytestmark = [pytest.mark.integration, requires_redis, pytest.mark.timeout(400)]
 
@@ -57,8 +57,8 @@ def spawn(env: Env, *args: str) -> subprocess.Popen[bytes]:
                             start_new_session=True)
 
 
-def ours(env: Env, drain_id: str) -> list[dict[str, Any]]:
-    return [m for m in env.stats()["migrations"] if m["labels"].get("drainctl.io/drain-id") == drain_id]
+async def ours(env: Env, drain_id: str) -> list[dict[str, Any]]:
+    return [m for m in (await env.stats())["migrations"] if m["labels"].get("drainctl.io/drain-id") == drain_id]
 
 
 def node_obj(env: Env, node: str) -> dict[str, Any]:
@@ -92,18 +92,18 @@ async def test_worker_killed_in_plan_job_does_not_stall_the_drain(cluster_env: E
         record, _ = await service.submit(DrainRequest.from_json({"nodes": [node]}))
         drain_id = record.id
         # Every API call takes 1.5 s: the plan job's snapshot is slow enough to be killed in the middle of it.
-        env.cluster.apply_faults(_faults({"latency_ms": 1500}))
+        await env.faults({"latency_ms": 1500})
         victim = env.start_workers(1)[0]
         await eventually(lambda: in_progress(env, keys.plan_job_id(drain_id)), within_s=120, what="the plan job")
         await eventually(lambda: _is(phase(env, drain_id), "Planning"), within_s=30, what="planning")
         await asyncio.to_thread(kill, victim)
         assert await phase(env, drain_id) == "Planning", "the plan job ended before the kill: proves nothing"
-        env.cluster.apply_faults(_faults({"clear": True}))
+        await env.faults({"clear": True})
         env.start_workers(1)
         view = await service.wait(drain_id, timeout_s=240)
         assert view.drain.phase.value == "Succeeded", (view.drain, env.worker_logs())
         assert vmis_on(env, node) == []
-        assert_limits(env.stats())
+        assert_limits(await env.stats())
         assert await semaphore_empty(env) == {}
 
 
@@ -152,7 +152,7 @@ async def test_cancel_before_any_worker_runs_ends_cancelled(cluster_env: EnvFact
         env.start_workers(1)
         view = await (await env.service()).wait(drain_id, timeout_s=120)
         assert view.drain.phase.value == "Cancelled", (view.drain, env.worker_logs())
-        assert ours(env, drain_id) == []
+        assert await ours(env, drain_id) == []
         obj = node_obj(env, node)
         assert not obj["spec"].get("unschedulable"), "the node was cordoned although nothing was planned"
         assert "drainctl.io/drain-id" not in (obj["metadata"].get("annotations") or {})
@@ -167,14 +167,14 @@ async def test_cancel_while_planning_ends_cancelled(cluster_env: EnvFactory) -> 
         service = await env.service()
         record, _ = await service.submit(DrainRequest.from_json({"nodes": [node]}))
         drain_id = record.id
-        env.cluster.apply_faults(_faults({"latency_ms": 1000}))
+        await env.faults({"latency_ms": 1000})
         env.start_workers(1)
         await eventually(lambda: _is(phase(env, drain_id), "Planning"), within_s=120, what="planning")
         await service.cancel(drain_id)
-        env.cluster.apply_faults(_faults({"clear": True}))
+        await env.faults({"clear": True})
         view = await service.wait(drain_id, timeout_s=120)
         assert view.drain.phase.value == "Cancelled", (view.drain, env.worker_logs())
-        assert ours(env, drain_id) == [], "migrations started after the cancel"
+        assert await ours(env, drain_id) == [], "migrations started after the cancel"
         assert len(vmis_on(env, node)) == 15
         assert not node_obj(env, node)["spec"].get("unschedulable")
         assert await env.redis.get(keys.node_lock_key(node)) is None
@@ -186,16 +186,16 @@ async def test_submitter_killed_while_planning_leaks_nothing(cluster_env: EnvFac
     async with cluster_env("small") as env:
         node = env.cluster.scenario.drain_hint[0]
         key = "upgrade-" + node
-        env.cluster.apply_faults(_faults({"latency_ms": 2000}))
-        lists_before = sum(env.stats()["api_requests"].get("list", {}).values())
+        await env.faults({"latency_ms": 2000})
+        lists_before = sum((await env.stats())["api_requests"].get("list", {}).values())
         proc = spawn(env, "drain", node, "--idempotency-key", key, "-o", "json")
 
         async def planning() -> bool:
-            return bool(sum(env.stats()["api_requests"].get("list", {}).values()) > lists_before)
+            return bool(sum((await env.stats())["api_requests"].get("list", {}).values()) > lists_before)
 
         await eventually(planning, within_s=60, what="the CLI reading its snapshot")
         await asyncio.to_thread(kill, proc)
-        env.cluster.apply_faults(_faults({"clear": True}))
+        await env.faults({"clear": True})
         # The hook retries at once, with the same key; then again after the drain was created.
         retried = await env.adrainctl("drain", node, "--idempotency-key", key, "-o", "json", timeout_s=60)
         assert retried.returncode == 0, retried.stdout + retried.stderr

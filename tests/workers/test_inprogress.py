@@ -76,7 +76,7 @@ async def _run(worker: Worker) -> None:
     await worker.on_shutdown(worker.ctx)
 
 
-def test_renewal_must_be_more_frequent_than_the_lifetime() -> None:
+async def test_renewal_must_be_more_frequent_than_the_lifetime() -> None:
     with pytest.raises(ValueError, match="every_s"):
         keep_in_progress_short(Worker(functions=[func(_noop, name="noop")], redis_settings=RedisSettings(),
                                       handle_signals=False), ttl_s=1.0, every_s=1.0)
