@@ -48,11 +48,13 @@ class Globals:
     redis_url: str | None
     time_scale: float | None
     output: str
+    prometheus_url: str | None = None
 
     def settings(self) -> Settings:
         try:
             return Settings.from_env(os.environ, kubeconfig=self.kubeconfig, context=self.context,
-                                     redis_url=self.redis_url, time_scale=self.time_scale)
+                                     redis_url=self.redis_url, time_scale=self.time_scale,
+                                     prometheus_url=self.prometheus_url)
         except SettingsError as exc:
             err.print(f"[red]error:[/] {exc}")
             raise typer.Exit(EXIT_USAGE) from exc
@@ -73,12 +75,15 @@ def main(
                                                           "($DRAIN_TIME_SCALE, default 1)")] = None,
     output: Annotated[str, typer.Option("--output", "-o", help="table or json")] = "table",
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "warning",
+    prometheus_url: Annotated[str | None, typer.Option(help="Prometheus API with KubeVirt's migration metrics "
+                                                            "($DRAIN_PROMETHEUS_URL; token: "
+                                                            "$DRAIN_PROMETHEUS_TOKEN; default: none)")] = None,
 ) -> None:
     configure_logging(level=log_level)
     if output not in ("table", "json"):
         err.print(f"[red]error:[/] --output: {output!r} is not one of table, json")
         raise typer.Exit(EXIT_USAGE)
-    ctx.obj = Globals(kubeconfig, context, redis_url, time_scale, output)
+    ctx.obj = Globals(kubeconfig, context, redis_url, time_scale, output, prometheus_url)
 
 
 def _output(ctx: typer.Context, local: str | None) -> str:
@@ -364,6 +369,9 @@ def sim_serve(
     = None,
     token: Annotated[str | None, typer.Option(help="bearer token (default: a random one, written to the "
                                                    "kubeconfig)")] = None,
+    prometheus_port: Annotated[int | None, typer.Option(
+        help="also serve the Prometheus HTTP API (/api/v1/query) with KubeVirt's live migration metrics on this "
+             "port (0: any free port); the cluster token reads it")] = None,
 ) -> None:
     """Serve a simulated cluster until interrupted."""
     import secrets
@@ -380,12 +388,14 @@ def sim_serve(
 
     async def serve() -> None:
         async with running_cluster(loaded, time_scale=time_scale, token=bearer, host=host, port=port,
-                                   kubeconfig_out=kubeconfig_out) as rc:
+                                   kubeconfig_out=kubeconfig_out, prometheus_port=prometheus_port) as rc:
             summary = loaded.summary()
             console.print(f"simulated cluster [bold]{loaded.name}[/] (seed {loaded.seed}) at {rc.url}, "
                           f"time scale {time_scale}: {summary.get('nodes')} nodes, {summary.get('vms')} VMs")
             if kubeconfig_out:
                 console.print(f"kubeconfig: {kubeconfig_out}  (kubectl --kubeconfig {kubeconfig_out} get nodes)")
+            if rc.prometheus_url:
+                console.print(f"prometheus: {rc.prometheus_url}  (bearer: the kubeconfig's token)")
             sys.stdout.flush()
             await asyncio.Event().wait()
 
