@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -92,7 +93,7 @@ def test_a_policy_overrides_only_what_it_sets() -> None:
 @pytest.fixture
 async def hostile(tmp_path: Path) -> AsyncIterator[RunningCluster]:
     async with running_cluster(scenarios.builtin("hostile"), time_scale=100.0, token="policy-token",
-                               kubeconfig_out=tmp_path / "kubeconfig") as rc:
+                               kubeconfig_out=tmp_path / "kubeconfig", prometheus_port=0) as rc:
         yield rc
 
 
@@ -187,15 +188,17 @@ async def test_a_policy_makes_a_vm_that_cannot_converge_move(hostile: RunningClu
                                                   "kind": "VirtualMachineInstanceMigration",
                                                   "metadata": {"name": f"mig-{name}"}, "spec": {"vmiName": name}})
 
-    def records() -> dict[str, dict[str, Any]]:
-        return {m["vmi"].split("/")[1]: m for m in hostile.cluster.stats()["migrations"]}
+    async def records() -> dict[str, dict[str, Any]]:
+        return {m["vmi"].split("/")[1]: m for m in (await hostile.stats())["migrations"]}
 
     loop = asyncio.get_running_loop()
     end = loop.time() + 120
-    while not all(records().get(n, {}).get("phase") == "Succeeded" for n in ("hot-00007", "hot-00001")):
-        assert loop.time() < end, f"the policies did not make the VMs move: {records()}"
+    while True:
+        got = await records()
+        if all(got.get(n, {}).get("phase") == "Succeeded" for n in ("hot-00007", "hot-00001")):
+            break
+        assert loop.time() < end, f"the policies did not make the VMs move: {got}"
         await asyncio.sleep(0.2)
-    got = records()
     assert got["hot-00007"]["mode"] == "PostCopy"
     assert got["hot-00001"]["mode"] == "PreCopy"  # auto-converge throttled it into converging
     assert got["hot-00009"]["phase"] == "Running"  # no useful policy: still not converging
@@ -217,3 +220,32 @@ async def test_a_policy_makes_a_vm_that_cannot_converge_move(hostile: RunningClu
     running = await co.get_namespaced_custom_object("kubevirt.io", "v1", "analytics", "virtualmachineinstances",
                                                     "hot-00009")
     assert running["status"]["migrationState"]["migrationConfiguration"]["allowAutoConverge"] is False
+
+
+async def test_a_policy_bandwidth_caps_that_migration_only(hostile: RunningCluster, api: client.ApiClient) -> None:
+    """bandwidthPerMigration from a policy caps the matched VM's transfer (seen in KubeVirt's transfer-rate metric
+    over the Prometheus API); a VM the policy does not match on the same node takes the rest of the NIC."""
+    co = client.CustomObjectsApi(api)
+    await co.create_cluster_custom_object(GROUP, VERSION, PLURAL, policy("slow", vmi={"slow": "yes"},
+                                                                         bandwidthPerMigration="100Mi"))
+    await co.patch_namespaced_custom_object("kubevirt.io", "v1", "corp-apps", "virtualmachineinstances", "idle-00002",
+                                            {"metadata": {"labels": {"slow": "yes"}}}, _content_type=MERGE)
+    for name in ("idle-00002", "idle-00004"):  # both on worker-01
+        await co.create_namespaced_custom_object("kubevirt.io", "v1", "corp-apps", "virtualmachineinstancemigrations",
+                                                 {"apiVersion": "kubevirt.io/v1",
+                                                  "kind": "VirtualMachineInstanceMigration",
+                                                  "metadata": {"name": f"mig-{name}"}, "spec": {"vmiName": name}})
+    query = 'kubevirt_vmi_migration_memory_transfer_rate_bytes{namespace="corp-apps"}'
+    rates: dict[str, float] = {}
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 60
+    async with aiohttp.ClientSession(headers={"Authorization": "Bearer policy-token"}) as session:
+        while len(rates) < 2:
+            assert loop.time() < end, "both transfers should report a rate"
+            async with session.get(f"{hostile.prometheus_url}/api/v1/query", params={"query": query}) as resp:
+                body = await resp.json()
+            rates = {s["metric"]["name"]: float(s["value"][1]) for s in body["data"]["result"]}
+            await asyncio.sleep(0.1)
+    nic = next(n["migration_bytes_per_s"] for n in hostile.cluster.scenario_json()["nodes"] if n["name"] == "worker-01")
+    assert rates["idle-00002"] == 100 * 2**20
+    assert rates["idle-00004"] == pytest.approx(nic - 100 * 2**20)
