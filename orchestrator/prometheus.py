@@ -4,6 +4,9 @@ What it promises:
 - `MigrationMetricsReader.read(namespace=None)` returns one `VMIMigrationMetrics` per VMI whose migration
   Prometheus reports now (KubeVirt's virt-handler exports the series only while a transfer runs), keyed by
   `(namespace, name)`. One instant query per call (`/api/v1/query`, a regex on the five metric names).
+- `MigrationMetricsReader.history(namespace, name, end=..., window_s=...)` returns one VMI's samples over the
+  window before `end` (Prometheus time: take `VMIMigrationMetrics.at`), one range query
+  (`/api/v1/query_range`), so a stateless job can judge a trend without keeping samples itself.
 - It works without Prometheus: with no URL configured it returns `{}` without any I/O; when Prometheus is
   unreachable, refuses the token or answers an error it returns `{}` too, logs `prometheus.unavailable`
   once (warning) and `prometheus.recovered` once when it answers again, never an error per call.
@@ -26,7 +29,7 @@ import structlog
 
 from orchestrator.settings import Settings
 
-__all__ = ["METRICS", "MigrationMetricsReader", "VMIMigrationMetrics"]
+__all__ = ["METRICS", "MigrationHistory", "MigrationMetricsReader", "VMIMigrationMetrics"]
 
 log = structlog.get_logger("orchestrator.prometheus")
 
@@ -102,12 +105,29 @@ class MigrationMetricsReader:
             return {}
         return parse_vector(body)
 
-    async def _query(self, query: str) -> dict[str, Any] | None:
+    async def history(self, namespace: str, name: str, *, end: float, window_s: float = 60.0,
+                      step_s: float = 5.0) -> MigrationHistory | None:
+        """One VMI's migration samples in [end - window_s, end], every step_s; None when there are none or
+        Prometheus cannot be read."""
+        if self.url is None:
+            return None
+        if not (window_s > 0 and step_s > 0):
+            raise ValueError(f"window_s and step_s must be > 0, got {window_s} and {step_s}")
+        query = f'{{__name__=~"{_NAME_REGEX}",namespace="{_quote(namespace)}",name="{_quote(name)}"}}'
+        body = await self._query(query, path="query_range",
+                                 extra={"start": f"{end - window_s:.3f}", "end": f"{end:.3f}", "step": f"{step_s:g}"})
+        if body is None:
+            return None
+        return parse_matrix(body, namespace, name)
+
+    async def _query(self, query: str, *, path: str = "query",
+                     extra: Mapping[str, str] | None = None) -> dict[str, Any] | None:
         assert self.url is not None
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
+        params = {"query": query, **(extra or {})}
         try:
-            async with self._session.get(f"{self.url}/api/v1/query", params={"query": query}) as resp:
+            async with self._session.get(f"{self.url}/api/v1/{path}", params=params) as resp:
                 if resp.status != 200:
                     text = (await resp.text())[:300]
                     self._failed(f"HTTP {resp.status}: {text.strip()}")
@@ -130,6 +150,44 @@ class MigrationMetricsReader:
             log.warning("prometheus.unavailable", url=self.url, reason=reason,
                         effect="migration metrics are not used until Prometheus answers again")
         return None
+
+
+@dataclass(frozen=True)
+class MigrationHistory:
+    """One VMI's migration samples from a range query: (Prometheus time, value) per metric, oldest first."""
+
+    namespace: str
+    name: str
+    data_total_bytes: tuple[tuple[float, float], ...] = ()
+    data_processed_bytes: tuple[tuple[float, float], ...] = ()
+    data_remaining_bytes: tuple[tuple[float, float], ...] = ()
+    transfer_rate_bytes_per_s: tuple[tuple[float, float], ...] = ()
+    dirty_rate_bytes_per_s: tuple[tuple[float, float], ...] = ()
+
+
+def parse_matrix(body: Mapping[str, Any], namespace: str, name: str) -> MigrationHistory | None:
+    """Prometheus's range-query JSON for one VMI -> its history; None when no series came back."""
+    data = body.get("data") or {}
+    if data.get("resultType") != "matrix":
+        return None
+    fields: dict[str, tuple[tuple[float, float], ...]] = {}
+    for item in data.get("result") or []:
+        metric = item.get("metric") or {}
+        attr = METRICS.get(metric.get("__name__", ""))
+        if attr is None or metric.get("namespace") != namespace or metric.get("name") != name:
+            continue
+        points = []
+        for pair in item.get("values") or []:
+            try:
+                t, v = float(pair[0]), float(pair[1])
+            except (TypeError, ValueError, IndexError):
+                continue
+            if math.isfinite(v):
+                points.append((t, v))
+        fields[attr] = tuple(sorted(points))
+    if not fields:
+        return None
+    return MigrationHistory(namespace=namespace, name=name, **fields)
 
 
 def _quote(value: str) -> str:

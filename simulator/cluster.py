@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import tempfile
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -15,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simulator import objects
+from simulator import objects, policies
 from simulator.clock import SimClock
 from simulator.errors import ApiError
 from simulator.faults import Faults, FaultsBody
 from simulator.kubevirt import DEFAULT_MIGRATIONS, KubeVirtSim, NetworkModel, VMInfo, vmi_key
 from simulator.physics import VMPhysics
+from simulator.policies import MIGRATION_POLICIES
 from simulator.prometheus import MigrationMetrics, serve_prometheus
 from simulator.resources import (
     DAEMONSETS,
@@ -45,7 +47,9 @@ class SimCluster:
         self.scenario = scenario
         self.clock = clock or SimClock(time_scale)
         self.registry = Registry()
+        self.registry.add(MIGRATION_POLICIES)
         self.store = Store(self.registry, now=self.clock.now, history=history, seed=scenario.seed)
+        self.store.add_admission(functools.partial(policies.admit, self.store))
         self.faults = Faults()
         self.token = token
         self.tick_s = tick_s

@@ -181,14 +181,16 @@ class MigrationMetrics:
         self.series = SeriesStore(retention_s=retention_s)
         self.next_at = start
         self.polls = 0
+        self._labels_of: dict[str, dict[str, str]] = {}  # migration uid -> its series' labels
 
     def observe(self, now: float) -> None:
         keep: set[LabelSet] = set()
+        labels_of: dict[str, dict[str, str]] = {}
         for mig in list(self.kubevirt.active.values()):
             tr = mig.transfer
             if tr is None or tr.finished or mig.complete_at is not None:
                 continue
-            base = self._labels(mig)
+            base = labels_of[mig.uid] = self._labels_of.get(mig.uid) or self._labels(mig)
             physics = self.kubevirt.vm_info(vmi_key(mig.namespace, mig.vmi)).physics
             values = {
                 DATA_TOTAL: float(physics.memory_bytes),
@@ -201,6 +203,7 @@ class MigrationMetrics:
                 labels = {"__name__": name, **base}
                 self.series.append(labels, now, value)
                 keep.add(SeriesStore.key(labels))
+        self._labels_of = labels_of
         self.series.mark_stale(keep, now)
         self.polls += 1
         # the next poll instant strictly after now, on the fixed grid
