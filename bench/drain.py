@@ -34,6 +34,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from simulator import scenarios
+from simulator.admin import SimAdmin
 from simulator.cluster import RunningCluster, running_cluster
 
 KUBECTL = os.environ.get("KUBECTL", "kubectl")
@@ -63,11 +64,9 @@ def movable_vms(sc: scenarios.Scenario) -> int:
                and vm.eviction_strategy in ("LiveMigrate", "LiveMigrateIfPossible"))
 
 
-def _faults(rc: RunningCluster, fail_nodes: list[str]) -> None:
+async def _faults(admin: SimAdmin, fail_nodes: list[str]) -> None:
     if fail_nodes:
-        from simulator.faults import FaultsBody
-
-        rc.cluster.apply_faults(FaultsBody.model_validate({"fail_migrations_to": fail_nodes}))
+        await admin.faults({"fail_migrations_to": fail_nodes})
 
 
 def pick_fail_node(sc: scenarios.Scenario) -> str:
@@ -86,28 +85,28 @@ async def run_drainctl(sc: scenarios.Scenario, *, time_scale: float, workers: in
     drain = list(sc.drain_hint)
     kubeconfig = tmp / "drainctl.kubeconfig"
     async with running_cluster(sc, time_scale=time_scale, token=secrets.token_hex(8),
-                               kubeconfig_out=kubeconfig) as rc:
+                               kubeconfig_out=kubeconfig) as rc, rc.admin() as admin:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DRAIN_")}
         env.update(KUBECONFIG=str(kubeconfig), DRAIN_REDIS_URL=redis_url, DRAIN_TIME_SCALE=str(time_scale),
                    DRAIN_QUEUE_NAME=f"bench-{secrets.token_hex(3)}", **(extra_env or {}))
         drainctl = str(Path(sys.executable).with_name("drainctl"))
-        _faults(rc, fail_nodes)
+        await _faults(admin, fail_nodes)
         procs = [subprocess.Popen([drainctl, "worker"], env=env, stdout=subprocess.DEVNULL,  # noqa: ASYNC220
                                   stderr=subprocess.DEVNULL, start_new_session=True) for _ in range(workers)]
         try:
             await asyncio.sleep(3.0)  # workers connect and list the cluster
-            api_before = rc.cluster.stats()["api_requests_total"]
+            before = await admin.stats()
+            api_before, t0 = before["api_requests_total"], before["sim_time_s"]
             redis_before = int((await plain.info("stats"))["total_commands_processed"])
-            t0 = rc.cluster.clock.elapsed()
             wall0 = time.monotonic()
             proc = await asyncio.create_subprocess_exec(
                 drainctl, "drain", *drain, "--max-parallel-nodes", str(sc.parallel_hint), "--wait", "-o", "json",
                 "--non-migratable", non_migratable,
                 env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
             out, errout = await proc.communicate()
-            exit_s = rc.cluster.clock.elapsed() - t0
             wall = time.monotonic() - wall0
-            stats = rc.cluster.stats()
+            stats = await admin.stats()
+            exit_s = stats["sim_time_s"] - t0
             redis_after = int((await plain.info("stats"))["total_commands_processed"])
         finally:
             for p in procs:
@@ -134,10 +133,10 @@ async def run_kubectl(sc: scenarios.Scenario, *, time_scale: float, tmp: Path, f
     kubeconfig = tmp / "kubectl.kubeconfig"
     rc: RunningCluster
     async with running_cluster(sc, time_scale=time_scale, token=secrets.token_hex(8),
-                               kubeconfig_out=kubeconfig) as rc:
-        _faults(rc, fail_nodes)
-        api_before = rc.cluster.stats()["api_requests_total"]
-        t0 = rc.cluster.clock.elapsed()
+                               kubeconfig_out=kubeconfig) as rc, rc.admin() as admin:
+        await _faults(admin, fail_nodes)
+        before = await admin.stats()
+        api_before, t0 = before["api_requests_total"], before["sim_time_s"]
         wall0 = time.monotonic()
         wall_timeout = max(30, int(timeout_s / time_scale))
         # kubectl drains the nodes it is given one after the other: one process per node when the drain is
@@ -148,9 +147,9 @@ async def run_kubectl(sc: scenarios.Scenario, *, time_scale: float, tmp: Path, f
             *group, "--ignore-daemonsets", "--delete-emptydir-data", f"--timeout={wall_timeout}s",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL) for group in groups]
         codes = [await p.wait() for p in procs]
-        exit_s = rc.cluster.clock.elapsed() - t0
         wall = time.monotonic() - wall0
-        stats = rc.cluster.stats()
+        stats = await admin.stats()
+        exit_s = stats["sim_time_s"] - t0
     makespan, moved, failed = _off_node_makespan(stats, drain, t0, movable_vms(sc))
     migrations = max(1, moved + failed)
     return {"tool": "kubectl drain", "exit_code": max(codes), "phase": "Succeeded" if not any(codes) else "Failed",

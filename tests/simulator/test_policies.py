@@ -188,15 +188,17 @@ async def test_a_policy_makes_a_vm_that_cannot_converge_move(hostile: RunningClu
                                                   "kind": "VirtualMachineInstanceMigration",
                                                   "metadata": {"name": f"mig-{name}"}, "spec": {"vmiName": name}})
 
-    def records() -> dict[str, dict[str, Any]]:
-        return {m["vmi"].split("/")[1]: m for m in hostile.cluster.stats()["migrations"]}
+    async def records() -> dict[str, dict[str, Any]]:
+        return {m["vmi"].split("/")[1]: m for m in (await hostile.stats())["migrations"]}
 
     loop = asyncio.get_running_loop()
     end = loop.time() + 120
-    while not all(records().get(n, {}).get("phase") == "Succeeded" for n in ("hot-00007", "hot-00001")):
-        assert loop.time() < end, f"the policies did not make the VMs move: {records()}"
+    while True:
+        got = await records()
+        if all(got.get(n, {}).get("phase") == "Succeeded" for n in ("hot-00007", "hot-00001")):
+            break
+        assert loop.time() < end, f"the policies did not make the VMs move: {got}"
         await asyncio.sleep(0.2)
-    got = records()
     assert got["hot-00007"]["mode"] == "PostCopy"
     assert got["hot-00001"]["mode"] == "PreCopy"  # auto-converge throttled it into converging
     assert got["hot-00009"]["phase"] == "Running"  # no useful policy: still not converging
