@@ -62,8 +62,8 @@ class Env:
             return await admin.stats()
 
     async def faults(self, body: dict[str, Any]) -> None:
-        resp = await self.client.session.post(f"{self.sim.url}/sim/v1/faults", json=body, headers=AUTH, ssl=False)
-        assert resp.status == 200, await resp.text()
+        async with self.sim.admin() as admin:
+            await admin.faults(body)
 
 
 async def _stop_worker(worker: Any, task: asyncio.Task[None], pool: ArqRedis) -> None:
