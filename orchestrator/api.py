@@ -4,17 +4,25 @@ Promises:
 - Every ``/v1`` call needs ``Authorization: Bearer <token>``: 401 (with ``WWW-Authenticate: Bearer``) without
   one, 403 with a wrong one; tokens are compared in constant time. ``/healthz``, ``/readyz``, ``/metrics`` and
   ``/openapi.json`` are open, as probes and scrapers expect.
-- Every error is JSON ``{"error": {"code", "message", "details"}}``: malformed JSON 400, a body that breaks
-  the schema 422 naming each field (``nodes: ...``), unknown nodes 404 naming them, an infeasible drain 422
-  with the planner's problems, a node that another drain owns 409 naming the node and the drain, an
-  unreachable cluster or Redis 503. Nothing is written when a request is refused (DESIGN.md rule 7).
+- Every error is JSON ``{"error": {"code", "message", "details"}}``, whatever raised it (405 with ``Allow``,
+  413, an unexpected bug as 500): malformed JSON 400, a body not sent as ``application/json`` 415 (with
+  ``Accept-Post``), a drain id drainctl could not have issued 400, a body that breaks the schema or an unknown
+  query parameter 422 naming each field (``nodes: ...``), unknown nodes 404 naming them, an infeasible drain
+  422 with the planner's problems, a node that another drain owns 409 naming the node and the drain, a
+  refusal by the cluster's API server 502, an unreachable cluster or Redis 503 (with ``Retry-After``).
+  Nothing is written when a request is refused (DESIGN.md rule 7).
+- Every number in a request lies in the range ``REQUEST_BOUNDS`` (orchestrator/model.py) gives it; the CLI
+  and ``DrainRequest`` enforce the same table, and the document shows it.
 - ``POST /v1/drains`` with an ``Idempotency-Key`` header returns the drain that key created (200) instead of
-  starting another one (202); reusing a key with a different request is refused (422).
+  starting another one (202); reusing a key with a different request is refused (422); a retry while the
+  first request with the key is still being processed is 409 ``idempotency_in_progress`` with
+  ``Retry-After`` (the IETF idempotency-key draft's answer): wait that long and send the same request again.
 - ``GET /v1/drains/{id}/events`` is a server-sent event stream: the drain's events from ``Last-Event-ID``
   (or the start), then live ones until ``drain.finished``; ``event:`` is our event name, ``id:`` the Redis
   stream id, so a client that reconnects resumes exactly where it stopped.
 - ``/openapi.json`` is an OpenAPI 3.1 document whose schemas are generated from the pydantic models the
-  handlers use, so the document and the wire format cannot drift apart.
+  handlers use, so the document and the wire format cannot drift apart; it lists every status each operation
+  answers, and only those (tests/orchestrator/test_api.py, test_api_schema.py with schemathesis).
 
 It holds no drain state of its own: everything goes through :class:`orchestrator.service.DrainService`, so
 any number of API replicas may run beside the workers.
