@@ -831,6 +831,13 @@ def openapi_document() -> dict[str, Any]:
                 "schema": {"type": "string", "pattern": DRAIN_ID_PATTERN}}
     stream_id = {"type": "string", "pattern": f"^{_STREAM_ID.pattern}$"}
     body = {"required": True, "content": content("DrainRequestBody")}
+    # One server-sent event (the schema of a text/event-stream applies to each event): data is one drain
+    # event as JSON, carrying its own stream id and name.
+    sse_event = {"type": "object", "properties": {
+        "id": stream_id, "event": {"type": "string"}, "retry": {"type": "integer"},
+        "data": {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": {"type": "object", "required": ["id", "event"],
+                                   "properties": {"id": stream_id, "event": {"type": "string"}}}}}}
     refusals = {"400": error("The body is not JSON (code bad_json), or the Idempotency-Key header is malformed "
                              "(code bad_header)."),
                 "404": error("Unknown nodes (code unknown_nodes, details.nodes)."),
@@ -848,6 +855,10 @@ def openapi_document() -> dict[str, Any]:
     unknown_query = {"422": error("An unknown query parameter (code invalid, details.problems).")}
 
     bearer: list[dict[str, list[str]]] = [{"bearerAuth": []}]
+    # Where a drain's id leads (OpenAPI links; not to the event stream, which stays open until the drain ends).
+    to_drain = {"links": {"GetDrain": {"operationId": "getDrain", "parameters": {"drain_id": "$response.body#/id"}},
+                          "CancelDrain": {"operationId": "cancelDrain",
+                                          "parameters": {"drain_id": "$response.body#/id"}}}}
     paths: dict[str, Any] = {
         "/v1/drains": {
             "post": {
@@ -856,9 +867,9 @@ def openapi_document() -> dict[str, Any]:
                                 "schema": {"type": "string", "pattern": f"^{_IDEMPOTENCY_KEY.pattern}$"},
                                 "description": "A retried call with the same key returns the first drain (200)."}],
                 "requestBody": body,
-                "responses": {"202": {"description": "Queued.", "content": content("DrainAccepted")},
+                "responses": {"202": {"description": "Queued.", "content": content("DrainAccepted"), **to_drain},
                               "200": {"description": "The drain this idempotency key created earlier.",
-                                      "content": content("DrainAccepted")},
+                                      "content": content("DrainAccepted"), **to_drain},
                               **refusals, **auth_errors,
                               "409": error("A node belongs to another open drain (code conflict, details.nodes: "
                                            "node -> drain), or the first request with this Idempotency-Key is "
@@ -879,7 +890,7 @@ def openapi_document() -> dict[str, Any]:
                 "security": bearer,
                 "parameters": [drain_id, {"name": "plan", "in": "query", "required": False,
                                           "schema": {"type": "boolean", "default": False}}],
-                "responses": {"200": {"description": "The drain.", "content": content("DrainDetail")},
+                "responses": {"200": {"description": "The drain.", "content": content("DrainDetail"), **to_drain},
                               **bad_id, **no_drain, **bad_query("plan"), **auth_errors, **unavailable},
             },
             "delete": {
@@ -908,7 +919,7 @@ def openapi_document() -> dict[str, Any]:
                                                "Last-Event-ID wins)."}],
                 "responses": {"200": {"description": "`event:` is the event name, `id:` the stream id, `data:` "
                                                      "the event as JSON.",
-                                      "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                                      "content": {"text/event-stream": {"schema": sse_event}}},
                               "400": error("The drain id is malformed (code bad_drain_id) or Last-Event-ID / "
                                            "after is not an event id (code bad_header)."),
                               **no_drain, **unknown_query, **auth_errors, **unavailable},
