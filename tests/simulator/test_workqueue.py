@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import itertools
 import math
 from collections.abc import Callable
 
@@ -111,6 +113,10 @@ def test_held_back_vmims_are_requeued_by_priority_and_a_free_slot_goes_to_the_hi
     assert records["user"]["admitted_s"] is None
 
 
+def _all_succeeded(records: list[dict[str, object]]) -> bool:
+    return all(r["phase"] == "Succeeded" for r in records)
+
+
 def test_one_target_pod_at_a_time_and_ties_in_a_seeded_arbitrary_order() -> None:
     """podExpectations: a second VMIM processed in the same instant as a target pod creation waits 1 s; the
     re-enqueue after a migration ends picks among equal priorities in an arbitrary order (sort.Slice),
@@ -125,11 +131,11 @@ def test_one_target_pod_at_a_time_and_ties_in_a_seeded_arbitrary_order() -> None
         kv = cluster.kubevirt
         evacuations = [r for r in kv.records if r["origin"] == "evacuation"]
         assert len(evacuations) == 15 and len({r["created_s"] for r in evacuations}) == 1
-        _run_until(cluster, clock, lambda: all(r["phase"] == "Succeeded" for r in evacuations), limit_s=3600)
+        _run_until(cluster, clock, functools.partial(_all_succeeded, evacuations), limit_s=3600)
         admitted = sorted((r["admitted_s"], r["vmi"]) for r in evacuations)
         t0 = evacuations[0]["created_s"]
         assert [a for a, _ in admitted[:2]] == [t0, t0 + 1.0]
-        assert all(b - a >= 0.05 for (a, _), (b, _) in zip(admitted, admitted[1:], strict=False))
+        assert all(b - a >= 0.05 for (a, _), (b, _) in itertools.pairwise(admitted))
         orders.append([vmi for _, vmi in admitted])
     assert orders[0] == orders[1]
     assert orders[0] != sorted(orders[0]), "admitted in creation order: ties are not arbitrary"
