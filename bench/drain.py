@@ -50,6 +50,12 @@ def _off_node_makespan(stats: dict[str, Any], drain: list[str], t0: float,
     return (None if end is None or not done else end - t0), len(moved), len(failed)
 
 
+def failed_slot_seconds(stats: dict[str, Any], drain: list[str]) -> float:
+    """Cluster seconds that attempts which failed held a migration slot (VMIM created to final), out of `drain`."""
+    return sum(float(m["finished_s"]) - float(m["created_s"]) for m in stats["migrations"]
+               if m["source"] in drain and m["phase"] == "Failed" and m["finished_s"] is not None)
+
+
 def remigrated(stats: dict[str, Any]) -> int:
     """VMs that moved more than once (a rolling drain that parks VMs on nodes it drains next)."""
     moves: dict[str, int] = {}
@@ -124,7 +130,7 @@ async def run_drainctl(sc: scenarios.Scenario, *, time_scale: float, workers: in
             "api_per_migration": (stats["api_requests_total"] - api_before) / migrations,
             "redis_per_migration": (redis_after - redis_before) / migrations,
             "restarts": len(stats["vm_restarts"]), "remigrated": remigrated(stats),
-            "stderr": errout.decode()[-300:]}
+            "failed_slot_s": failed_slot_seconds(stats, drain), "stderr": errout.decode()[-300:]}
 
 
 async def run_kubectl(sc: scenarios.Scenario, *, time_scale: float, tmp: Path, fail_nodes: list[str],
@@ -158,7 +164,7 @@ async def run_kubectl(sc: scenarios.Scenario, *, time_scale: float, tmp: Path, f
             "max_per_node": max(stats["max_in_flight_per_node"].values(), default=0),
             "api_per_migration": (stats["api_requests_total"] - api_before) / migrations,
             "redis_per_migration": 0.0, "restarts": len(stats["vm_restarts"]), "remigrated": remigrated(stats),
-            "stderr": ""}
+            "failed_slot_s": failed_slot_seconds(stats, drain), "stderr": ""}
 
 
 async def amain(args: argparse.Namespace) -> int:
@@ -178,12 +184,13 @@ async def amain(args: argparse.Namespace) -> int:
           + (f", node {fail_nodes[0]} fails every migration it receives" if fail_nodes else ""))
     print(f"lower bound (migration-model.md 3.3): physical {lb.phys:.1f} s, pre-copy {lb.precopy:.1f} s "
           f"(busiest source {lb.busiest_source}, {lb.non_converging} VM(s) cannot converge by pre-copy)")
-    print(f"{'tool':<14} {'exit':>4} {'moved':>5} {'failed':>6} {'VMs off s':>9} {'/LB phys':>8} "
+    print(f"{'tool':<14} {'exit':>4} {'moved':>5} {'failed':>6} {'failed s':>8} {'VMs off s':>9} {'/LB phys':>8} "
           f"{'command s':>9} {'max infl':>8} {'API/mig':>7} {'Redis/mig':>9} {'restarts':>8} {'moved 2x':>8}")
     for r in (ours, theirs):
         ratio = (r["makespan_s"] / lb.phys) if r["makespan_s"] and lb.phys else float("nan")
         ms = f"{r['makespan_s']:.1f}" if r["makespan_s"] is not None else "-"
-        print(f"{r['tool']:<14} {r['exit_code']:>4} {r['moved']:>5} {r['failed']:>6} {ms:>9} {ratio:>8.2f} "
+        print(f"{r['tool']:<14} {r['exit_code']:>4} {r['moved']:>5} {r['failed']:>6} {r['failed_slot_s']:>8.0f} "
+              f"{ms:>9} {ratio:>8.2f} "
               f"{r['command_s']:>9.1f} {r['max_in_flight']:>8} {r['api_per_migration']:>7.1f} "
               f"{r['redis_per_migration']:>9.1f} {r['restarts']:>8} {r['remigrated']:>8}")
     if ours["makespan_s"] and theirs["makespan_s"]:

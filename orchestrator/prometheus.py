@@ -4,6 +4,8 @@ What it promises:
 - `MigrationMetricsReader.read(namespace=None)` returns one `VMIMigrationMetrics` per VMI whose migration
   Prometheus reports now (KubeVirt's virt-handler exports the series only while a transfer runs), keyed by
   `(namespace, name)`. One instant query per call (`/api/v1/query`, a regex on the five metric names).
+- `MigrationMetricsReader.guest_dirty_rates(namespace=None)` returns each running VMI's guest dirty rate outside
+  migrations (`kubevirt_vmi_dirty_rate_bytes_per_second`), what a plan can use to expect hard VMs.
 - `MigrationMetricsReader.history(namespace, name, end=..., window_s=...)` returns one VMI's samples over the
   window before `end` (Prometheus time: take `VMIMigrationMetrics.at`), one range query
   (`/api/v1/query_range`), so a stateless job can judge a trend without keeping samples itself.
@@ -43,6 +45,8 @@ METRICS: Mapping[str, str] = {
     "kubevirt_vmi_migration_dirty_memory_rate_bytes": "dirty_rate_bytes_per_s",
 }
 _NAME_REGEX = "|".join(re.escape(name) for name in METRICS)
+GUEST_DIRTY_RATE = "kubevirt_vmi_dirty_rate_bytes_per_second"
+"""The guest's dirty rate outside migrations (virt-handler domainstats/dirty_rate_metrics.go)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,26 @@ class MigrationMetricsReader:
         if body is None:
             return {}
         return parse_vector(body)
+
+    async def guest_dirty_rates(self, *, namespace: str | None = None) -> dict[tuple[str, str], float]:
+        """Each running VMI's guest dirty rate in bytes/s (`kubevirt_vmi_dirty_rate_bytes_per_second`, exported by
+        virt-handler for VMIs that are not migrating); `{}` when there are none or Prometheus cannot be read."""
+        if self.url is None:
+            return {}
+        query = GUEST_DIRTY_RATE if namespace is None else f'{GUEST_DIRTY_RATE}{{namespace="{_quote(namespace)}"}}'
+        body = await self._query(query)
+        if body is None or (body.get("data") or {}).get("resultType") != "vector":
+            return {}
+        out: dict[tuple[str, str], float] = {}
+        for item in body["data"].get("result") or []:
+            metric = item.get("metric") or {}
+            try:
+                value = float((item.get("value") or [0, "nan"])[1])
+            except (TypeError, ValueError):
+                continue
+            if metric.get("namespace") and metric.get("name") and math.isfinite(value):
+                out[(metric["namespace"], metric["name"])] = value
+        return out
 
     async def history(self, namespace: str, name: str, *, end: float, window_s: float = 60.0,
                       step_s: float = 5.0) -> MigrationHistory | None:

@@ -138,3 +138,25 @@ async def test_a_wrong_token_reads_nothing_and_says_so_once() -> None:
         assert "HTTP 401" in logs[0]["reason"]
         async with MigrationMetricsReader(rc.prometheus_url, token=TOKEN) as reader:
             assert await reader.read() == {}  # nothing migrates: no series, no error
+
+
+async def test_guest_dirty_rates_of_vms_that_are_not_migrating() -> None:
+    async with running_cluster(scenarios.builtin("hostile"), time_scale=100.0, token=TOKEN, tls=False,
+                               prometheus_port=0) as rc:
+        physics = {vm["vmi"]: vm for vm in rc.cluster.scenario_json()["vms"]}
+        async with MigrationMetricsReader(rc.prometheus_url, token=TOKEN) as reader:
+            rates = await reader.guest_dirty_rates(namespace="analytics")
+            assert rates and all(ns == "analytics" for ns, _ in rates)
+            hot = physics["/".join(HOT)]
+            assert rates[HOT] <= hot["dirty_bytes_per_s"] < rates[HOT] + 2**20  # whole MiB/s, as libvirt counts
+            assert len(await reader.guest_dirty_rates()) == sum(1 for vm in physics.values() if vm["node"])
+            rc.cluster.store.create(VMIMS, {"metadata": {"namespace": HOT[0], "name": "mig"},
+                                            "spec": {"vmiName": HOT[1]}})
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 30
+            while HOT in await reader.guest_dirty_rates(namespace="analytics"):  # migrating: not exported
+                assert loop.time() < end
+                await asyncio.sleep(0.05)
+            while HOT not in await reader.read(namespace="analytics"):  # the migration's own metrics take over
+                assert loop.time() < end
+                await asyncio.sleep(0.05)

@@ -219,6 +219,22 @@ async def test_the_cluster_token_is_required(hostile: RunningCluster) -> None:
     assert (status, text) == (401, "Unauthorized\n")
     status, _, _ = await _get(hostile, "/api/v1/query", token="wrong", query="up")
     assert status == 401
+    status, _, _ = await _get(hostile, "/api/v1/query", token=hostile.cluster.admin_token, query="up")
+    assert status == 200  # the admin token reads what the cluster shows too
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as session, \
             session.post(f"{hostile.prometheus_url}/api/v1/query", data={"query": "up"}) as resp:
         assert resp.status == 200  # form POST, as Prometheus clients send long queries
+
+
+async def test_guest_dirty_rate_of_running_vmis(hostile: RunningCluster) -> None:
+    physics = {vm["vmi"]: vm for vm in hostile.cluster.scenario_json()["vms"]}
+    rows = await _series(hostile, 'kubevirt_vmi_dirty_rate_bytes_per_second{namespace="databases"}')
+    assert {f"{r['metric']['namespace']}/{r['metric']['name']}" for r in rows} == \
+        {k for k, vm in physics.items() if k.startswith("databases/")}
+    for row in rows:
+        vm = physics[f"{row['metric']['namespace']}/{row['metric']['name']}"]
+        expected = min(vm["dirty_bytes_per_s"], vm["wws_bytes"]) // 2**20 * 2**20
+        assert float(row["value"][1]) == expected
+        assert row["metric"]["node"] == vm["node"]
+    # not among the migration metrics a regex on kubevirt_vmi_migration_ selects
+    assert await _series(hostile, '{__name__=~"kubevirt_vmi_migration_.*"}') == []
