@@ -561,14 +561,7 @@ class RedisSemaphore:
             return await self._attempt_choice(holder, scopes, await choose(), meta_json,
                                               acquisition=acquisition, waiter=waiter)
         names = _names(scopes)
-        keys = [
-            self._keys.holders,
-            self._keys.fence,
-            self._keys.lease(holder),
-            self._keys.waiters,
-            self._keys.scopes,
-            *(self._keys.scope(name) for name in names),
-        ]
+        keys = self._acquire_keys(holder, names)
         args: list[str | int] = [
             holder,
             self._lease_ms,
@@ -594,6 +587,17 @@ class RedisSemaphore:
         log.debug(event, semaphore=self.name, holder=holder, token=lease.token, scopes=names)
         return lease
 
+    def _acquire_keys(self, holder: str, scope_names: Sequence[str]) -> list[str]:
+        """KEYS of both acquire scripts: holders, fence, lease, waiters, scope-name set, then one per scope."""
+        return [
+            self._keys.holders,
+            self._keys.fence,
+            self._keys.lease(holder),
+            self._keys.waiters,
+            self._keys.scopes,
+            *(self._keys.scope(name) for name in scope_names),
+        ]
+
     async def _attempt_choice(
         self,
         holder: str,
@@ -611,15 +615,7 @@ class RedisSemaphore:
         for option in options:
             if option.name in fixed_names:
                 raise ValueError(f"scope {option.name!r} is both fixed and a choice")
-        keys = [
-            self._keys.holders,
-            self._keys.fence,
-            self._keys.lease(holder),
-            self._keys.waiters,
-            self._keys.scopes,
-            *(self._keys.scope(name) for name in fixed_names),
-            *(self._keys.scope(option.name) for option in options),
-        ]
+        keys = self._acquire_keys(holder, (*fixed_names, *(option.name for option in options)))
         args: list[str | int] = [
             holder, self._lease_ms, meta_json, acquisition, waiter, self._waiter_ttl_ms,
             len(fixed), len(options),
