@@ -4,17 +4,24 @@ Promises:
 - Every ``/v1`` call needs ``Authorization: Bearer <token>``: 401 (with ``WWW-Authenticate: Bearer``) without
   one, 403 with a wrong one; tokens are compared in constant time. ``/healthz``, ``/readyz``, ``/metrics`` and
   ``/openapi.json`` are open, as probes and scrapers expect.
-- Every error is JSON ``{"error": {"code", "message", "details"}}``: malformed JSON 400, a body that breaks
-  the schema 422 naming each field (``nodes: ...``), unknown nodes 404 naming them, an infeasible drain 422
-  with the planner's problems, a node that another drain owns 409 naming the node and the drain, an
-  unreachable cluster or Redis 503. Nothing is written when a request is refused (DESIGN.md rule 7).
+- Every error is JSON ``{"error": {"code", "message", "details"}}``, whatever raised it (405 with ``Allow``,
+  413, an unexpected bug as 500): malformed JSON 400, a body not sent as ``application/json`` 415 (with
+  ``Accept-Post``), a drain id drainctl could not have issued 400, a body that breaks the schema or an unknown
+  query parameter 422 naming each field (``nodes: ...``), unknown nodes 404 naming them, an infeasible drain
+  422 with the planner's problems, a node that another drain owns 409 naming the node and the drain, a
+  refusal by the cluster's API server 502, an unreachable cluster or Redis 503 (with ``Retry-After``).
+  Nothing is written when a request is refused (DESIGN.md rule 7).
+- Every number in a request lies in the range ``REQUEST_BOUNDS`` (orchestrator/model.py) gives it; the CLI
+  and ``DrainRequest`` enforce the same table, and the document shows it.
 - ``POST /v1/drains`` with an ``Idempotency-Key`` header returns the drain that key created (200) instead of
-  starting another one (202); reusing a key with a different request is refused (422).
+  starting another one (202); reusing a key with a different request is refused (422). Submitting is one
+  transaction, so a retry never finds a key claimed by a request still in progress.
 - ``GET /v1/drains/{id}/events`` is a server-sent event stream: the drain's events from ``Last-Event-ID``
   (or the start), then live ones until ``drain.finished``; ``event:`` is our event name, ``id:`` the Redis
   stream id, so a client that reconnects resumes exactly where it stopped.
 - ``/openapi.json`` is an OpenAPI 3.1 document whose schemas are generated from the pydantic models the
-  handlers use, so the document and the wire format cannot drift apart.
+  handlers use, so the document and the wire format cannot drift apart; it lists every status each operation
+  answers, and only those (tests/orchestrator/test_api.py, test_api_schema.py with schemathesis).
 
 It holds no drain state of its own: everything goes through :class:`orchestrator.service.DrainService`, so
 any number of API replicas may run beside the workers.
@@ -39,7 +46,16 @@ from typing import Annotated, Any, Protocol
 import structlog
 import typer
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 from redis.exceptions import RedisError
 
 from orchestrator import keys
@@ -57,7 +73,7 @@ from orchestrator.model import (
 )
 from orchestrator.planner import PlanError
 from orchestrator.records import DrainRecord, NodeRecord, VmRecord
-from orchestrator.service import DrainService, IdempotencyInProgress, NodeConflict
+from orchestrator.service import DrainService, IdempotencyKeyReused, NodeConflict
 from orchestrator.settings import Settings
 from orchestrator.store import DrainNotFound, Event
 from orchestrator.supervise import Supervisor
@@ -79,7 +95,6 @@ _DRAIN_ID = re.compile(DRAIN_ID_PATTERN)
 NODE_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
 """Kubernetes node names are DNS-1123 subdomains: lowercase letters, digits, '-' and '.', at most 253."""
 JSON_TYPES = ("application/json",)
-IDEMPOTENCY_RETRY_AFTER_S = 1
 _NAMESPACES = k.Kind("namespaces", namespaced=False)
 MAX_LIST = 1000
 FINISHED_GRACE_S = 60.0
@@ -89,12 +104,30 @@ FINISHED_GRACE_S = 60.0
 NodeNameStr = Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=NODE_NAME_PATTERN)]
 
 
-def _bounded(name: str, description: str, *, default: int | None = None) -> Any:
-    """A numeric request field limited by ``REQUEST_BOUNDS`` (model.py), the ranges the CLI and the
-    DrainRequest type enforce too; the limits show up in the OpenAPI document."""
+def _integral(value: Any) -> Any:
+    """JSON has one number type: 403.0 is the integer 403 (JSON Schema says so too); 403.5 stays a float and is
+    refused by the strict integer field."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _range(name: str) -> Any:
+    """The bounds of a numeric request field from ``REQUEST_BOUNDS`` (model.py), the ranges the CLI and the
+    DrainRequest type enforce too; they show up in the OpenAPI document."""
     bound = REQUEST_BOUNDS[name]
-    return Field(default, ge=bound.low, le=bound.high, allow_inf_nan=False,
-                 description=f"{description} Range: {bound}.")
+    return Field(ge=bound.low, le=bound.high, allow_inf_nan=False)
+
+
+def _described(name: str, description: str, *, default: int | None = None) -> Any:
+    return Field(default, description=f"{description} Range: {REQUEST_BOUNDS[name]}.")
+
+
+ParallelNodes = Annotated[int, _range("max_parallel_nodes"), BeforeValidator(_integral)]
+CompletionPerGib = Annotated[int, _range("completion_timeout_per_gib"), BeforeValidator(_integral)]
+ProgressSeconds = Annotated[float, _range("progress_timeout_s")]
+PendingSeconds = Annotated[float, _range("pending_timeout_s")]
+Attempts = Annotated[int, _range("max_attempts"), BeforeValidator(_integral)]
 
 
 class ControllerHealthLike(Protocol):
@@ -109,21 +142,25 @@ class ControllerHealthLike(Protocol):
 class DrainRequestBody(BaseModel):
     """A drain (or dry-run plan) request. Semantic checks (unknown nodes, capacity) come after the schema."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra={"examples": [
+        {"nodes": ["worker-01"]},
+        {"nodes": ["worker-02", "worker-03"], "max_parallel_nodes": 2, "order": "planner", "max_attempts": 5,
+         "pending_timeout_s": 300, "progress_timeout_s": 150, "completion_timeout_per_gib": 150}]})
 
-    nodes: list[NodeNameStr] = Field(min_length=1, max_length=MAX_REQUEST_NODES, description="Nodes to drain.")
-    max_parallel_nodes: int = _bounded("max_parallel_nodes", "Nodes drained at the same time.",
+    nodes: list[NodeNameStr] = Field(min_length=1, max_length=MAX_REQUEST_NODES, description="Nodes to drain.",
+                                     json_schema_extra={"uniqueItems": True})
+    max_parallel_nodes: ParallelNodes = _described("max_parallel_nodes", "Nodes drained at the same time.",
                                        default=1)
     order: NodeOrder = Field(NodeOrder.GIVEN, description="given: as listed; planner: least work first.")
     non_migratable: NonMigratablePolicy = Field(
         NonMigratablePolicy.BLOCK, description="block: refuse the drain if a VM cannot move; skip: leave it.")
-    completion_timeout_per_gib: int | None = _bounded(
+    completion_timeout_per_gib: CompletionPerGib | None = _described(
         "completion_timeout_per_gib", "Abort a migration after this many seconds per GiB of migration data.")
-    progress_timeout_s: float | None = _bounded(
+    progress_timeout_s: ProgressSeconds | None = _described(
         "progress_timeout_s", "Abort a migration that made no progress for this many seconds.")
-    pending_timeout_s: float | None = _bounded(
+    pending_timeout_s: PendingSeconds | None = _described(
         "pending_timeout_s", "Abort a migration still pending (target not scheduled) after this many seconds.")
-    max_attempts: int | None = _bounded("max_attempts", "Attempts per VM, the first included.")
+    max_attempts: Attempts | None = _described("max_attempts", "Attempts per VM, the first included.")
     uncordon_on_cancel: bool = Field(True, description="Uncordon the nodes when the drain is cancelled.")
 
     @field_validator("nodes")
@@ -420,6 +457,24 @@ class _Api:
             raise ApiError(403, "forbidden", "the bearer token is not valid for this API")
         return await handler(request)
 
+    @web.middleware
+    async def known_query(self, request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """A query parameter the operation does not document is refused (422), not silently ignored: a typo
+        such as ``?uncordn=false`` must not cancel with the default."""
+        resource = request.match_info.route.resource
+        operation = self.openapi["paths"].get(resource.canonical if resource else "", {}).get(request.method.lower())
+        if operation is not None:
+            known = {p["name"] for p in operation.get("parameters", []) if p["in"] == "query"}
+            unknown = sorted(set(request.query) - known)
+            if unknown:
+                expected = ", ".join(sorted(known)) or "none"
+                raise ApiError(422, "invalid",
+                               f"unknown query parameter(s): {', '.join(unknown)} (expected: {expected})",
+                               {"problems": [{"field": name, "message": "unknown query parameter"}
+                                             for name in unknown]})
+        return await handler(request)
+
     # --------------------------------------------------------------------------------------------- body
     async def _body(self, request: web.Request) -> DrainRequestBody:
         if request.content_type not in JSON_TYPES:
@@ -479,12 +534,9 @@ class _Api:
         except NodeConflict as exc:
             raise ApiError(409, "conflict", str(exc),
                            {"nodes": dict(sorted(exc.taken.items()))}) from None
-        except IdempotencyInProgress as exc:
-            # draft-ietf-httpapi-idempotency-key-header: a retry while the first request is still being
-            # processed gets 409; Retry-After tells the hook when asking again is worth it.
-            raise ApiError(409, "idempotency_in_progress", f"{exc}; retry in {IDEMPOTENCY_RETRY_AFTER_S} s",
-                           {"drain": exc.drain_id, "retry_after_s": IDEMPOTENCY_RETRY_AFTER_S},
-                           headers={"Retry-After": str(IDEMPOTENCY_RETRY_AFTER_S)}) from None
+        except IdempotencyKeyReused as exc:
+            # Another request with this key won the race while this one planned, and asked for something else.
+            raise ApiError(422, "idempotency_key_reused", str(exc), {"drain": exc.drain_id}) from None
         if not created:
             self._check_same(key, record, drain_request)
         else:
@@ -739,7 +791,7 @@ def build_app(service_factory: ServiceFactory, *, token: str, sse_block_ms: int 
     tests pass one that yields a service over their own Redis and simulated cluster."""
     api = _Api(service_factory, token=token, sse_block_ms=sse_block_ms, readiness_timeout_s=readiness_timeout_s)
     api.run_controller = controller
-    app = web.Application(middlewares=[api.errors, api.auth])
+    app = web.Application(middlewares=[api.errors, api.auth, api.known_query])
     app.cleanup_ctx.append(api.lifespan)
     app.on_shutdown.append(api.close_streams)
     app.router.add_post("/v1/drains", api.submit)
@@ -796,20 +848,41 @@ def openapi_document() -> dict[str, Any]:
                 "schema": {"type": "string", "pattern": DRAIN_ID_PATTERN}}
     stream_id = {"type": "string", "pattern": f"^{_STREAM_ID.pattern}$"}
     body = {"required": True, "content": content("DrainRequestBody")}
-    refusals = {"400": error("The body is not JSON (code bad_json), or the Idempotency-Key header is malformed "
-                             "(code bad_header)."),
+    # One server-sent event (the schema of a text/event-stream applies to each event): data is one drain
+    # event as JSON, carrying its own stream id and name.
+    sse_event = {"type": "object", "properties": {
+        "id": stream_id, "event": {"type": "string"}, "retry": {"type": "integer"},
+        "data": {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": {"type": "object", "required": ["id", "event"],
+                                   "properties": {"id": stream_id, "event": {"type": "string"}}}}}}
+    refusals = {"400": error("The body is not JSON (code bad_json)."),
                 "404": error("Unknown nodes (code unknown_nodes, details.nodes)."),
                 "413": error("The body is larger than the server accepts (code too_large)."),
                 "415": error("The body is not sent as application/json (code unsupported_media_type; see "
                              "Accept-Post)."),
-                "422": error("Schema errors (code invalid, details.problems with field names) or an infeasible "
-                             "drain (code infeasible, details.problems from the planner)."),
+                "422": error("Schema errors or an unknown query parameter (code invalid, details.problems with "
+                             "field names) or an infeasible drain (code infeasible, details.problems from the "
+                             "planner)."),
                 **cluster_errors}
+    submit_refusals = {
+        **refusals,
+        "400": error("The body is not JSON (code bad_json) or the Idempotency-Key header is malformed (code "
+                     "bad_header)."),
+        "422": error("Schema errors or an unknown query parameter (code invalid, details.problems with field "
+                     "names), an infeasible drain (code infeasible, details.problems from the planner), or an "
+                     "Idempotency-Key sent before with another request (code idempotency_key_reused, "
+                     "details.drain).")}
 
     def bad_query(names: str) -> dict[str, Any]:
-        return {"422": error(f"A bad {names} query parameter (code invalid, details.problems).")}
+        return {"422": error(f"A bad {names} query parameter or an unknown one (code invalid, details.problems).")}
+
+    unknown_query = {"422": error("An unknown query parameter (code invalid, details.problems).")}
 
     bearer: list[dict[str, list[str]]] = [{"bearerAuth": []}]
+    # Where a drain's id leads (OpenAPI links; not to the event stream, which stays open until the drain ends).
+    to_drain = {"links": {"GetDrain": {"operationId": "getDrain", "parameters": {"drain_id": "$response.body#/id"}},
+                          "CancelDrain": {"operationId": "cancelDrain",
+                                          "parameters": {"drain_id": "$response.body#/id"}}}}
     paths: dict[str, Any] = {
         "/v1/drains": {
             "post": {
@@ -818,14 +891,12 @@ def openapi_document() -> dict[str, Any]:
                                 "schema": {"type": "string", "pattern": f"^{_IDEMPOTENCY_KEY.pattern}$"},
                                 "description": "A retried call with the same key returns the first drain (200)."}],
                 "requestBody": body,
-                "responses": {"202": {"description": "Queued.", "content": content("DrainAccepted")},
+                "responses": {"202": {"description": "Queued.", "content": content("DrainAccepted"), **to_drain},
                               "200": {"description": "The drain this idempotency key created earlier.",
-                                      "content": content("DrainAccepted")},
-                              **refusals, **auth_errors,
+                                      "content": content("DrainAccepted"), **to_drain},
+                              **submit_refusals, **auth_errors,
                               "409": error("A node belongs to another open drain (code conflict, details.nodes: "
-                                           "node -> drain), or the first request with this Idempotency-Key is "
-                                           "still being processed (code idempotency_in_progress, details.drain; "
-                                           "retry after Retry-After seconds).")},
+                                           "node -> drain).")},
             },
             "get": {
                 "operationId": "listDrains", "summary": "Drains, newest first.", "security": bearer,
@@ -841,7 +912,7 @@ def openapi_document() -> dict[str, Any]:
                 "security": bearer,
                 "parameters": [drain_id, {"name": "plan", "in": "query", "required": False,
                                           "schema": {"type": "boolean", "default": False}}],
-                "responses": {"200": {"description": "The drain.", "content": content("DrainDetail")},
+                "responses": {"200": {"description": "The drain.", "content": content("DrainDetail"), **to_drain},
                               **bad_id, **no_drain, **bad_query("plan"), **auth_errors, **unavailable},
             },
             "delete": {
@@ -870,10 +941,10 @@ def openapi_document() -> dict[str, Any]:
                                                "Last-Event-ID wins)."}],
                 "responses": {"200": {"description": "`event:` is the event name, `id:` the stream id, `data:` "
                                                      "the event as JSON.",
-                                      "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                                      "content": {"text/event-stream": {"schema": sse_event}}},
                               "400": error("The drain id is malformed (code bad_drain_id) or Last-Event-ID / "
                                            "after is not an event id (code bad_header)."),
-                              **no_drain, **auth_errors, **unavailable},
+                              **no_drain, **unknown_query, **auth_errors, **unavailable},
             },
         },
         "/v1/plans": {
@@ -885,17 +956,20 @@ def openapi_document() -> dict[str, Any]:
             },
         },
         "/healthz": {"get": {"operationId": "healthz", "summary": "The process is up.",
-                             "responses": {"200": {"description": "Up.", "content": content("Health")}}}},
+                             "responses": {"200": {"description": "Up.", "content": content("Health")},
+                                           **unknown_query}}},
         "/readyz": {"get": {"operationId": "readyz", "summary": "Redis answers and the cluster is reachable.",
                             "responses": {"200": {"description": "Ready.", "content": content("Health")},
-                                          "503": {"description": "Not ready.", "content": content("Health")}}}},
+                                          "503": {"description": "Not ready.", "content": content("Health")},
+                                          **unknown_query}}},
         "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus metrics, read from Redis.",
                              "responses": {"200": {"description": "Prometheus text format.",
                                                    "content": {"text/plain": {"schema": {"type": "string"}}}},
-                                           **unavailable}}},
+                                           **unknown_query, **unavailable}}},
         "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document.",
                                   "responses": {"200": {"description": "OpenAPI 3.1.",
-                                                        "content": {"application/json": {"schema": {}}}}}}},
+                                                        "content": {"application/json": {"schema": {}}}},
+                                                  **unknown_query}}},
     }
     return {
         "openapi": "3.1.0",

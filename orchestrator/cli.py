@@ -367,6 +367,8 @@ def sim_serve(
     time_scale: Annotated[float, typer.Option(help="cluster seconds per wall second")] = 1.0,
     kubeconfig_out: Annotated[Path | None, typer.Option(help="write a kubeconfig for kubectl and drainctl")]
     = None,
+    admin_kubeconfig_out: Annotated[Path | None, typer.Option(
+        help="write a kubeconfig whose token alone may read the ground truth (/sim/v1/*)")] = None,
     token: Annotated[str | None, typer.Option(help="bearer token (default: a random one, written to the "
                                                    "kubeconfig)")] = None,
     prometheus_port: Annotated[int | None, typer.Option(
@@ -388,12 +390,15 @@ def sim_serve(
 
     async def serve() -> None:
         async with running_cluster(loaded, time_scale=time_scale, token=bearer, host=host, port=port,
-                                   kubeconfig_out=kubeconfig_out, prometheus_port=prometheus_port) as rc:
+                                   kubeconfig_out=kubeconfig_out, admin_kubeconfig_out=admin_kubeconfig_out,
+                                   prometheus_port=prometheus_port) as rc:
             summary = loaded.summary()
             console.print(f"simulated cluster [bold]{loaded.name}[/] (seed {loaded.seed}) at {rc.url}, "
                           f"time scale {time_scale}: {summary.get('nodes')} nodes, {summary.get('vms')} VMs")
             if kubeconfig_out:
                 console.print(f"kubeconfig: {kubeconfig_out}  (kubectl --kubeconfig {kubeconfig_out} get nodes)")
+            if admin_kubeconfig_out:
+                console.print(f"admin kubeconfig (ground truth, /sim/v1/*): {admin_kubeconfig_out}")
             if rc.prometheus_url:
                 console.print(f"prometheus: {rc.prometheus_url}  (bearer: the kubeconfig's token)")
             sys.stdout.flush()

@@ -62,7 +62,7 @@ from orchestrator import keys
 from orchestrator import kube as k
 from orchestrator.model import DrainPhase, DrainRequest, VmPhase, VmVerdict
 from orchestrator.planner import PlanError
-from orchestrator.service import DrainService, NodeConflict
+from orchestrator.service import DrainService, IdempotencyKeyReused, NodeConflict
 from orchestrator.settings import Settings
 from orchestrator.store import DrainNotFound, DrainView
 
@@ -360,6 +360,10 @@ class DrainRequestHandlers:
             self._not_before[meta["uid"]] = time.monotonic() + self.conflict_retry_s
             return {"phase": DrainPhase.PENDING.value, "observedGeneration": generation,
                     "message": f"waiting: {exc}"}
+        except IdempotencyKeyReused as exc:
+            # This resource started a drain before its spec changed (its status write was lost): that drain
+            # is still its drain; a spec change does not start another.
+            return status_from_view(await self.service.get(exc.drain_id), generation=generation)
         log.info("drainrequest.submitted", name=meta["name"], namespace=meta.get("namespace"),
                  drain_id=record.id, created=created)
         return status_from_view(await self.service.get(record.id), generation=generation)

@@ -14,13 +14,7 @@ from dataclasses import dataclass
 
 from orchestrator.model import Node, Vmi, format_bytes
 from orchestrator.planner import node_fits, requirement_for
-
-MiB = 1024**2
-
-
-def launcher_overhead(memory_bytes: int, cpus: int = 1) -> int:
-    """A conservative estimate of KubeVirt's virt-launcher memory overhead (page tables, per-vCPU, QEMU)."""
-    return memory_bytes // 512 + cpus * 8 * MiB + 256 * MiB
+from orchestrator.rules import is_room
 
 
 @dataclass(frozen=True)
@@ -28,11 +22,15 @@ class Choice:
     target: str | None
     reason: str
     candidates: int
+    ranked: tuple[str, ...] = ()
+    """Every fitting node, best first (`target` is the first)."""
 
 
 def choose_target(vmi: Vmi, *, source: Node | None, nodes: Sequence[Node], free: Mapping[str, int],
                   inbound: Mapping[str, int], exclude: Collection[str], need_bytes: int,
-                  max_inbound: int) -> Choice:
+                  max_inbound: int | None) -> Choice:
+    """The best target and every fitting one, best first. `max_inbound` None leaves the inbound limit to the
+    caller (the migrate job takes it as a semaphore scope: this view of inbound migrations may be stale)."""
     req = requirement_for(vmi, source)
     fitting: list[Node] = []
     why: dict[str, int] = {}
@@ -45,19 +43,20 @@ def choose_target(vmi: Vmi, *, source: Node | None, nodes: Sequence[Node], free:
             continue
         if node.name in exclude:
             no("excluded (failed this VM before, or draining)")
-        elif not node.schedulable:
+        elif not is_room(node, ()):
             no("cordoned, not ready or control plane")
         elif not node_fits(req, node):
             no("selector, CPU model/vendor or taints do not match")
         elif free.get(node.name, 0) < need_bytes:
             no(f"less than {format_bytes(need_bytes)} free")
-        elif inbound.get(node.name, 0) >= max_inbound:
+        elif max_inbound is not None and inbound.get(node.name, 0) >= max_inbound:
             no(f"already receiving {max_inbound} migrations")
         else:
             fitting.append(node)
     if not fitting:
         detail = "; ".join(f"{n} node(s) {r}" for r, n in sorted(why.items()))
         return Choice(None, f"no target fits: {detail or 'no other nodes'}", 0)
-    best = min(fitting, key=lambda n: (inbound.get(n.name, 0), -free.get(n.name, 0), n.name))
+    ranked = sorted(fitting, key=lambda n: (inbound.get(n.name, 0), -free.get(n.name, 0), n.name))
+    best = ranked[0]
     return Choice(best.name, f"{best.name}: {format_bytes(free.get(best.name, 0))} free, "
-                             f"{inbound.get(best.name, 0)} inbound", len(fitting))
+                             f"{inbound.get(best.name, 0)} inbound", len(fitting), tuple(n.name for n in ranked))

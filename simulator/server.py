@@ -3,9 +3,14 @@
 Promises, so that the real `kubectl` v1.32 and the real kubernetes-asyncio client work unchanged:
 - bearer-token authentication on every path except /healthz, /livez, /readyz and /version (401 Status
   otherwise); /version reports v1.32 (the installed kubectl is a dispatcher that picks its build from it);
+- the simulator's own endpoints (`/sim/v1/*`: ground truth, hidden physics, faults) answer only the admin
+  token (`ClusterLike.admin_token`); the cluster token, or none, gets 403 there, as a real cluster shows no
+  such thing to anyone;
 - discovery from the registry: /api, /apis, /apis/<g>, /api/v1, /apis/<g>/<v> as legacy lists (subresources
   such as pods/eviction and */status included), and aggregated discovery (apidiscovery.k8s.io/v2 or v2beta1)
-  when the Accept header asks for it; /openapi/* answer 404 (so kubectl needs --validate=false);
+  when the Accept header asks for it; `/openapi/v3` documents (see `openapi.py`) so that `kubectl create -f` and
+  `kubectl apply -f` validate without `--validate=false` (`/openapi/v2` answers 404: kubectl needs only v3);
+- list paging with `limit` and `continue` from one snapshot per list, 410 for a compacted token (`paging.py`);
 - CRUD, list and watch for every registered kind, at cluster and namespace scope, with label and field
   selectors, dryRun=All, generateName, DeleteOptions, optimistic concurrency (409 on a stale
   resourceVersion), merge / JSON / strategic-merge patches (see `patch.py`), `/status` writes that change
@@ -51,11 +56,24 @@ from aiohttp import web
 from multidict import MultiMapping
 from pydantic import ValidationError
 
+from simulator import openapi
 from simulator.clock import SimClock
 from simulator.errors import ApiError
 from simulator.faults import Faults, FaultsBody
+from simulator.paging import Pager
 from simulator.patch import apply_patch, decode_body
-from simulator.resources import BUILTIN, COMMON_FIELDS, CRDS, NAMESPACES, PODS, Registry, ResourceType
+from simulator.rbac import Rbac, Request, User, forbidden
+from simulator.resources import (
+    BUILTIN,
+    COMMON_FIELDS,
+    CRDS,
+    NAMESPACES,
+    PODS,
+    SELFSUBJECTACCESSREVIEWS,
+    SERVICEACCOUNTS,
+    Registry,
+    ResourceType,
+)
 from simulator.store import Store, Watcher, WatchEvent
 from simulator.tables import PrinterColumn, TableRenderer, columns_from_crd_version, wants_table
 
@@ -73,6 +91,10 @@ KUBE_VERSION: Obj = {
     "compiler": "gc",
     "platform": "linux/amd64",
 }
+ADMIN = User("sim:admin", ("system:masters", "system:authenticated"), superuser=True, sim_admin=True)
+CLUSTER_USER = User("sim:cluster-admin", ("system:masters", "system:authenticated"), superuser=True)
+ANONYMOUS = User("system:anonymous", ("system:unauthenticated",), superuser=True)  # a server without a token
+_USER_KEY = web.RequestKey("sim_user", User)
 UNAUTHENTICATED_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/version"})
 BOOKMARK_INTERVAL_S = 1.0
 _IDLE_TICK_S = 1.0
@@ -83,6 +105,7 @@ _JSON = "application/json"
 # Subresources whose response kind lives in another group (legacy discovery names it).
 _SUBRESOURCE_KINDS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
     "eviction": ("policy", "v1", "Eviction", ("create",)),
+    "token": ("authentication.k8s.io", "v1", "TokenRequest", ("create",)),
 }
 _STATUS_VERBS = ("get", "patch", "update")
 
@@ -96,9 +119,16 @@ class ClusterLike(Protocol):
     faults: Faults
     token: str | None
 
+    @property
+    def admin_token(self) -> str | None:
+        """The token that alone may use /sim/v1/* (None: nobody may)."""
+
     def record_request(self, verb: str, resource: str) -> None:
         """Ground truth: one API request, by verb (get/list/watch/create/update/patch/delete/
         deletecollection) and resource (plural, with "/subresource" appended for subresources)."""
+
+    def record_forbidden(self, user: str, verb: str, resource: str, namespace: str | None) -> None:
+        """Ground truth: a request RBAC refused (403)."""
 
     def stats(self) -> dict[str, Any]:
         """The body of GET /sim/v1/stats."""
@@ -201,6 +231,8 @@ class ApiServer:
         self.tables = TableRenderer()
         self._watchers: set[Watcher] = set()
         self._crd_kinds: dict[str, list[ResourceType]] = {}
+        self._pager = Pager()
+        self.rbac = Rbac(cluster.store)
 
     # --------------------------------------------------------------------------------------------- entry
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -210,8 +242,15 @@ class ApiServer:
                 if path == "/version":
                     return json_response(KUBE_VERSION)
                 return web.Response(text="ok", content_type="text/plain")
-            self._authenticate(request)
+            principal = self._authenticate(request)
+            request[_USER_KEY] = principal
+            if path == "/openapi/v3" or path.startswith("/openapi/v3/"):
+                self._only(request, "GET")
+                return self._openapi(path)
             if path == "/sim" or path.startswith("/sim/"):
+                if not principal.sim_admin:
+                    raise ApiError(403, f'forbidden: User "{principal.name}" cannot use the simulator\'s ground '
+                                        "truth (/sim/v1/*): it needs the admin kubeconfig", details={})
                 return await self._sim(request)
             return await self._api(request)
         except ApiError as exc:
@@ -225,14 +264,24 @@ class ApiServer:
         for watcher in list(self._watchers):
             self.cluster.store.unwatch(watcher)
 
-    def _authenticate(self, request: web.Request) -> None:
-        token = self.cluster.token
-        if token is None:
-            return
+    def _authenticate(self, request: web.Request) -> User:
+        """The user a request speaks for: ADMIN, CLUSTER_USER, a ServiceAccount (a token issued by TokenRequest)
+        or ANONYMOUS (a server without a cluster token); 401 for an unknown token."""
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or given.strip() != token:
-            raise ApiError(401, "Unauthorized")
+        given = given.strip() if scheme.lower() == "bearer" else ""
+        admin = self.cluster.admin_token
+        if admin is not None and given == admin:
+            return ADMIN
+        token = self.cluster.token
+        if token is not None and given == token:
+            return CLUSTER_USER
+        account = self.rbac.user_for(given) if given else None
+        if account is not None:
+            return account
+        if token is None:
+            return ANONYMOUS
+        raise ApiError(401, "Unauthorized")
 
     # ------------------------------------------------------------------------------------------ /sim/v1
     async def _sim(self, request: web.Request) -> web.Response:
@@ -261,6 +310,21 @@ class ApiServer:
                 raise ApiError(422, f"invalid faults body: {problems}") from exc
             return json_response(cluster.apply_faults(body))
         raise not_found_path()
+
+    def _openapi(self, path: str) -> web.Response:
+        registry = self.cluster.registry
+        rest = path[len("/openapi/v3"):].strip("/")
+        if not rest:
+            return json_response(openapi.root_document(registry))
+        parts = rest.split("/")
+        doc = None
+        if parts[0] == "api" and len(parts) == 2:
+            doc = openapi.group_version_document(registry, "", parts[1])
+        elif parts[0] == "apis" and len(parts) == 3:
+            doc = openapi.group_version_document(registry, parts[1], parts[2])
+        if doc is None:
+            raise not_found_path()
+        return json_response(doc)
 
     @staticmethod
     def _only(request: web.Request, method: str) -> None:
@@ -411,6 +475,12 @@ class ApiServer:
         verb = _verb(request.method, target, query)
         cluster = self.cluster
         cluster.record_request(verb, target.resource)
+        user: User = request.get(_USER_KEY, ANONYMOUS)
+        access = Request(verb=verb, group=target.rt.group, resource=target.rt.plural, subresource=target.sub,
+                         namespace=target.namespace, name=target.name)
+        if not self.rbac.allows(user, access):
+            cluster.record_forbidden(user.name, verb, target.resource, target.namespace)
+            raise forbidden(user, access)
         if cluster.faults.latency_ms > 0:
             await asyncio.sleep(cluster.faults.latency_ms / 1000.0)
         injected = cluster.faults.request_error(verb, target.resource)
@@ -427,7 +497,7 @@ class ApiServer:
         if verb == "get":
             return self._get(target, query, accept)
         if verb == "create":
-            return self._create(target, query, decode_body(await request.read(), request.content_type))
+            return self._create(target, query, decode_body(await request.read(), request.content_type), user)
         if verb == "update":
             return self._update(target, query, decode_body(await request.read(), request.content_type))
         if verb == "patch":
@@ -451,15 +521,31 @@ class ApiServer:
 
     def _list(self, target: Target, query: Query, accept: str) -> web.Response:
         store = self.cluster.store
+        token = query.text("continue")
+        if token is not None and query.text("resourceVersion") is not None:
+            raise ApiError.bad_request("specifying resource version is not allowed when using continue")
         self._check_list_version(query)
-        items = store.list(target.rt, target.namespace, label_selector=query.text("labelSelector"),
-                           field_selector=query.text("fieldSelector"))
-        rv = str(store.rv)
+        labels, fields = query.text("labelSelector"), query.text("fieldSelector")
+        limit = query.integer("limit")
+        if limit is not None and limit < 0:
+            raise ApiError(422, f"limit: Invalid value: {limit}: must be greater than or equal to 0")
+        items = None if token is not None else store.list(target.rt, target.namespace, label_selector=labels,
+                                                           field_selector=fields)
+        page = self._pager.page((target.rt.key, target.namespace, labels, fields), items=items, rv=store.rv,
+                                limit=limit, token=token, oldest_rv=store.oldest_rv,
+                                filtered=bool(labels or fields))
+        meta: Obj = {"resourceVersion": str(page.resource_version)}
+        if page.continue_token is not None:
+            meta["continue"] = page.continue_token
+            if page.remaining is not None:
+                meta["remainingItemCount"] = page.remaining
         if wants_table(accept):
-            return json_response(self.tables.table(target.rt, items, now=self._now(), resource_version=rv,
-                                                   include_object=query.text("includeObject") or "Metadata"))
+            table = self.tables.table(target.rt, page.items, now=self._now(), resource_version=meta["resourceVersion"],
+                                      include_object=query.text("includeObject") or "Metadata")
+            table["metadata"] = meta
+            return json_response(table)
         return json_response({"kind": target.rt.list_kind, "apiVersion": target.rt.api_version,
-                              "metadata": {"resourceVersion": rv}, "items": items})
+                              "metadata": meta, "items": page.items})
 
     def _check_list_version(self, query: Query) -> None:
         store = self.cluster.store
@@ -513,11 +599,13 @@ class ApiServer:
                                        f"name on the URL ({target.name})")
         return body
 
-    def _create(self, target: Target, query: Query, body: Any) -> web.Response:
+    def _create(self, target: Target, query: Query, body: Any, user: User) -> web.Response:
         rt = target.rt
         if target.name is not None or (rt.namespaced and target.namespace is None):
             raise method_not_allowed()
         obj = self._checked_body(target, body)
+        if rt is SELFSUBJECTACCESSREVIEWS:
+            return json_response(self._self_review(obj, user), 201)
         dry_run = query.dry_run()
         self._prepare_create(rt, obj)
         kinds = _crd_kinds(obj) if rt is CRDS else None
@@ -556,6 +644,23 @@ class ApiServer:
         elif not rt.builtin and "status" in rt.subresources:
             # Custom resources with a status subresource ignore status on create.
             obj.pop("status", None)
+
+    def _self_review(self, review: Obj, user: User) -> Obj:
+        """SelfSubjectAccessReview (what `kubectl auth can-i` asks): the RBAC decision for the caller."""
+        spec = review.get("spec") or {}
+        attrs = spec.get("resourceAttributes")
+        if attrs is not None:
+            access = Request(verb=str(attrs.get("verb") or ""), group=str(attrs.get("group") or ""),
+                             resource=str(attrs.get("resource") or ""),
+                             subresource=attrs.get("subresource") or None, namespace=attrs.get("namespace") or None,
+                             name=attrs.get("name") or None)
+            allowed = self.rbac.allows(user, access)
+        else:
+            allowed = spec.get("nonResourceAttributes") is not None  # discovery is open to every user
+        status: Obj = {"allowed": allowed}
+        if not allowed:
+            status["reason"] = ""
+        return {**review, "metadata": {"creationTimestamp": None}, "status": status}
 
     def _update(self, target: Target, query: Query, body: Any) -> web.Response:
         rt = target.rt
@@ -647,6 +752,10 @@ class ApiServer:
         body = decode_body(await request.read(), request.content_type)
         if body is not None and not isinstance(body, dict):
             raise ApiError.bad_request("the request body must be a JSON object")
+        if target.rt is SERVICEACCOUNTS and target.sub == "token":
+            if request.method != "POST":
+                raise method_not_allowed()
+            return json_response(self.rbac.issue_token(target.namespace or "default", target.name, body), 201)
         if target.sub == "eviction" and body is not None:
             # The eviction body may come without type meta (kubernetes-asyncio sends none).
             body.setdefault("apiVersion", "policy/v1")
@@ -1018,10 +1127,9 @@ def self_signed_tls(directory: str | os.PathLike[str], *,
 
 
 def write_kubeconfig(path: str | os.PathLike[str], *, server_url: str, token: str | None,
-                     namespace: str = "default", ca_data: bytes | None = None) -> None:
+                     namespace: str = "default", ca_data: bytes | None = None, name: str = "drainctl-sim") -> None:
     """Write a kubeconfig that points kubectl and kubernetes-asyncio at `server_url`; `ca_data` (PEM) is
-    the certificate authority to trust for an https URL."""
-    name = "drainctl-sim"
+    the certificate authority to trust for an https URL; `name` names its cluster, user and context."""
     cluster: Obj = {"server": server_url}
     if ca_data is not None:
         cluster["certificate-authority-data"] = base64.b64encode(ca_data).decode()

@@ -19,7 +19,7 @@ import yaml
 from orchestrator.controller import KOPF_GRANTS
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = sorted([*ROOT.glob("orchestrator/*.py"), *ROOT.glob("workers/*.py")])
+SOURCES = sorted([*ROOT.glob("orchestrator/*.py"), *ROOT.glob("workers/**/*.py")])
 RBAC = ROOT / "k8s" / "rbac.yaml"
 
 METHOD_VERBS: dict[str, tuple[str, ...]] = {

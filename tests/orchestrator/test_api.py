@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import signal
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,6 +25,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from prometheus_client.parser import text_string_to_metric_families
 
+from orchestrator import keys
 from orchestrator import kube as k
 from orchestrator.api import build_app, openapi_document, read_token
 from orchestrator.model import REQUEST_BOUNDS, DrainPhase, DrainRequest, NodeName
@@ -56,18 +58,23 @@ class Env:
     start_worker: Callable[[], Awaitable[None]]
 
     async def stats(self) -> dict[str, Any]:
-        # The simulator serves a self-signed certificate when it has a token.
-        resp = await self.client.session.get(f"{self.sim.url}/sim/v1/stats", headers=AUTH, ssl=False)
-        data: dict[str, Any] = await resp.json()
-        return data
+        # The ground truth answers the simulator's admin token only.
+        async with self.sim.admin() as admin:
+            return await admin.stats()
 
     async def faults(self, body: dict[str, Any]) -> None:
-        resp = await self.client.session.post(f"{self.sim.url}/sim/v1/faults", json=body, headers=AUTH, ssl=False)
-        assert resp.status == 200, await resp.text()
+        async with self.sim.admin() as admin:
+            await admin.faults(body)
 
 
 async def _stop_worker(worker: Any, task: asyncio.Task[None], pool: ArqRedis) -> None:
     # What arq's Worker.close() does, except its pool.close(), which redis-py 5 deprecates (warnings are errors).
+    # First let the running jobs end (a job cancelled inside a Redis pipeline leaves the pipeline to the garbage
+    # collector, whose ResourceWarning fails the test); cancel what still runs after a while.
+    worker.allow_pick_jobs = False
+    running = [job for job in worker.tasks.values() if not job.done()]
+    if running:
+        await asyncio.wait(running, timeout=10)
     worker.handle_sig(signal.SIGUSR1)  # cancels the running jobs and the main task
     for job in [*worker.tasks.values(), task]:
         with contextlib.suppress(asyncio.CancelledError):
@@ -362,18 +369,114 @@ async def test_a_body_over_the_size_limit_is_a_json_413(env: Env) -> None:
     assert await _drain_ids(env) == []
 
 
-async def test_a_retry_while_the_first_request_is_in_progress_is_409_with_retry_after(env: Env) -> None:
-    # The first request with this key claimed it and is still planning: no drain record exists yet.
-    key = "hook-in-progress"
-    assert await env.service.store.claim_idempotency(key, "inflight0001") is None
+async def test_a_key_left_by_a_submitter_that_died_is_taken_over(env: Env) -> None:
+    # A submitter of an older version claimed the key, then died before writing its drain: the key names no
+    # drain. A retry with the key is a fresh submit (submitting now writes key and drain in one transaction).
+    key = "hook-dead-submitter"
+    await env.service.redis.set(keys.idempotency_key(key), "deadsubmit01")
     resp = await env.client.post("/v1/drains", json={"nodes": [DRAIN_NODE]},
                                  headers={**AUTH, "Idempotency-Key": key})
-    assert resp.status == 409
-    assert int(resp.headers["Retry-After"]) >= 1
-    error = await _error(resp)
-    assert error["code"] == "idempotency_in_progress"
-    assert error["details"]["drain"] == "inflight0001" and error["details"]["retry_after_s"] >= 1
-    assert await _drain_ids(env) == []
+    assert resp.status == 202, await resp.text()
+    drain_id = (await resp.json())["id"]
+    assert drain_id != "deadsubmit01" and await _drain_ids(env) == [drain_id]
+    again = await env.client.post("/v1/drains", json={"nodes": [DRAIN_NODE]},
+                                  headers={**AUTH, "Idempotency-Key": key})
+    assert again.status == 200 and (await again.json())["id"] == drain_id
+
+
+async def test_every_documented_status_is_real(env: Env) -> None:
+    """Each status the OpenAPI document lists for an operation is one this test makes the API answer, and it
+    answers no status the document does not list (schemathesis checks the shapes: test_api_schema.py)."""
+    seen: dict[tuple[str, str], set[str]] = {}
+
+    async def call(client: TestClient[web.Request, web.Application], method: str, route: str, path: str,
+                   **kwargs: Any) -> ClientResponse:
+        resp = await client.request(method, path, **kwargs)
+        seen.setdefault((route, method.lower()), set()).add(str(resp.status))
+        if resp.status >= 400 and not (route == "/readyz" and resp.status == 503):  # /readyz: its checks
+            await _error(resp)
+        else:
+            await resp.read()
+        return resp
+
+    c = env.client
+    drains, one, events = "/v1/drains", "/v1/drains/{drain_id}", "/v1/drains/{drain_id}/events"
+    json_headers = {**AUTH, "Content-Type": "application/json"}
+    big = io.BytesIO(json.dumps({"nodes": [f"node-{i:07d}" for i in range(120_000)]}).encode())
+    for route, method, body in ((drains, "POST", {"nodes": [DRAIN_NODE]}), ("/v1/plans", "POST", None)):
+        plan_body = {"nodes": ["worker-02"]}
+        await call(c, method, route, route, json=body or plan_body)
+        await call(c, method, route, route, json=body or plan_body, headers={**AUTH, "Idempotency-Key": "k1"})
+        await call(c, method, route, route, json=body or plan_body, headers={**AUTH, "Idempotency-Key": "k1"})
+        await call(c, method, route, route, data=b"{", headers=json_headers)
+        await call(c, method, route, route, json=body or plan_body, headers=AUTH)
+        await call(c, method, route, route, json={"nodes": ["ghost"]}, headers=AUTH)
+        await call(c, method, route, route, json={"nodes": []}, headers=AUTH)
+        await call(c, method, route, route, data="x", headers={**AUTH, "Content-Type": "text/plain"})
+        big.seek(0)
+        await call(c, method, route, route, data=big, headers=json_headers)
+        await env.faults({"errors": [{"verb": "list", "resource": "nodes", "code": 403}]})
+        await call(c, method, route, route, json={"nodes": ["worker-03"]}, headers=AUTH)
+        await env.faults({"errors": [{"verb": "list", "resource": "nodes", "code": 503}]})
+        await call(c, method, route, route, json={"nodes": ["worker-03"]}, headers=AUTH)
+        await env.faults({"clear": True})
+        await call(c, method, route, route, json={"nodes": ["worker-03"]}, headers={"Authorization": "Bearer x"})
+    drain_id = (await env.service.store.ids())[0]
+    await env.service.store.create(DrainRecord(id="old0drain", phase=DrainPhase.SUCCEEDED,
+                                               created_at=time.time() - 3660, finished_at=time.time() - 3600,
+                                               request={"nodes": [DRAIN_NODE]}), nodes={}, vms={})
+    for route, method, good in ((drains, "GET", drains), (one, "GET", f"{drains}/{drain_id}"),
+                                (one, "DELETE", f"{drains}/{drain_id}"), (one, "DELETE", f"{drains}/old0drain"),
+                                (events, "GET", f"{drains}/old0drain/events")):
+        await call(c, method, route, good, headers=AUTH)
+        await call(c, method, route, good)
+        await call(c, method, route, good, headers={"Authorization": "Bearer x"})
+        await call(c, method, route, good + "?nonsense=1", headers=AUTH)
+        if route != drains:
+            await call(c, method, route, good.replace(drain_id, "a%0Ab").replace("old0drain", "a%0Ab"),
+                       headers=AUTH)
+            await call(c, method, route, good.replace(drain_id, "nope").replace("old0drain", "nope"),
+                       headers=AUTH)
+    await call(c, "GET", events, f"{drains}/old0drain/events", headers={**AUTH, "Last-Event-ID": "x"})
+    for route in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+        await call(c, "GET", route, route)
+        await call(c, "GET", route, route + "?nonsense=1")
+
+    # Redis down (a port nothing listens on): every call that needs it is a 503.
+    dead = DrainService(redis=ArqRedis(host="127.0.0.1", port=_free_port(), socket_connect_timeout=2),
+                        settings=env.settings, kube=env.service.kube)
+
+    @contextlib.asynccontextmanager
+    async def dead_factory() -> AsyncIterator[DrainService]:
+        yield dead
+
+    dead_client: TestClient[web.Request, web.Application] = TestClient(TestServer(build_app(dead_factory,
+                                                                                           token=TOKEN)))
+    await dead_client.start_server()
+    try:
+        await call(dead_client, "POST", drains, drains, json={"nodes": ["worker-04"]}, headers=AUTH)
+        for route, method, path in ((drains, "GET", drains), (one, "GET", f"{drains}/{drain_id}"),
+                                    (one, "DELETE", f"{drains}/{drain_id}"),
+                                    (events, "GET", f"{drains}/{drain_id}/events")):
+            await call(dead_client, method, route, path, headers=AUTH)
+        for route in ("/readyz", "/metrics"):
+            await call(dead_client, "GET", route, route)
+    finally:
+        await dead_client.close()
+        await dead.redis.aclose()
+
+    documented = {(route, method): set(operation["responses"])
+                  for route, item in openapi_document()["paths"].items() for method, operation in item.items()}
+    assert set(seen) == set(documented)
+    for key, statuses in documented.items():
+        assert sorted(seen[key]) == sorted(statuses), key
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 # ==================================================================================================== plans
@@ -662,9 +765,10 @@ async def test_events_stream_until_finished_and_metrics_after(tmp_path: Path) ->
         assert samples[("drainctl_drains", (("phase", "Succeeded"),))] == 1
         assert samples[("drainctl_drains", (("phase", "Running"),))] == 0
         assert samples[("drainctl_migration_duration_seconds_count", (("outcome", "Succeeded"),))] == 15
-        # Migrations in the simulator last at least their setup time (several cluster seconds).
+        # Migrations in the simulator last at least their setup time (several cluster seconds); no upper bound:
+        # cluster time runs with the wall clock, and a busy machine stretches it.
         total_s = samples[("drainctl_migration_duration_seconds_sum", (("outcome", "Succeeded"),))]
-        assert 15 * 1.0 < total_s < 15 * 600.0
+        assert total_s > 15 * 1.0
         assert samples[("drainctl_vm_migration_attempts_count", ())] == 15
         assert samples[("drainctl_semaphore_waiters", ())] == 0
         assert not any(name == "drainctl_semaphore_slots_in_use" and value > 0

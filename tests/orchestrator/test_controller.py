@@ -249,7 +249,8 @@ async def test_drainrequest_drives_a_drain_to_succeeded(env: Callable[..., Await
     view = await e.service.get(status["drainId"])
     assert view.drain.source == "drainrequest" and view.drain.phase == "Succeeded"
     assert view.drain.request["max_attempts"] == 3
-    truth = e.rc.cluster.stats()
+    async with e.rc.admin() as admin:
+        truth = await admin.stats()
     ours = [m for m in truth["migrations"] if m["labels"].get("drainctl.io/drain-id") == status["drainId"]]
     assert len(ours) >= 15 and truth["max_in_flight_cluster"] <= 5
     # kubectl shows it through the CRD's printer columns.
@@ -258,6 +259,24 @@ async def test_drainrequest_drives_a_drain_to_succeeded(env: Callable[..., Await
     assert header.split()[:4] == ["NAME", "PHASE", "DRAIN", "PROGRESS"]
     assert row.split()[:4] == ["upgrade-worker-01", "Succeeded", status["drainId"], "15/15"]
     assert await e.lease_holder() == "replica-a"
+
+
+async def test_a_drain_started_before_a_spec_change_stays_the_resources_drain(
+        env: Callable[..., Awaitable[Env]]) -> None:
+    # The resource's drain was submitted, then its status write was lost and its spec edited: submitting again
+    # with its uid finds a drain of another request. That drain stays its drain (none is started twice).
+    e = await env()
+    await e.apply(drain_request("edited", ["worker-01"], maxAttempts=3))
+    obj = await e.get("edited")
+    assert obj is not None
+    earlier, created = await e.service.submit(request_from_spec({"nodes": ["worker-01"], "maxAttempts": 2}),
+                                              idempotency_key=obj["metadata"]["uid"], source="drainrequest")
+    assert created
+    drains = await e.service.store.ids()
+    e.start_controller("replica-a")
+    obj = await e.until("edited", lambda o: bool((o.get("status") or {}).get("drainId")))
+    assert obj["status"]["drainId"] == earlier.id
+    assert await e.service.store.ids() == drains
 
 
 async def test_deleting_a_drainrequest_cancels_its_drain(env: Callable[..., Awaitable[Env]]) -> None:

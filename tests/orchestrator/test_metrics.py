@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -211,9 +210,7 @@ async def test_final_drains_are_cached_only_after_the_grace_period(redis: ArqRed
 
 
 async def test_an_empty_redis_renders_every_metric_with_zeros(redis: ArqRedis) -> None:
-    started = time.perf_counter()
     text = render(await MetricsSource(redis, queue_name="metrics-test").snapshot()).decode()
-    assert time.perf_counter() - started < 5.0
     got = samples(text)
     names = {name for name, _ in got}
     for expected in ("drainctl_drains", "drainctl_drain_nodes", "drainctl_drain_vms",

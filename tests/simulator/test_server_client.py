@@ -15,7 +15,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from simulator import objects
 from simulator.resources import LEASES, NAMESPACES, NODES, PODS, VMIMS, VMIS
-from tests.simulator.conftest import TOKEN, Served
+from tests.simulator.conftest import ADMIN_TOKEN, TOKEN, Served
 
 KV = ("kubevirt.io", "v1")
 MERGE = "application/merge-patch+json"
@@ -342,7 +342,6 @@ async def test_watch_without_version_replays_added_then_sends_bookmarks(
         served: Served, api: client.ApiClient) -> None:
     co = client.CustomObjectsApi(api)
     types = []
-    started = time.monotonic()
     async with watch.Watch() as w:
         async for event in w.stream(co.list_namespaced_custom_object, *KV, "default", "virtualmachineinstances",
                                     allow_watch_bookmarks=True, timeout_seconds=5):
@@ -351,8 +350,8 @@ async def test_watch_without_version_replays_added_then_sends_bookmarks(
                 assert event["raw_object"]["kind"] == "VirtualMachineInstance"
                 assert event["raw_object"]["metadata"] == {"resourceVersion": str(served.cluster.store.rv)}
                 break
+    # The bookmark came before the watch's own timeout, which would have ended the stream without one.
     assert types == ["ADDED", "ADDED", "BOOKMARK"]
-    assert time.monotonic() - started < 3
 
 
 async def test_watch_honours_timeout_seconds(served: Served) -> None:
@@ -361,7 +360,9 @@ async def test_watch_honours_timeout_seconds(served: Served) -> None:
                                 f"{served.cluster.store.rv}&timeoutSeconds=1")
     assert status == 200
     assert body == b""
-    assert 0.9 < time.monotonic() - started < 3
+    # The server held the watch open for timeoutSeconds and then ended it itself (a lower bound only: how much
+    # longer a busy machine takes says nothing about the server).
+    assert time.monotonic() - started >= 0.9
 
 
 async def test_watch_from_an_expired_version_streams_one_error_event(
@@ -409,7 +410,8 @@ async def test_aggregated_discovery_when_accept_asks_for_it(served: Served) -> N
     vmim = next(r for r in items["kubevirt.io"]["versions"][0]["resources"]
                 if r["resource"] == "virtualmachineinstancemigrations")
     assert vmim["scope"] == "Namespaced" and vmim["shortNames"] == ["vmim", "vmims"]
-    assert (await raw(served, "GET", "/openapi/v3"))[0] == 404
+    root = await raw(served, "GET", "/openapi/v3")
+    assert root[0] == 200 and "api/v1" in json.loads(root[2])["paths"]
 
 
 async def test_table_output_for_nodes(served: Served) -> None:
@@ -428,27 +430,43 @@ async def test_table_output_for_nodes(served: Served) -> None:
 # -------------------------------------------------------------------------------------- /sim and faults
 async def test_faults_inject_errors_and_validate_their_body(served: Served, api: client.ApiClient) -> None:
     rule = {"errors": [{"verb": "list", "resource": "nodes", "code": 503, "count": 1}]}
-    status, _, body = await raw(served, "POST", "/sim/v1/faults", body=rule)
+    status, _, body = await raw(served, "POST", "/sim/v1/faults", token=ADMIN_TOKEN, body=rule)
     assert status == 200 and json.loads(body)["errors"][0]["code"] == 503
     core = client.CoreV1Api(api)
     with pytest.raises(ApiException) as err:
         await core.list_node()
     assert err.value.status == 503
     assert len((await core.list_node()).items) == 3  # count=1: only the first request fails
-    status, _, body = await raw(served, "POST", "/sim/v1/faults", body={"errors": [{"rate": 2}]})
+    status, _, body = await raw(served, "POST", "/sim/v1/faults", token=ADMIN_TOKEN, body={"errors": [{"rate": 2}]})
     assert status == 422
     assert "errors.0.rate" in json.loads(body)["message"]
-    assert (await raw(served, "POST", "/sim/v1/faults", body=b"{not json"))[0] == 400
-    status, _, body = await raw(served, "GET", "/sim/v1/faults")
+    assert (await raw(served, "POST", "/sim/v1/faults", token=ADMIN_TOKEN, body=b"{not json"))[0] == 400
+    status, _, body = await raw(served, "GET", "/sim/v1/faults", token=ADMIN_TOKEN)
     assert json.loads(body)["injected"] == 1
-    status, _, body = await raw(served, "GET", "/sim/v1/stats")
+    status, _, body = await raw(served, "GET", "/sim/v1/stats", token=ADMIN_TOKEN)
     assert json.loads(body)["api_requests"]["list nodes"] == 2
-    assert (await raw(served, "GET", "/sim/v1/scenario"))[0] == 200
-    assert (await raw(served, "GET", "/sim/v1/faults", token=None))[0] == 401
+    assert (await raw(served, "GET", "/sim/v1/scenario", token=ADMIN_TOKEN))[0] == 200
+    assert (await raw(served, "GET", "/sim/v1/faults", token="wrong"))[0] == 401
+
+
+async def test_ground_truth_answers_the_admin_token_only(served: Served) -> None:
+    for method, path in (("GET", "/sim/v1/stats"), ("GET", "/sim/v1/scenario"), ("GET", "/sim/v1/faults"),
+                         ("POST", "/sim/v1/faults")):
+        for token in (TOKEN, None):
+            status, _, body = await raw(served, method, path, token=token,
+                                        body={"latency_ms": 1} if method == "POST" else None)
+            expected = 403 if token == TOKEN else 401
+            assert status == expected, (method, path, token, body)
+            assert json.loads(body)["reason"] == ("Forbidden" if expected == 403 else "Unauthorized")
+        assert (await raw(served, method, path, token=ADMIN_TOKEN,
+                          body={"clear": True} if method == "POST" else None))[0] == 200
+    assert served.cluster.faults.latency_ms == 0.0  # the refused POST changed nothing
+    # The admin token is a cluster administrator too.
+    assert (await raw(served, "GET", "/api/v1/nodes", token=ADMIN_TOKEN))[0] == 200
 
 
 async def test_latency_fault_delays_requests(served: Served, api: client.ApiClient) -> None:
-    assert (await raw(served, "POST", "/sim/v1/faults", body={"latency_ms": 300}))[0] == 200
+    assert (await raw(served, "POST", "/sim/v1/faults", token=ADMIN_TOKEN, body={"latency_ms": 300}))[0] == 200
     started = time.monotonic()
     await client.CoreV1Api(api).read_node("node-1")
     assert time.monotonic() - started >= 0.3
@@ -460,19 +478,19 @@ async def test_dropping_watches_ends_open_streams(served: Served, api: client.Ap
 
     async def drop_later() -> None:
         await asyncio.sleep(0.3)
-        await raw(served, "POST", "/sim/v1/faults", body={"drop_watches": True})
+        await raw(served, "POST", "/sim/v1/faults", token=ADMIN_TOKEN, body={"drop_watches": True})
 
     task = asyncio.create_task(drop_later())
-    started = time.monotonic()
+    # Without the drop this watch would outlive the test's timeout: ending at all is the proof.
     async with watch.Watch() as w:
-        events = [e async for e in w.stream(core.list_node, resource_version=rv, timeout_seconds=30)]
+        events = [e async for e in w.stream(core.list_node, resource_version=rv, timeout_seconds=3600)]
     await task
     assert events == []
-    assert time.monotonic() - started < 5
 
 
 # --------------------------------------------------------------------------------------------- scale
-async def test_listing_thirty_thousand_vmis_is_fast(make_served: Callable[..., Awaitable[Served]]) -> None:
+async def test_listing_thirty_thousand_vmis(make_served: Callable[..., Awaitable[Served]]) -> None:
+    # How long it takes is measured by `python -m bench.speed`, not asserted here.
     served = await make_served(tls=False)
     store = served.cluster.store
     template = objects.vmi("default", "x", node_name="node-1", memory_bytes=4 * objects.GiB, cpus=2,
@@ -482,18 +500,22 @@ async def test_listing_thirty_thousand_vmis_is_fast(make_served: Callable[..., A
     for i in range(30_000):
         template["metadata"]["name"] = f"vm-{i:05d}"
         store.create(VMIS, template)
-    timings = {}
     for label, accept in (("list", "application/json"),
                           ("table", "application/json;as=Table;v=v1;g=meta.k8s.io,application/json")):
-        started = time.monotonic()
-        status, _, body = await raw(served, "GET", "/apis/kubevirt.io/v1/virtualmachineinstances?limit=500",
-                                    headers={"Accept": accept})
-        timings[label] = (time.monotonic() - started, len(body))
-        assert status == 200
-        document = json.loads(body)
-        assert len(document["items" if label == "list" else "rows"]) == 30_002
-    print("30k VMIs over HTTP: " + ", ".join(f"{k} {t:.2f}s for {n / 1e6:.1f} MB" for k, (t, n) in timings.items()))
-    assert all(t < 3.0 for t, _ in timings.values())
+        # Pages of 500, as kubectl and informers ask for, all from the first page's snapshot.
+        seen, pages, token = 0, 0, ""
+        while True:
+            status, _, body = await raw(served, "GET", "/apis/kubevirt.io/v1/virtualmachineinstances?limit=500"
+                                        + (f"&continue={token}" if token else ""), headers={"Accept": accept})
+            assert status == 200
+            document = json.loads(body)
+            got = len(document["items" if label == "list" else "rows"])
+            assert got <= 500
+            seen, pages = seen + got, pages + 1
+            token = document["metadata"].get("continue")
+            if not token:
+                break
+        assert (seen, pages) == (30_002, 61)
 
 
 # ------------------------------------------------------------------------------------------ edge paths
@@ -511,7 +533,7 @@ async def test_unexpected_exception_is_a_500_status(served: Served, monkeypatch:
         raise RuntimeError("stats exploded")
 
     monkeypatch.setattr(served.cluster, "stats", broken)
-    status, _, body = await raw(served, "GET", "/sim/v1/stats")
+    status, _, body = await raw(served, "GET", "/sim/v1/stats", token=ADMIN_TOKEN)
     assert status == 500
     assert json.loads(body)["message"] == "Internal error occurred: stats exploded"
     assert b"\n" not in body
@@ -536,11 +558,13 @@ async def test_send_initial_events_ends_with_an_annotated_bookmark(served: Serve
 
 
 async def test_watches_are_dropped_periodically_when_faulted(served: Served) -> None:
-    assert (await raw(served, "POST", "/sim/v1/faults", body={"drop_watches_every_s": 0.5}))[0] == 200
+    faulted = await raw(served, "POST", "/sim/v1/faults", token=ADMIN_TOKEN, body={"drop_watches_every_s": 0.5})
+    assert faulted[0] == 200
     started = time.monotonic()
     status, _, _ = await raw(served, "GET", f"/api/v1/nodes?watch=true&resourceVersion={served.cluster.store.rv}")
     assert status == 200
-    assert 0.4 < time.monotonic() - started < 3
+    # The watch has no timeout of its own: it ended because the fault dropped it, not at once.
+    assert time.monotonic() - started >= 0.4
 
 
 async def test_custom_resource_update_needs_a_resource_version(api: client.ApiClient) -> None:
@@ -551,3 +575,75 @@ async def test_custom_resource_update_needs_a_resource_version(api: client.ApiCl
         await co.replace_namespaced_custom_object(*KV, "default", "virtualmachineinstances", "vm-a", vmi)
     assert err.value.status == 422
     assert "must be specified for an update" in json.loads(err.value.body)["message"]
+
+
+# -------------------------------------------------------------------------------------------- paging
+async def test_lists_page_with_limit_and_continue_from_one_snapshot(served: Served, api: client.ApiClient) -> None:
+    store = served.cluster.store
+    for i in range(5):
+        store.create(VMIS, objects.vmi("default", f"page-{i}", node_name="node-1", memory_bytes=objects.GiB, cpus=1,
+                                       cpu_model="Skylake", eviction_strategy=None, not_migratable_reason=None,
+                                       not_migratable_message=None, rwx=True, node_selector={}, labels={},
+                                       vm_uid=None, now=time.time()))
+    path = "/apis/kubevirt.io/v1/virtualmachineinstances"
+    status, _, body = await raw(served, "GET", f"{path}?limit=3")
+    first = json.loads(body)
+    assert status == 200 and len(first["items"]) == 3
+    rv, token = first["metadata"]["resourceVersion"], first["metadata"]["continue"]
+    assert first["metadata"]["remainingItemCount"] == 4
+    # Changes after the first page do not show up in later pages: they are read at the first page's version.
+    store.create(VMIS, objects.vmi("default", "page-late", node_name="node-1", memory_bytes=objects.GiB, cpus=1,
+                                   cpu_model="Skylake", eviction_strategy=None, not_migratable_reason=None,
+                                   not_migratable_message=None, rwx=True, node_selector={}, labels={}, vm_uid=None,
+                                   now=time.time()))
+    store.delete(VMIS, "default", "vm-b", grace_seconds=0)
+    names = [o["metadata"]["name"] for o in first["items"]]
+    while token:
+        status, _, body = await raw(served, "GET", f"{path}?limit=3&continue={token}")
+        page = json.loads(body)
+        assert status == 200 and page["metadata"]["resourceVersion"] == rv
+        names += [o["metadata"]["name"] for o in page["items"]]
+        token = page["metadata"].get("continue")
+    assert names == ["page-0", "page-1", "page-2", "page-3", "page-4", "vm-a", "vm-b"]
+    # A selector: no remainingItemCount (the real server cannot count a filtered rest).
+    status, _, body = await raw(served, "GET", "/api/v1/pods?limit=1&labelSelector=kubevirt.io%3Dvirt-launcher")
+    assert "continue" in json.loads(body)["metadata"] and "remainingItemCount" not in json.loads(body)["metadata"]
+    # The typed client pages too.
+    core = client.CoreV1Api(api)
+    one = await core.list_node(limit=1)
+    rest = await core.list_node(limit=5, _continue=one.metadata._continue)
+    assert [n.metadata.name for n in [*one.items, *rest.items]] == ["cp-1", "node-1", "node-2"]
+    assert rest.metadata._continue is None
+
+
+async def test_a_bad_or_expired_continue_token_is_refused(make_served: Callable[..., Awaitable[Served]]) -> None:
+    served = await make_served(history=20)
+    status, _, body = await raw(served, "GET", "/api/v1/nodes?limit=1")
+    token = json.loads(body)["metadata"]["continue"]
+    assert (await raw(served, "GET", f"/api/v1/nodes?limit=1&continue={token}&resourceVersion=1"))[0] == 400
+    status, _, body = await raw(served, "GET", "/api/v1/nodes?limit=1&continue=bm90LWEtdG9rZW4")
+    assert status == 400 and "continue key is not valid" in json.loads(body)["message"]
+    for i in range(30):  # push the first page's version out of the history (etcd compaction)
+        served.cluster.store.create(LEASES, {"metadata": {"name": f"l-{i}", "namespace": "kube-node-lease"},
+                                             "spec": {"holderIdentity": "x"}})
+    status, _, body = await raw(served, "GET", f"/api/v1/nodes?limit=1&continue={token}")
+    assert status == 410
+    assert json.loads(body)["reason"] == "Expired"
+    assert "too old to display a consistent list result" in json.loads(body)["message"]
+
+
+async def test_protobuf_bodies_of_other_kinds_are_unsupported_media(served: Served) -> None:
+    from simulator.protobuf import encode_for_tests
+
+    body = encode_for_tests("v1", "Pod", name="p1")
+    status, _, reply = await raw(served, "POST", "/api/v1/namespaces/default/pods", body=body,
+                                 headers={"Content-Type": "application/vnd.kubernetes.protobuf"})
+    assert status == 415 and json.loads(reply)["reason"] == "UnsupportedMediaType"
+    body = encode_for_tests("v1", "Namespace", name="from-proto", labels={"team": "a"})
+    status, _, reply = await raw(served, "POST", "/api/v1/namespaces", body=body,
+                                 headers={"Content-Type": "application/vnd.kubernetes.protobuf"})
+    assert status == 201, reply
+    assert json.loads(reply)["metadata"]["labels"] == {"team": "a", "kubernetes.io/metadata.name": "from-proto"}
+    status, _, reply = await raw(served, "POST", "/api/v1/namespaces", body=b"k8s\x00\x0a\xff",
+                                 headers={"Content-Type": "application/vnd.kubernetes.protobuf"})
+    assert status == 400
