@@ -7,11 +7,11 @@ simulated cluster over HTTPS. While it runs:
 - Redis is killed (SIGKILL) and restarted `--redis-restarts` times, spread over the drain's progress;
 - `--error-rate` of all API requests answer 500 and watches are dropped every `--drop-watches-every` seconds
   (`/sim/v1/faults`).
-Then, from the simulator's ground truth (and Redis for our own keys), it prints: VMs drained, VMs with two
-migrations at once, moments over each limit (cluster, per source node, inbound per node: the number of
-separate stretches of cluster time during which more migrations ran than the limit, counted from VMIM
-creation to its end, the span our semaphore must cover), semaphore slots, node locks and VMIMs left. Every
-figure but the first must be 0; the exit code is 1 otherwise.
+Then, from the simulator's ground truth (`/sim/v1/stats` with the admin kubeconfig; Redis for our own keys),
+it prints: VMs drained, VMs with two migrations at once, moments over each limit (cluster, per source node,
+inbound per node: the number of separate stretches of cluster time during which more migrations ran than
+the limit, counted from VMIM creation to its end, the span our semaphore must cover), semaphore slots, node
+locks and VMIMs left. Every figure but the first must be 0; the exit code is 1 otherwise.
 
     python -m bench.chaos [--runs 1] [--time-scale 20] [--workers 3] [--kill-every 4] [--redis-restarts 2]
                           [--error-rate 0.05] [--drop-watches-every 5] [--timeout 900] [--json]
@@ -49,8 +49,8 @@ from orchestrator.model import DrainRequest
 from orchestrator.service import DrainService
 from orchestrator.settings import Settings
 from simulator import scenarios
-from simulator.cluster import RunningCluster, running_cluster
-from simulator.faults import FaultsBody
+from simulator.admin import SimAdmin
+from simulator.cluster import running_cluster
 
 DRAINCTL = str(Path(sys.executable).with_name("drainctl"))
 FINAL_VMIM = ("Succeeded", "Failed")
@@ -118,12 +118,12 @@ def limit_figures(migrations: list[dict[str, Any]], *, now_s: float,
     return out
 
 
-async def leftovers(redis: Any, rc: RunningCluster) -> tuple[int, int, int]:
+async def leftovers(redis: Any, admin: SimAdmin) -> tuple[int, int, int]:
     """(semaphore slots held, node locks held, our VMIMs not final) right now."""
     sem = keys.semaphore_keys("migrations")
     slots = int(await redis.zcard(sem.holders)) + len([k async for k in redis.scan_iter(match=f"{sem.tag}:lease:*")])
     locks = len([k async for k in redis.scan_iter(match=keys.node_lock_key("*"))])
-    vmims = sum(1 for m in rc.cluster.stats()["migrations"]
+    vmims = sum(1 for m in (await admin.stats())["migrations"]
                 if m["labels"].get("drainctl.io/drain-id") and m["phase"] not in FINAL_VMIM)
     return slots, locks, vmims
 
@@ -186,10 +186,11 @@ async def run_once(args: argparse.Namespace, run: int) -> Figures:
     to_drain = movable_vms(sc, nodes)
     rand = random.Random(args.seed + run)
     tmp = Path(tempfile.mkdtemp(prefix="drainctl-chaos-"))
-    kubeconfig = tmp / "kubeconfig"
+    kubeconfig, admin_kubeconfig = tmp / "kubeconfig", tmp / "admin.kubeconfig"
     async with RedisServer(aof=True, workdir=tmp / "redis") as server, \
-            running_cluster(sc, time_scale=args.time_scale, token=secrets.token_hex(8),
-                            kubeconfig_out=kubeconfig) as rc:
+            running_cluster(sc, time_scale=args.time_scale, token=secrets.token_hex(8), kubeconfig_out=kubeconfig,
+                            admin_kubeconfig_out=admin_kubeconfig), \
+            SimAdmin.from_kubeconfig(admin_kubeconfig) as admin:
         queue = f"chaos-{secrets.token_hex(3)}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("DRAIN_")}
         env.update(KUBECONFIG=str(kubeconfig), DRAIN_REDIS_URL=server.url, DRAIN_TIME_SCALE=str(args.time_scale),
@@ -206,9 +207,8 @@ async def run_once(args: argparse.Namespace, run: int) -> Figures:
             await asyncio.sleep(3.0)  # workers connect and list the cluster
             record, _ = await service.submit(DrainRequest.from_json({"nodes": nodes, "max_parallel_nodes": 2}))
             started = time.monotonic()
-            rc.cluster.apply_faults(FaultsBody.model_validate(
-                {"errors": [{"verb": "*", "resource": "*", "rate": args.error_rate, "code": 500}],
-                 "drop_watches_every_s": args.drop_watches_every}))
+            await admin.faults({"errors": [{"verb": "*", "resource": "*", "rate": args.error_rate, "code": 500}],
+                                "drop_watches_every_s": args.drop_watches_every})
             thresholds = [to_drain * (i + 1) / (args.redis_restarts + 1) for i in range(args.redis_restarts)]
             next_kill = time.monotonic() + args.kill_every
             phase: str | None = None
@@ -216,7 +216,7 @@ async def run_once(args: argparse.Namespace, run: int) -> Figures:
                 phase = await _phase(service, record.id)
                 if phase in ("Succeeded", "Failed", "Cancelled"):
                     break
-                moved = len({m["vmi"] for m in rc.cluster.stats()["migrations"]
+                moved = len({m["vmi"] for m in (await admin.stats())["migrations"]
                              if m["source"] in nodes and m["phase"] == "Succeeded"})
                 if thresholds and moved >= thresholds[0]:
                     thresholds.pop(0)
@@ -226,14 +226,14 @@ async def run_once(args: argparse.Namespace, run: int) -> Figures:
                     next_kill = time.monotonic() + args.kill_every
                 await asyncio.sleep(0.5)
             wall = time.monotonic() - started
-            injected = int(rc.cluster.faults.injected)
-            rc.cluster.apply_faults(FaultsBody.model_validate({"clear": True}))
+            injected = int((await admin.faults()).get("injected") or 0)
+            await admin.faults({"clear": True})
             # What is still held a moment after the end is what a crash left behind: give the reconciler
             # (every few seconds) one lease period to settle it, then count.
             deadline = time.monotonic() + args.settle
             while True:
                 try:
-                    left = await leftovers(plain, rc)
+                    left = await leftovers(plain, admin)
                 except (RedisError, OSError):
                     left = (-1, -1, -1)
                 if left == (0, 0, 0) or time.monotonic() > deadline:
@@ -244,7 +244,7 @@ async def run_once(args: argparse.Namespace, run: int) -> Figures:
             lim = {"cluster": limits.cluster if limits else settings.limits.max_in_flight_cluster,
                    "per_node": limits.per_node if limits else settings.limits.max_in_flight_per_node,
                    "inbound": limits.inbound if limits else settings.limits.max_inbound_per_node}
-            stats = rc.cluster.stats()
+            stats = await admin.stats()
             ours = [m for m in stats["migrations"] if m["labels"].get("drainctl.io/drain-id") == record.id]
             figures = limit_figures(ours, now_s=float(stats["sim_time_s"]), limits=lim)
             drained = len({m["vmi"] for m in ours if m["source"] in nodes and m["phase"] == "Succeeded"})

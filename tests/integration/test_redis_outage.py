@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from redis.exceptions import RedisError
 from bench.redis_server import RedisServer
 from orchestrator.kube import EVENTS, NODES, VMIMS
 from orchestrator.model import DrainRequest
+from orchestrator.service import DrainService
 from tests.integration.conftest import Env, EnvFactory
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -39,8 +41,8 @@ async def until(check: Callable[[], Awaitable[bool]], *, timeout_s: float, what:
         raise AssertionError(f"timed out waiting for {what}") from None
 
 
-def succeeded_from(e: Env, node: str) -> list[dict[str, Any]]:
-    return [m for m in e.stats()["migrations"] if m["source"] == node and m["phase"] == "Succeeded"]
+async def succeeded_from(e: Env, node: str) -> list[dict[str, Any]]:
+    return [m for m in (await e.stats())["migrations"] if m["source"] == node and m["phase"] == "Succeeded"]
 
 
 def full_logs(e: Env) -> str:
@@ -48,7 +50,7 @@ def full_logs(e: Env) -> str:
 
 
 async def moved(e: Env, n: int) -> bool:
-    return len(succeeded_from(e, NODE)) >= n
+    return len(await succeeded_from(e, NODE)) >= n
 
 
 async def leftovers(e: Env) -> dict[str, list[str]]:
@@ -63,15 +65,23 @@ async def leftovers(e: Env) -> dict[str, list[str]]:
     return {"leases": leases, "locks": locks, "vmims": running}
 
 
-@pytest.mark.parametrize("kill", [False, True], ids=["sigterm", "sigkill"])
-async def test_a_redis_restart_with_aof_loses_nothing(cluster_env: EnvFactory, kill: bool) -> None:
-    async with RedisServer(aof=True) as server, \
+@contextlib.asynccontextmanager
+async def restarted_mid_drain(cluster_env: EnvFactory, *, aof: bool, kill: bool,
+                              after_moves: int) -> AsyncIterator[tuple[Env, DrainService, str]]:
+    """Two worker processes drain NODE on a redis-server of the test's own, restarted (down 3 s) once
+    `after_moves` VMs have moved; yields the environment, a service and the drain id."""
+    async with RedisServer(aof=aof) as server, \
             cluster_env("small", time_scale=30.0, workers=2, redis_url=server.url) as e:
         service = await e.service()
         record, _ = await service.submit(DrainRequest.from_json({"nodes": [NODE]}))
-        drain_id = record.id
-        await until(lambda: moved(e, 3), timeout_s=90, what="three migrations done")
+        await until(lambda: moved(e, after_moves), timeout_s=90, what=f"{after_moves} migrations done")
         await server.restart(down_s=3.0, kill=kill)
+        yield e, service, record.id
+
+
+@pytest.mark.parametrize("kill", [False, True], ids=["sigterm", "sigkill"])
+async def test_a_redis_restart_with_aof_loses_nothing(cluster_env: EnvFactory, kill: bool) -> None:
+    async with restarted_mid_drain(cluster_env, aof=True, kill=kill, after_moves=3) as (e, service, drain_id):
 
         async def final() -> bool:
             return (await service.get(drain_id)).drain.phase.is_final
@@ -80,8 +90,8 @@ async def test_a_redis_restart_with_aof_loses_nothing(cluster_env: EnvFactory, k
         view = await service.get(drain_id)
         assert view.drain.phase.value == "Succeeded", view.drain.message
         # Ground truth: every VM of the node moved exactly once, never two migrations of one VM at once.
-        truth = e.stats()
-        moves = collections.Counter(m["vmi"] for m in succeeded_from(e, NODE))
+        truth = await e.stats()
+        moves = collections.Counter(m["vmi"] for m in (await succeeded_from(e, NODE)))
         assert len(moves) == 15 and set(moves.values()) == {1}, moves
         assert truth["max_in_flight_per_vmi"] <= 1
         assert truth["max_in_flight_cluster"] <= 5
@@ -94,13 +104,7 @@ async def test_a_redis_restart_with_aof_loses_nothing(cluster_env: EnvFactory, k
 
 
 async def test_a_redis_that_comes_back_empty_is_reported(cluster_env: EnvFactory) -> None:
-    async with RedisServer(aof=False) as server, \
-            cluster_env("small", time_scale=30.0, workers=2, redis_url=server.url) as e:
-        service = await e.service()
-        record, _ = await service.submit(DrainRequest.from_json({"nodes": [NODE]}))
-        drain_id = record.id
-        await until(lambda: moved(e, 2), timeout_s=90, what="two migrations done")
-        await server.restart(down_s=3.0)
+    async with restarted_mid_drain(cluster_env, aof=False, kill=False, after_moves=2) as (e, service, drain_id):
 
         async def reported() -> bool:
             found = await service.store.find(drain_id)
@@ -128,7 +132,7 @@ async def test_a_redis_that_comes_back_empty_is_reported(cluster_env: EnvFactory
             return (await service.get(again.id)).drain.phase.value == "Succeeded"
 
         await until(drained, timeout_s=150, what="the second drain to succeed")
-        moves = collections.Counter(m["vmi"] for m in succeeded_from(e, NODE))
+        moves = collections.Counter(m["vmi"] for m in (await succeeded_from(e, NODE)))
         assert len(moves) == 15 and set(moves.values()) == {1}, moves
-        assert e.stats()["max_in_flight_per_vmi"] <= 1
+        assert (await e.stats())["max_in_flight_per_vmi"] <= 1
         assert await leftovers(e) == {"leases": [], "locks": [], "vmims": []}
