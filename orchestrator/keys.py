@@ -12,6 +12,7 @@ Layout (``{id}`` is substituted, ``{{...}}`` below is a literal Redis Cluster ha
 ``drainctl:drain:{id}:vms``                     per-VM records of one drain (hash)
 ``drainctl:drain:{id}:nodes``                   per-node records of one drain (hash)
 ``drainctl:drain:{id}:lock``                    lock of the advance step of one drain
+``drainctl:drain:{id}:priorities``              semaphore priority of each running node of one drain (hash)
 ``drainctl:drains``                             index of drains (zset)
 ``drainctl:node:{node}:drain``                  which drain owns a node (node lock)
 ``drainctl:idem:{key}``                         idempotency key of a request
@@ -74,6 +75,12 @@ def drain_nodes_key(drain_id: str) -> str:
 def drain_lock_key(drain_id: str) -> str:
     """Short lock serialising the "advance this drain" step across workers: ``drainctl:drain:{id}:lock``."""
     return f"{drain_key(drain_id)}:lock"
+
+
+def drain_priorities_key(drain_id: str) -> str:
+    """Semaphore priority of each running node of one drain, written by the advance step and read by the
+    migrate jobs of that node (a hash ``node -> number``, smaller first): ``drainctl:drain:{id}:priorities``."""
+    return f"{drain_key(drain_id)}:priorities"
 
 
 def node_lock_key(node: str) -> str:
@@ -172,6 +179,12 @@ class SemaphoreKeys:
     def waiters(self) -> str:
         """Sorted set of waiting acquirers (score: heartbeat deadline, Redis ms)."""
         return f"{self.tag}:waiters"
+
+    @property
+    def waiter_priorities(self) -> str:
+        """Hash of the waiters that wait with a priority: waiter id -> priority, then their scope keys and
+        limits (newline-joined), so a waiter of a larger number can see who goes first."""
+        return f"{self.tag}:waiter-priorities"
 
     @property
     def scopes(self) -> str:

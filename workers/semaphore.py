@@ -80,9 +80,12 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
 # KEYS: 1 holders zset, 2 fence counter, 3 lease hash, 4 waiters zset, 5 scope-name set,
-#       6..5+n scope zsets
+#       6..5+n scope zsets, 6+n waiter-priority hash
 # ARGV: 1 holder, 2 lease ms, 3 meta json, 4 acquisition id, 5 waiter id or '', 6 waiter ttl ms,
-#       7 joined scope names, 8..7+n scope names, 8+n..7+2n limits
+#       7 joined scope names, 8..7+n scope names, 8+n..7+2n limits, 8+2n priority or '',
+#       9+2n this waiter's priority entry (priority, then scope key and limit pairs, newline-joined)
+# A waiter with a priority defers to every live waiter of a smaller priority number that has room in all
+# its scopes right now (their scope keys are read from their entries: every key shares the hash tag).
 # Returns {status, token, expires_at_ms, joined scopes}; status 1 granted, 2 renewed (re-entrant),
 # 3 re-adopted an expired lease of the same holder (new token), 0 no room, -1 held with other scopes.
 _ACQUIRE_LUA = (
@@ -91,7 +94,8 @@ _ACQUIRE_LUA = (
 local holder = ARGV[1]
 local lease_ms = tonumber(ARGV[2])
 local waiter = ARGV[5]
-local n = #KEYS - 5
+local n = #KEYS - 6
+local prio_key = KEYS[#KEYS]
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
 local token = redis.call('HGET', KEYS[3], 'token')
 if token then
@@ -113,15 +117,49 @@ if token then
   end
   if waiter ~= '' then
     redis.call('ZREM', KEYS[4], waiter)
+    redis.call('HDEL', prio_key, waiter)
   end
   return {status, token, expires, scopes}
 end
+local function wait_more()
+  if waiter ~= '' then
+    redis.call('ZADD', KEYS[4], now + tonumber(ARGV[6]), waiter)
+    if ARGV[8 + 2 * n] ~= '' then
+      redis.call('HSET', prio_key, waiter, ARGV[9 + 2 * n])
+    end
+  end
+  return {0, 0, now, ''}
+end
 for i = 1, n do
   if redis.call('ZCARD', KEYS[5 + i]) >= tonumber(ARGV[7 + n + i]) then
-    if waiter ~= '' then
-      redis.call('ZADD', KEYS[4], now + tonumber(ARGV[6]), waiter)
+    return wait_more()
+  end
+end
+if ARGV[8 + 2 * n] ~= '' then
+  local mine = tonumber(ARGV[8 + 2 * n])
+  for _, other in ipairs(redis.call('HKEYS', prio_key)) do
+    if other ~= waiter then
+      if not redis.call('ZSCORE', KEYS[4], other) then
+        redis.call('HDEL', prio_key, other)
+      else
+        local parts = {}
+        for part in string.gmatch(redis.call('HGET', prio_key, other), '[^\\n]+') do
+          parts[#parts + 1] = part
+        end
+        if tonumber(parts[1]) < mine then
+          local room = true
+          for j = 2, #parts - 1, 2 do
+            if redis.call('ZCARD', parts[j]) >= tonumber(parts[j + 1]) then
+              room = false
+              break
+            end
+          end
+          if room then
+            return wait_more()
+          end
+        end
+      end
     end
-    return {0, 0, now, ''}
   end
 end
 token = redis.call('INCR', KEYS[2])
@@ -135,6 +173,7 @@ for i = 1, n do
 end
 if waiter ~= '' then
   redis.call('ZREM', KEYS[4], waiter)
+  redis.call('HDEL', prio_key, waiter)
 end
 return {1, token, expires, ARGV[7]}
 """
@@ -194,13 +233,16 @@ return {1, token, expires}
 """
 )
 
-# KEYS: 1 holders zset, 2 lease hash, 3 scope-name set, 4 waiters zset, 5..4+n scope zsets
+# KEYS: 1 holders zset, 2 lease hash, 3 scope-name set, 4 waiters zset, 5..4+n scope zsets,
+#       5+n waiter-priority hash
 # ARGV: 1 holder, 2 token or '', 3 acquisition id or '', 4 joined scope names, 5 waiter id or '',
 #       6 release channel, 7..6+n scope names
 # Returns 1 released, 0 not released (gone or not the owner), -1 the caller's scopes are stale.
 _RELEASE_LUA = """
+local last = #KEYS - 1
 if ARGV[5] ~= '' then
   redis.call('ZREM', KEYS[4], ARGV[5])
+  redis.call('HDEL', KEYS[#KEYS], ARGV[5])
 end
 local token = redis.call('HGET', KEYS[2], 'token')
 if not token then
@@ -217,7 +259,7 @@ if redis.call('HGET', KEYS[2], 'scopes') ~= ARGV[4] then
 end
 redis.call('DEL', KEYS[2])
 redis.call('ZREM', KEYS[1], ARGV[1])
-for i = 5, #KEYS do
+for i = 5, last do
   redis.call('ZREM', KEYS[i], ARGV[1])
   if redis.call('ZCARD', KEYS[i]) == 0 then
     redis.call('SREM', KEYS[3], ARGV[i + 2])
@@ -365,7 +407,8 @@ class RedisSemaphore:
     # Acquisition ----------------------------------------------------------------------------------
 
     async def try_acquire(
-        self, holder: str, scopes: Sequence[Scope], *, meta: Mapping[str, str] | None = None
+        self, holder: str, scopes: Sequence[Scope], *, meta: Mapping[str, str] | None = None,
+        priority: float | None = None,
     ) -> Lease | None:
         """Take a slot in every scope at once, or nothing; never waits.
 
@@ -378,7 +421,8 @@ class RedisSemaphore:
         meta_json = _meta_json(meta)
         acquisition = uuid.uuid4().hex
         try:
-            return await self._attempt(holder, ordered, meta_json, acquisition=acquisition, waiter="")
+            return await self._attempt(holder, ordered, meta_json, acquisition=acquisition, waiter="",
+                                       priority=priority)
         except BaseException:
             await self._abandon(holder, ordered, acquisition=acquisition, waiter="")
             raise
@@ -391,8 +435,13 @@ class RedisSemaphore:
         meta: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
         on_wait: Callable[[], Awaitable[None]] | None = None,
+        priority: float | None = None,
     ) -> Lease:
         """Like :meth:`try_acquire`, but wait for room; raise ``TimeoutError`` after ``timeout_s``.
+
+        With a ``priority`` the caller goes after every waiter of a smaller priority number that has room in
+        all its scopes (so a freed slot goes to the most urgent waiter that can use it, not to whoever
+        polls first); waiters without a priority neither wait for others nor are waited for.
 
         ``on_wait`` is awaited once, when the first attempt found no room, so the caller can say
         why it waits. While waiting, the caller is listed in :meth:`waiters`. Timeouts are measured
@@ -407,7 +456,8 @@ class RedisSemaphore:
         pubsub: PubSub | None = None
         try:
             # The uncontended path needs no subscription (a dedicated connection).
-            lease = await self._attempt(holder, ordered, meta_json, acquisition=acquisition, waiter="")
+            lease = await self._attempt(holder, ordered, meta_json, acquisition=acquisition, waiter="",
+                                        priority=priority)
             if lease is not None:
                 return lease
             log.info("semaphore.waiting", semaphore=self.name, holder=holder, scopes=_names(ordered))
@@ -418,7 +468,7 @@ class RedisSemaphore:
             pubsub = await self._subscribe()
             while True:
                 lease = await self._attempt(
-                    holder, ordered, meta_json, acquisition=acquisition, waiter=waiter
+                    holder, ordered, meta_json, acquisition=acquisition, waiter=waiter, priority=priority
                 )
                 if lease is not None:
                     return lease
@@ -447,16 +497,22 @@ class RedisSemaphore:
         *,
         acquisition: str,
         waiter: str,
+        priority: float | None = None,
     ) -> Lease | None:
         names = _names(scopes)
+        scope_keys = [self._keys.scope(name) for name in names]
         keys = [
             self._keys.holders,
             self._keys.fence,
             self._keys.lease(holder),
             self._keys.waiters,
             self._keys.scopes,
-            *(self._keys.scope(name) for name in names),
+            *scope_keys,
+            self._keys.waiter_priorities,
         ]
+        entry = "" if priority is None else _SCOPE_SEPARATOR.join(
+            [repr(float(priority)), *(f"{key}{_SCOPE_SEPARATOR}{scope.limit}"
+                                      for key, scope in zip(scope_keys, scopes, strict=True))])
         args: list[str | int] = [
             holder,
             self._lease_ms,
@@ -467,6 +523,8 @@ class RedisSemaphore:
             _SCOPE_SEPARATOR.join(names),
             *names,
             *(scope.limit for scope in scopes),
+            "" if priority is None else repr(float(priority)),
+            entry,
         ]
         status, token, expires, held = await self._acquire_script(keys=keys, args=args)
         status = int(status)
@@ -613,6 +671,7 @@ class RedisSemaphore:
             self._keys.scopes,
             self._keys.waiters,
             *map(self._keys.scope, scopes),
+            self._keys.waiter_priorities,
         ]
         args: list[str | int] = [
             holder,
@@ -789,13 +848,15 @@ async def hold(
     renew_every_s: float | None = None,
     timeout_s: float | None = None,
     on_wait: Callable[[], Awaitable[None]] | None = None,
+    priority: float | None = None,
 ) -> AsyncIterator[HeldSlot]:
     """Acquire, renew every ``renew_every_s`` (default: a third of the lease TTL), release on exit.
 
     The release survives cancellation of the block. It is skipped when the slot was lost (it is no
     longer ours to free) or kept (see :meth:`HeldSlot.keep`).
     """
-    lease = await semaphore.acquire(holder, scopes, meta=meta, timeout_s=timeout_s, on_wait=on_wait)
+    lease = await semaphore.acquire(holder, scopes, meta=meta, timeout_s=timeout_s, on_wait=on_wait,
+                                    priority=priority)
     slot = HeldSlot(semaphore, lease)
     every_s = semaphore.lease_ttl_s / 3 if renew_every_s is None else renew_every_s
     renewer = asyncio.create_task(slot._renew_forever(every_s), name=f"semaphore-renew:{holder}")

@@ -115,9 +115,10 @@ async def _migrate(ctx: Ctx, drain_id: str, vmi: str, attempt: int) -> str:
     async def on_wait() -> None:
         bound.info("semaphore.waiting")
 
+    priority = await _priority(ctx, drain_id, rec)
     result: Outcome | _Busy | None = None
     try:
-        async with hold(ctx["semaphore"], holder, scopes, meta=meta, on_wait=on_wait) as slot:
+        async with hold(ctx["semaphore"], holder, scopes, meta=meta, on_wait=on_wait, priority=priority) as slot:
             bound.info("semaphore.acquired", token=slot.lease.token)
             result = await _drive(ctx, slot, drain_id=drain_id, vmi=vmi, rec=rec, attempt=attempt,
                                   mig_name=mig_name, limits=limits, bound=bound)
@@ -131,6 +132,15 @@ async def _migrate(ctx: Ctx, drain_id: str, vmi: str, attempt: int) -> str:
     await _record_outcome(ctx, drain_id, vmi, attempt, result, bound)
     await advance_drain(ctx, drain_id)
     return result.phase.value
+
+
+async def _priority(ctx: Ctx, drain_id: str, rec: VmRecord) -> float | None:
+    """This VM's place in the semaphore's queue: its node's priority (written by the advance step), larger
+    VMs of the node first. None (no order) before the first advance wrote one."""
+    raw = await ctx["redis"].hget(keys.drain_priorities_key(drain_id), rec.node)  # type: ignore[misc]
+    if raw is None:
+        return None
+    return float(raw) - rec.memory_bytes / 1e15
 
 
 async def _wait_elsewhere(ctx: Ctx, drain_id: str, vmi: str, rec: VmRecord, limits: DrainLimits,
