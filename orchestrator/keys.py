@@ -12,6 +12,7 @@ Layout (``{id}`` is substituted, ``{{...}}`` below is a literal Redis Cluster ha
 ``drainctl:drain:{id}:vms``                     per-VM records of one drain (hash)
 ``drainctl:drain:{id}:nodes``                   per-node records of one drain (hash)
 ``drainctl:drain:{id}:lock``                    lock of the advance step of one drain
+``drainctl:tune:kubevirt``                      KubeVirt migration settings saved by a tuned drain (JSON)
 ``drainctl:drain:{id}:priorities``              semaphore priority of each running node of one drain (hash)
 ``drainctl:drains``                             index of drains (zset)
 ``drainctl:node:{node}:drain``                  which drain owns a node (node lock)
@@ -36,6 +37,9 @@ CANCEL_CHANNEL = f"{PREFIX}:cancel"
 """Pub/sub channel announcing a drain cancel (the message is the drain id): workers stop following at once."""
 
 CLUSTER_SCOPE = "cluster"
+TUNE_KEY = f"{PREFIX}:tune:kubevirt"
+"""KubeVirt's migration settings as they were before a tuned drain changed them, with that drain's id (JSON);
+one at a time, since the settings are cluster-wide (workers.jobs.tune)."""
 """Semaphore scope shared by every migration in the cluster."""
 
 

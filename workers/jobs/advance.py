@@ -31,6 +31,7 @@ from workers.jobs.decisions import (
     migration_work_s,
     node_priorities,
 )
+from workers.jobs.tune import restore_tuning
 
 PRIORITIES_TTL_S = 2 * 24 * 3600
 """The priorities hash lives as long as a drain's queued jobs may (rewritten on every advance)."""
@@ -227,6 +228,10 @@ async def close_drain(ctx: Ctx, drain_id: str, phase: DrainPhase, message: str) 
     store = ctx["store"]
     drain = await store.get(drain_id)
     nodes = drain.nodes
+    if not drain.phase.is_final:
+        # Before the record turns final: a failed restore runs this step again (the reconciler also
+        # restores for drains that ended without it).
+        await restore_tuning(ctx, drain_id)
     if not drain.phase.is_final and phase is DrainPhase.CANCELLED and drain.cancel is not None \
             and drain.cancel.uncordon:
         uncordoned = []

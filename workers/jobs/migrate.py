@@ -106,7 +106,8 @@ async def _migrate(ctx: Ctx, drain_id: str, vmi: str, attempt: int) -> str:
         await advance_drain(ctx, drain_id)
         return VmPhase.CANCELLED.value
     source = rec.node
-    scopes = [Scope(keys.CLUSTER_SCOPE, limits.cluster), Scope(keys.node_scope(source), limits.per_node)]
+    scopes = [Scope(keys.CLUSTER_SCOPE, limits.cluster),
+              Scope(keys.node_scope(source), limits.node_parallel.get(source, limits.per_node))]
     if rec.phase is VmPhase.QUEUED:
         await store.update_vm(drain_id, vmi, assign(phase=VmPhase.WAITING, message="waiting for a migration slot"))
     meta = {"drain_id": drain_id, "vmi": vmi, "attempt": str(attempt), "vmim": f"{ns}/{mig_name}",
