@@ -51,5 +51,5 @@ async def test_inbound_limit_holds_over_repeated_parallel_drains(cluster_env: En
               f"{len(stats['migrations'])} migrations")
         assert all(count <= limit for count in stats["max_inbound_per_node"].values()), \
             stats["max_inbound_per_node"]
-        assert_limits(stats, cluster=5, per_node=3)
+        assert_limits(stats, cluster=5, per_node=3, inbound=limit)
         assert await semaphore_empty(env) == {}
