@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 
 from orchestrator import keys
-from orchestrator.model import DrainRequest
+from orchestrator.model import DrainPhase, DrainRequest
+from orchestrator.records import DrainRecord
+from orchestrator.service import DrainService
 from simulator.resources import KUBEVIRTS, VMIS
 from tests.integration.conftest import Env, EnvFactory, requires_redis
 
@@ -38,6 +40,21 @@ async def until(pred: Any, what: str, within_s: float = 120.0) -> None:
     async with asyncio.timeout(within_s):
         while not pred():  # noqa: ASYNC110 - the simulator's store has no event to await here
             await asyncio.sleep(0.05)
+
+
+async def start_tuned(env: Env, node: str) -> tuple[DrainService, DrainRecord, dict[str, Any]]:
+    """Submit a tuned drain of `node`; return once KubeVirt's settings are tuned (with the ones before)."""
+    before = migrations_config(env)
+    service = await env.service()
+    record, _ = await service.submit(DrainRequest.from_json({"nodes": [node], "tune": True}))
+    await until(lambda: migrations_config(env) != before, "tuned")
+    return service, record, before
+
+
+def kill_workers(env: Env) -> None:
+    for victim in list(env.workers):
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait(10)
 
 
 def ours(stats: dict[str, Any], drain_id: str) -> list[dict[str, Any]]:
@@ -74,13 +91,9 @@ async def test_tuned_drain_runs_above_the_defaults_and_restores_them(cluster_env
 async def test_worker_killed_during_a_tuned_drain_still_restores(cluster_env: EnvFactory) -> None:
     async with cluster_env("small", time_scale=15, workers=2, extra_env=NIC) as env:
         node = env.cluster.scenario.drain_hint[0]
-        before = migrations_config(env)
-        service = await env.service()
-        record, _ = await service.submit(DrainRequest.from_json({"nodes": [node], "tune": True}))
-        await until(lambda: migrations_config(env) != before and env.cluster.kubevirt.active, "tuned and migrating")
-        for victim in list(env.workers):
-            os.killpg(victim.pid, signal.SIGKILL)
-            victim.wait(10)
+        service, record, before = await start_tuned(env, node)
+        await until(lambda: bool(env.cluster.kubevirt.active), "migrating")
+        kill_workers(env)
         assert migrations_config(env) != before  # nobody left to restore: still tuned
         env.start_workers(2)
         view = await service.wait(record.id, timeout_s=240)
@@ -93,10 +106,7 @@ async def test_worker_killed_during_a_tuned_drain_still_restores(cluster_env: En
 async def test_cancelled_tuned_drain_restores(cluster_env: EnvFactory) -> None:
     async with cluster_env("small", time_scale=10, workers=2, extra_env=NIC) as env:
         node = env.cluster.scenario.drain_hint[0]
-        before = migrations_config(env)
-        service = await env.service()
-        record, _ = await service.submit(DrainRequest.from_json({"nodes": [node], "tune": True}))
-        await until(lambda: migrations_config(env) != before, "tuned")
+        service, record, before = await start_tuned(env, node)
         result = await env.adrainctl("cancel", record.id, "-o", "json")
         assert result.returncode == 0, result.stderr
         view = await service.wait(record.id, timeout_s=120)
@@ -110,15 +120,8 @@ async def test_reconciler_restores_for_a_drain_that_ended_without_restoring(clus
     # final directly, as a lost or expired record would look): the next worker's reconciler restores.
     async with cluster_env("small", time_scale=10, workers=1, extra_env=NIC) as env:
         node = env.cluster.scenario.drain_hint[0]
-        before = migrations_config(env)
-        service = await env.service()
-        record, _ = await service.submit(DrainRequest.from_json({"nodes": [node], "tune": True}))
-        await until(lambda: migrations_config(env) != before, "tuned")
-        for victim in list(env.workers):
-            os.killpg(victim.pid, signal.SIGKILL)
-            victim.wait(10)
-        from orchestrator.model import DrainPhase
-        from orchestrator.records import DrainRecord
+        service, record, before = await start_tuned(env, node)
+        kill_workers(env)
 
         def end(d: DrainRecord) -> None:
             d.phase = DrainPhase.FAILED
@@ -135,10 +138,7 @@ async def test_a_second_tuned_drain_is_refused_while_one_runs(cluster_env: EnvFa
     base_nodes = 2
     async with cluster_env("small", time_scale=10, workers=2, extra_env=NIC) as env:
         workers = [n.name for n in env.cluster.scenario.nodes if not n.control_plane][:base_nodes]
-        before = migrations_config(env)
-        service = await env.service()
-        first, _ = await service.submit(DrainRequest.from_json({"nodes": [workers[0]], "tune": True}))
-        await until(lambda: migrations_config(env) != before, "tuned")
+        service, first, before = await start_tuned(env, workers[0])
         second, _ = await service.submit(DrainRequest.from_json({"nodes": [workers[1]], "tune": True}))
         view = await service.wait(second.id, timeout_s=120)
         assert view.drain.phase == "Failed"
