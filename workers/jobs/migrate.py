@@ -213,13 +213,19 @@ async def _drive_inner(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec
         if now_node and now_node != source:
             return Outcome(VmPhase.SUCCEEDED, target=now_node, reason=f"already running on {now_node}")
         target = keys.inbound_node(slot.lease.chosen)
-        why = "its inbound slot taken"
+        # Judge the target again on the VMI as it is now (the chooser read it before waiting); this also
+        # parses it, so a VMI that became unreadable fails here.
+        choice = _choose(ctx, vmi_obj, source, rec, limits, quarantined=set(drain.quarantined),
+                         max_inbound=None if target else limits.inbound)
         if target is None:  # a lease granted before inbound scopes existed: choose as it was chosen then
-            choice = _choose(ctx, vmi_obj, source, rec, limits, quarantined=set(drain.quarantined),
-                             max_inbound=limits.inbound)
             if choice.target is None:
                 return Outcome(VmPhase.FAILED, target=None, reason=choice.reason, failure=FailureClass.UNSCHEDULABLE)
-            target, why = choice.target, choice.reason
+            target = choice.target
+        elif target not in choice.ranked:
+            # The VMI or the node changed while we waited: give the slot back and choose again.
+            bound.info("migration.target_changed", target=target, reason=choice.reason)
+            raise Retry(defer=1)
+        why = choice.reason if choice.target == target else f"{target}: inbound slot taken"
         await slot.confirm()  # fencing: never create while our lease is not ours any more
         body = {
             "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
