@@ -13,6 +13,7 @@ from simulator import scenarios
 from simulator.clock import ManualClock
 from simulator.cluster import SimCluster
 from simulator.errors import ApiError
+from simulator.kubevirt import KubeVirtSim
 from simulator.resources import NODES, PODS, VMIMS
 from simulator.workqueue import PriorityQueue
 
@@ -81,6 +82,12 @@ def _run_until(cluster: SimCluster, clock: ManualClock, pred: Callable[[], bool]
     raise AssertionError("condition not reached")
 
 
+def next_look(kv: KubeVirtSim, key: str) -> float | None:
+    """When the migration controller looks at a Pending VMIM next (queued, or parked until a slot frees)."""
+    parked = kv._parked.get(key)
+    return parked.next_look(kv.clock.now()) if parked is not None else kv._queue.ready_at(key)
+
+
 def test_held_back_vmims_are_requeued_by_priority_and_a_free_slot_goes_to_the_highest() -> None:
     """migration.go: at the cluster limit a user VMIM (priority 0) is looked at again after 5 s, an evacuation
     VMIM (system-critical) after 1 s; when a migration ends the highest priority Pending one gets the slot."""
@@ -96,7 +103,8 @@ def test_held_back_vmims_are_requeued_by_priority_and_a_free_slot_goes_to_the_hi
     cluster.step()  # the controllers see a change at the start of the next step: be there first
     _vmim(cluster, elsewhere, "user")
     cluster.step()
-    assert kv._queue.ready_at(f"{elsewhere.namespace}/user") == clock.now() + 5.0
+    # Held back by the limit: its next look is 5 s away (it waits parked, out of the queue, until a slot frees).
+    assert next_look(kv, f"{elsewhere.namespace}/user") == clock.now() + 5.0
     clock.advance(0.5)
     cluster.step()
     pod = next(p for p in cluster.store.on_node(PODS, node)
@@ -105,7 +113,7 @@ def test_held_back_vmims_are_requeued_by_priority_and_a_free_slot_goes_to_the_hi
         kv.evict(pod["metadata"]["namespace"], pod["metadata"]["name"], None)  # 429: evacuation instead
     cluster.step()
     evac = next(m for m in kv.pending.values() if m.evacuation)
-    assert kv._queue.ready_at(evac.key) == clock.now() + 1.0
+    assert next_look(kv, evac.key) == clock.now() + 1.0
     records = {r["name"]: r for r in kv.records}
     _run_until(cluster, clock, lambda: records["first"]["finished_s"] is not None, limit_s=600)
     # The evacuation VMIM came later than the user's but has the higher priority: it gets the freed slot at once.
