@@ -18,6 +18,7 @@ Layout (``{id}`` is substituted, ``{{...}}`` below is a literal Redis Cluster ha
 ``drainctl:node:{node}:drain``                  which drain owns a node (node lock)
 ``drainctl:idem:{key}``                         idempotency key of a request
 ``drainctl:epoch``                              this Redis's epoch (a Redis that lost its data has none)
+``drainctl:epoch:scanned``                      the epoch whose cluster scan for lost drains is done
 ``drainctl:lost:{id}``                          a drain found lost after Redis came back empty (report)
 ``{{drainctl:sem:{name}}}:...``                 one semaphore; see :class:`SemaphoreKeys`
 ==============================================  =====================================================
@@ -41,6 +42,9 @@ CANCEL_CHANNEL = f"{PREFIX}:cancel"
 EPOCH_KEY = f"{PREFIX}:epoch"
 """The epoch of this Redis's data: written once by the first process that finds it missing. A process that
 knew another epoch (or none at all in a Redis that holds nothing else) knows the data was lost."""
+
+EPOCH_SCANNED_KEY = f"{EPOCH_KEY}:scanned"
+"""The epoch for which the cluster was scanned for drains a data loss left behind (see orchestrator.epoch)."""
 
 CLUSTER_SCOPE = "cluster"
 TUNE_KEY = f"{PREFIX}:tune:kubevirt"
