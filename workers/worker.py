@@ -37,6 +37,7 @@ def functions() -> list[Any]:
         func(cast(Any, jobs.migrate_job), name="migrate", timeout=24 * 3600, max_tries=100),
         func(cast(Any, jobs.finish_job), name="finish", timeout=3600, max_tries=50),
         func(cast(Any, jobs.advance_job), name="advance", timeout=300, max_tries=20, keep_result=0),
+        func(cast(Any, jobs.dry_plan_job), name="dry_plan", timeout=120, max_tries=3, keep_result=120),
     ]
 
 
