@@ -93,6 +93,7 @@ class DrainService:
                                                _expires=timedelta(seconds=DRY_PLAN_TIMEOUT_S))
             if job is None:
                 return None
+            await queue.wake(self.redis, queue_name)
             result = await job.result(timeout=DRY_PLAN_TIMEOUT_S, poll_delay=0.05)
         except (TimeoutError, RedisError, OSError):
             return None

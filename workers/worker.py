@@ -10,7 +10,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import structlog
-from arq import cron
 from arq.connections import ArqRedis, RedisSettings
 from arq.worker import Worker, func
 
@@ -21,6 +20,7 @@ from orchestrator.settings import Settings
 from orchestrator.store import DrainStore
 from orchestrator.view import ClusterView
 from workers import jobs
+from workers.loop import EventWorker
 from workers.semaphore import RedisSemaphore
 
 log = structlog.get_logger("workers.worker")
@@ -30,7 +30,8 @@ KubeFactory = Callable[[], Awaitable[Kube]]
 
 def functions() -> list[Any]:
     # Migrations can run long in wall time at time scale 1; crash recovery does not wait for this timeout
-    # (jobs keep arq's in-progress key short-lived, see jobs._heartbeat). Crash re-runs count as tries.
+    # (a dead worker's jobs go back into the queue when its alive key expires, see workers.loop). Crash re-runs
+    # count as tries.
     # The jobs take a TypedDict context; arq types ctx as a plain dict, hence the casts.
     return [
         func(cast(Any, jobs.plan_job), name="plan", timeout=600, max_tries=20),
@@ -70,12 +71,12 @@ def build_worker(settings: Settings, *, redis: ArqRedis | None = None, kube_fact
             await kube.close()
         log.info("worker.stopped")
 
-    seconds = set(range(0, 60, max(1, reconcile_every_s)))
     kwargs: dict[str, Any] = dict(
         functions=functions(),
         queue_name=settings.connection.queue_name,
-        cron_jobs=[cron(cast(Any, jobs.reconcile_job), name="reconcile", second=seconds, run_at_startup=True,
-                        unique=True, timeout=120, keep_result=0, max_tries=1)],
+        # The reconciler runs in one worker at a time, every reconcile_every_s while work runs (EventWorker).
+        periodic=cast(Any, jobs.reconcile_job),
+        busy_period_s=float(max(1, reconcile_every_s)),
         on_startup=startup,
         on_shutdown=shutdown,
         max_jobs=max_jobs,
@@ -91,4 +92,4 @@ def build_worker(settings: Settings, *, redis: ArqRedis | None = None, kube_fact
         kwargs["redis_pool"] = redis
     else:
         kwargs["redis_settings"] = RedisSettings.from_dsn(settings.connection.redis_url)
-    return Worker(**kwargs)
+    return EventWorker(**kwargs)
