@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import arq.worker as arq_worker
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
@@ -109,15 +110,15 @@ class EventWorker(Worker):
 
     # ------------------------------------------------------------------------------------------ loop
     async def main(self) -> None:
-        from arq.connections import create_pool, log_redis_info
-
+        # Through arq.worker's namespace, as arq's own main does: a patch of arq.worker.log_redis_info (the
+        # embedded demo's fakeredis has no INFO) applies here too.
         if self._pool is None:
-            self._pool = await create_pool(self.redis_settings, job_deserializer=self.job_deserializer,
+            self._pool = await arq_worker.create_pool(  # type: ignore[attr-defined]self.redis_settings, job_deserializer=self.job_deserializer,
                                            job_serializer=self.job_serializer, default_queue_name=self.queue_name,
                                            expires_extra_ms=self.expires_extra_ms)
         log.info("starting worker %s for %d functions: %s", self.worker_id, len(self.functions),
                  ", ".join(self.functions))
-        await log_redis_info(self.pool, log.info)
+        await arq_worker.log_redis_info(self.pool, log.info)  # type: ignore[attr-defined]
         self.ctx["redis"] = self.pool
         self.ctx["worker_id"] = self.worker_id
         if self.on_startup:
@@ -157,10 +158,14 @@ class EventWorker(Worker):
             try:
                 await pubsub.subscribe(wake_channel(self.queue_name))
                 backoff = 0.5
+                loop = asyncio.get_running_loop()
                 while True:
+                    started = loop.time()
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=60.0)
                     if message is not None:
                         self._woken.set()
+                    elif loop.time() - started < 0.5:
+                        await asyncio.sleep(0.05)  # a client whose timeout does not wait (fakeredis): no spinning
             except (RedisError, OSError) as exc:
                 log.debug("wake listener: %s; reconnecting in %.1f s", exc, backoff)
                 await asyncio.sleep(backoff)
