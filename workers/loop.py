@@ -113,9 +113,9 @@ class EventWorker(Worker):
         # Through arq.worker's namespace, as arq's own main does: a patch of arq.worker.log_redis_info (the
         # embedded demo's fakeredis has no INFO) applies here too.
         if self._pool is None:
-            self._pool = await arq_worker.create_pool(  # type: ignore[attr-defined]self.redis_settings, job_deserializer=self.job_deserializer,
-                                           job_serializer=self.job_serializer, default_queue_name=self.queue_name,
-                                           expires_extra_ms=self.expires_extra_ms)
+            self._pool = await arq_worker.create_pool(  # type: ignore[attr-defined]
+                self.redis_settings, job_deserializer=self.job_deserializer, job_serializer=self.job_serializer,
+                default_queue_name=self.queue_name, expires_extra_ms=self.expires_extra_ms)
         log.info("starting worker %s for %d functions: %s", self.worker_id, len(self.functions),
                  ", ".join(self.functions))
         await arq_worker.log_redis_info(self.pool, log.info)  # type: ignore[attr-defined]
