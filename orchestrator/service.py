@@ -94,12 +94,20 @@ class DrainService:
             if job is None:
                 return None
             await queue.wake(self.redis, queue_name)
-            result = await job.result(timeout=DRY_PLAN_TIMEOUT_S, poll_delay=0.05)
-        except (TimeoutError, RedisError, OSError):
+            # Job.result() gives up on a job that is not in the queue, and a started job leaves it: read the
+            # result key until it appears.
+            deadline = time.monotonic() + DRY_PLAN_TIMEOUT_S
+            while (info := await job.result_info()) is None:
+                if time.monotonic() > deadline:
+                    log.warning("plan.worker_silent", timeout_s=DRY_PLAN_TIMEOUT_S)
+                    return None
+                await asyncio.sleep(0.05)
+        except (RedisError, OSError):
             return None
-        except Exception as exc:  # the worker failed: say so, and plan here instead
-            log.warning("plan.worker_failed", error=f"{type(exc).__name__}: {exc}")
+        if not info.success:  # the worker failed: say so, and plan here instead
+            log.warning("plan.worker_failed", error=repr(info.result))
             return None
+        result = info.result
         return result if isinstance(result, dict) and ("plan" in result or "refused" in result) else None
 
     async def submit(self, request: DrainRequest, *, idempotency_key: str | None = None,
