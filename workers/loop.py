@@ -91,7 +91,7 @@ class EventWorker(Worker):
     """arq's Worker, woken by events instead of a 0.5 s poll (see the module docstring)."""
 
     def __init__(self, *args: Any, periodic: Periodic | None = None, busy_period_s: float = 5.0,
-                 idle_period_s: float = 30.0, idle_poll_s: float = 10.0, alive_every_s: float = 5.0,
+                 idle_period_s: float = 15.0, idle_poll_s: float = 10.0, alive_every_s: float = 5.0,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.worker_id = uuid.uuid4().hex[:12]

@@ -1,7 +1,7 @@
 """arq worker settings for drainctl: which jobs, how they retry, what every job's context holds.
 
 Any worker runs any job. Each worker process opens one cluster connection and one shared watch-fed view
-(`orchestrator.view`), and runs the reconcile cron (deduplicated across workers by arq's unique cron ids).
+(`orchestrator.view`), and runs the reconciler (in one worker at a time, see `workers.loop.EventWorker`).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ KubeFactory = Callable[[], Awaitable[Kube]]
 
 def functions() -> list[Any]:
     # Migrations can run long in wall time at time scale 1; crash recovery does not wait for this timeout
-    # (a dead worker's jobs go back into the queue when its alive key expires, see workers.loop). Crash re-runs
-    # count as tries.
+    # (a started job leaves the queue; when its worker's alive key expires, the job goes back in and its
+    # in-progress key is freed, see workers.loop). Crash re-runs count as tries.
     # The jobs take a TypedDict context; arq types ctx as a plain dict, hence the casts.
     return [
         func(cast(Any, jobs.plan_job), name="plan", timeout=600, max_tries=20),
@@ -92,4 +92,6 @@ def build_worker(settings: Settings, *, redis: ArqRedis | None = None, kube_fact
         kwargs["redis_pool"] = redis
     else:
         kwargs["redis_settings"] = RedisSettings.from_dsn(settings.connection.redis_url)
+    # No per-job in-progress renewal (workers.inprogress): it costs a command per running job every few
+    # seconds, for as long as a migration runs; EventWorker's one alive key per busy worker replaces it.
     return EventWorker(**kwargs)
