@@ -188,8 +188,9 @@ class EventWorker(Worker):
             if due_in > 0:
                 timeout = min(timeout, due_in)
             elif self.job_counter < self.max_jobs:
-                # Due but not started (another worker is starting it, or its in-progress key is still there).
-                timeout = min(timeout, max(self.poll_delay_s, 0.05))
+                # Due but not started (another worker is starting it, or its in-progress key is still there):
+                # look again at arq's pace, not faster.
+                timeout = min(timeout, max(self.poll_delay_s, 0.05 if self.burst else 0.5))
         if self._busy():
             timeout = min(timeout, self.alive_every_s)
         timeout = min(timeout, max(0.05, self._next_periodic - time.monotonic()))
