@@ -101,8 +101,9 @@ async def test_a_plan_that_cannot_parse_the_cluster_fails_the_drain_with_the_rea
 
 async def test_a_migration_that_cannot_parse_its_vmi_fails_that_vm_and_the_drain_moves_on(
         cluster_env: EnvFactory) -> None:
-    # Largest first: "big" migrates first, "small" waits for its slot (one at a time).
-    sc = tiny([vm("big", gib=8), vm("small", gib=2)], parallelOutboundMigrationsPerNode=1)
+    # One migration at a time, largest first: while "big" migrates, "mid" waits for the slot and "small" has
+    # no job yet (the node's feed window is its outbound limit + 1), so "small" reads its VMI after the change.
+    sc = tiny([vm("big", gib=8), vm("mid", gib=4), vm("small", gib=2)], parallelOutboundMigrationsPerNode=1)
     async with cluster_env(sc, workers=0) as env:
         service = await env.service()
         record, _ = await service.submit(DrainRequest.from_json({"nodes": [DRAIN]}))
@@ -119,7 +120,7 @@ async def test_a_migration_that_cannot_parse_its_vmi_fails_that_vm_and_the_drain
         assert view.drain.phase == "Failed", (view.to_json(), env.worker_logs())
         small = view.vms["app/small"]
         assert small.phase is VmPhase.FAILED and "2Xi" in small.message, small
-        assert view.vms["app/big"].phase is VmPhase.SUCCEEDED
+        assert view.vms["app/big"].phase is VmPhase.SUCCEEDED and view.vms["app/mid"].phase is VmPhase.SUCCEEDED
         assert view.nodes[DRAIN].phase is NodePhase.FAILED
         assert running_on(env, "app", "big") != DRAIN and running_on(env, "app", "small") == DRAIN
 
