@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,10 @@ def remigrated(stats: dict[str, Any]) -> int:
     return sum(1 for n in moves.values() if n > 1)
 
 
-def movable_vms(sc: scenarios.Scenario) -> int:
-    return sum(1 for vm in sc.vms if vm.node in sc.drain_hint and vm.live_migratable
+def movable_vms(sc: scenarios.Scenario, nodes: Sequence[str] | None = None) -> int:
+    """VMs on `nodes` (default: the drain hint) that a drain moves: live-migratable, evicted by migrating."""
+    on = sc.drain_hint if nodes is None else nodes
+    return sum(1 for vm in sc.vms if vm.node in on and vm.live_migratable
                and vm.eviction_strategy in ("LiveMigrate", "LiveMigrateIfPossible"))
 
 

@@ -294,7 +294,7 @@ class EventWorker(Worker):
                          keep_in_progress: float | None) -> None:
         """arq's finish_job for a job that left the queue when it started: a job to run again goes back in (at
         its retry time), and it leaves the running registry."""
-        score = self._scores.pop(job_id, None)
+        score = self._scores.get(job_id)  # popped once recorded: a caller may retry this after a Redis error
         again = not finish
         await super().finish_job(job_id, finish, result_data, result_timeout_s, keep_result_forever,
                                  None if again else incr_score, keep_in_progress)
@@ -304,13 +304,24 @@ class EventWorker(Worker):
             new_score = (score + incr_score) if (incr_score and score is not None) else timestamp_ms()
             await self.pool.zadd(self.queue_name, {job_id: new_score})
         await self.pool.hdel(running_key(self.queue_name), job_id)  # type: ignore[misc]
+        self._scores.pop(job_id, None)
         if again:
             await wake(self.pool, self.queue_name)
 
-    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+    async def give_back(self, job_id: str) -> None:
+        """A job that could not start (a Redis error in arq's run_job) goes back into the queue, runnable now."""
+        async with self.pool.pipeline(transaction=True) as pipe:
+            pipe.delete(in_progress_key_prefix + job_id)
+            pipe.zadd(self.queue_name, {job_id: timestamp_ms()}, nx=True)
+            pipe.hdel(running_key(self.queue_name), job_id)
+            await pipe.execute()
         self._scores.pop(job_id, None)
+        await wake(self.pool, self.queue_name)
+
+    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         await super().finish_failed_job(job_id, result_data)
         await self.pool.hdel(running_key(self.queue_name), job_id)  # type: ignore[misc]
+        self._scores.pop(job_id, None)
 
     async def close(self) -> None:
         with contextlib.suppress(RedisError, OSError, AttributeError):
