@@ -47,6 +47,8 @@ from orchestrator.queue import wake, wake_channel
 log = logging.getLogger("workers.loop")
 
 Periodic = Callable[[dict[str, Any]], Awaitable[Any]]
+ABORT_CHECK_EVERY_S = 60.0
+"""How often arq's abort set is read (arq reads it on every 0.5 s poll)."""
 
 
 def running_key(queue_name: str) -> str:
@@ -203,9 +205,9 @@ class EventWorker(Worker):
         self._woken.set()  # a slot is free: due jobs may start
 
     async def _cancel_aborted_jobs(self) -> None:
-        # Nothing of ours aborts jobs through arq; keep the mechanism, at the slow poll's pace.
+        # Nothing of ours aborts jobs through arq (Job.abort); keep the mechanism, once a minute (four commands).
         now = time.monotonic()
-        if now - self._last_abort_check < self.idle_poll_s:
+        if now - self._last_abort_check < ABORT_CHECK_EVERY_S:
             return
         self._last_abort_check = now
         await super()._cancel_aborted_jobs()
