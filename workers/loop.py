@@ -103,6 +103,7 @@ class EventWorker(Worker):
         self.idle_poll_s = idle_poll_s
         self.alive_every_s = alive_every_s
         self._scores: dict[str, int] = {}
+        self._next_due_ms: float | None = None
         self._woken = asyncio.Event()
         self._last_start = 0.0
         self._last_alive = 0.0
@@ -170,6 +171,7 @@ class EventWorker(Worker):
                         await asyncio.sleep(0.05)  # a client whose timeout does not wait (fakeredis): no spinning
             except (RedisError, OSError) as exc:
                 log.debug("wake listener: %s; reconnecting in %.1f s", exc, backoff)
+                self._woken.set()  # let the loop meet the outage (and wait for Redis) rather than sleep through it
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
             finally:
@@ -181,12 +183,8 @@ class EventWorker(Worker):
         timeout = self.idle_poll_s
         if self.burst:
             timeout = min(timeout, max(self.poll_delay_s, 0.05))
-        try:
-            first = await self.pool.zrange(self.queue_name, 0, 0, withscores=True)
-        except (RedisError, OSError):
-            first = []
-        if first:
-            due_in = (float(first[0][1]) - timestamp_ms()) / 1000
+        if self._next_due_ms is not None:
+            due_in = (self._next_due_ms - timestamp_ms()) / 1000
             if due_in > 0:
                 timeout = min(timeout, due_in)
             elif self.job_counter < self.max_jobs:
@@ -199,6 +197,13 @@ class EventWorker(Worker):
         self._woken.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._woken.wait(), timeout=timeout)
+
+    async def _poll_iteration(self) -> None:
+        """arq's iteration, then the due time of the earliest queued job (what `_wait` sleeps until). Redis errors
+        propagate as in arq's loop (a subclass that rides out outages catches them here)."""
+        await super()._poll_iteration()
+        first = await self.pool.zrange(self.queue_name, 0, 0, withscores=True)
+        self._next_due_ms = float(first[0][1]) if first else None
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
