@@ -28,9 +28,6 @@ from workers.semaphore import RedisSemaphore
 log = structlog.get_logger("workers.jobs")
 T = TypeVar("T")
 
-FINAL_VMIM = ("Succeeded", "Failed")
-NODE_ANNOTATION = "drainctl.io/drain-id"
-DRAINED_ANNOTATION = "drainctl.io/drained-at"
 QUARANTINE_AFTER = 2
 """Distinct VMs a node must fail before the drain stops sending any VM there."""
 

@@ -8,6 +8,7 @@ from typing import Any
 from orchestrator import keys
 from orchestrator import kube as k
 from orchestrator.model import (
+    NODE_DRAIN_ANNOTATION,
     DrainPhase,
     DrainRequest,
     NodePhase,
@@ -17,7 +18,7 @@ from orchestrator.model import (
 from orchestrator.planner import PlanError, plan_drain
 from orchestrator.records import DrainLimits, DrainRecord, NodeRecord, VmRecord
 from workers.jobs.advance import advance_drain, close_drain
-from workers.jobs.common import NODE_ANNOTATION, Ctx, assign, guarded, log, now_iso
+from workers.jobs.common import Ctx, assign, guarded, log, now_iso
 
 
 # =================================================================================================== plan
@@ -87,7 +88,7 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
         else:
             await store.create_children(drain_id, nodes=nodes, vms=vms)
             for node in plan.drain_nodes:
-                await ctx["kube"].cordon(node, annotations={NODE_ANNOTATION: drain_id})
+                await ctx["kube"].cordon(node, annotations={NODE_DRAIN_ANNOTATION: drain_id})
                 await store.update_node(drain_id, node, assign(phase=NodePhase.CORDONED))
                 node_obj = await ctx["kube"].find(k.NODES, node)
                 if node_obj is not None:
