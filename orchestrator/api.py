@@ -151,6 +151,8 @@ class DrainRequestBody(BaseModel):
         "pending_timeout_s", "Abort a migration still pending (target not scheduled) after this many seconds.")
     max_attempts: Attempts | None = _described("max_attempts", "Attempts per VM, the first included.")
     uncordon_on_cancel: bool = Field(True, description="Uncordon the nodes when the drain is cancelled.")
+    tune: bool = Field(False, description="Set KubeVirt's migration limits computed for this drain while it runs "
+                                          "(the plan shows them), and restore the previous ones when it ends.")
 
     @field_validator("nodes")
     @classmethod

@@ -48,7 +48,7 @@ FINALIZER = "drainctl.io/cancel-drain"
 LEASE_NAME = "drainctl-controller"
 SOURCE = "drainrequest"
 SPEC_FIELDS = {"nodes": "nodes", "maxParallelNodes": "max_parallel_nodes", "order": "order",
-               "nonMigratable": "non_migratable", "maxAttempts": "max_attempts"}
+               "nonMigratable": "non_migratable", "maxAttempts": "max_attempts", "tune": "tune"}
 """DrainRequest spec field -> DrainRequest (model) field."""
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 

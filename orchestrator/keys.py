@@ -12,6 +12,8 @@ Layout (``{id}`` is substituted, ``{{...}}`` below is a literal Redis Cluster ha
 ``drainctl:drain:{id}:vms``                     per-VM records of one drain (hash)
 ``drainctl:drain:{id}:nodes``                   per-node records of one drain (hash)
 ``drainctl:drain:{id}:lock``                    lock of the advance step of one drain
+``drainctl:tune:kubevirt``                      KubeVirt migration settings saved by a tuned drain (JSON)
+``drainctl:drain:{id}:priorities``              semaphore priority of each running node of one drain (hash)
 ``drainctl:drains``                             index of drains (zset)
 ``drainctl:node:{node}:drain``                  which drain owns a node (node lock)
 ``drainctl:idem:{key}``                         idempotency key of a request
@@ -35,6 +37,9 @@ CANCEL_CHANNEL = f"{PREFIX}:cancel"
 """Pub/sub channel announcing a drain cancel (the message is the drain id): workers stop following at once."""
 
 CLUSTER_SCOPE = "cluster"
+TUNE_KEY = f"{PREFIX}:tune:kubevirt"
+"""KubeVirt's migration settings as they were before a tuned drain changed them, with that drain's id (JSON);
+one at a time, since the settings are cluster-wide (workers.jobs.tune)."""
 """Semaphore scope shared by every migration in the cluster."""
 
 
@@ -74,6 +79,12 @@ def drain_nodes_key(drain_id: str) -> str:
 def drain_lock_key(drain_id: str) -> str:
     """Short lock serialising the "advance this drain" step across workers: ``drainctl:drain:{id}:lock``."""
     return f"{drain_key(drain_id)}:lock"
+
+
+def drain_priorities_key(drain_id: str) -> str:
+    """Semaphore priority of each running node of one drain, written by the advance step and read by the
+    migrate jobs of that node (a hash ``node -> number``, smaller first): ``drainctl:drain:{id}:priorities``."""
+    return f"{drain_key(drain_id)}:priorities"
 
 
 def node_lock_key(node: str) -> str:
@@ -182,6 +193,12 @@ class SemaphoreKeys:
     def waiters(self) -> str:
         """Sorted set of waiting acquirers (score: heartbeat deadline, Redis ms)."""
         return f"{self.tag}:waiters"
+
+    @property
+    def waiter_priorities(self) -> str:
+        """Hash of the waiters that wait with a priority: waiter id -> priority, then their scope keys and
+        limits (newline-joined), so a waiter of a larger number can see who goes first."""
+        return f"{self.tag}:waiter-priorities"
 
     @property
     def scopes(self) -> str:

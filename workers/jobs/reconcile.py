@@ -6,6 +6,7 @@ from orchestrator import kube as k
 from orchestrator.model import FINAL_MIGRATION_PHASES
 from workers.jobs.advance import advance_drain
 from workers.jobs.common import Ctx, enqueue_migrate, log
+from workers.jobs.tune import restore_orphaned
 
 
 # ============================================================================================== reconcile
@@ -19,6 +20,8 @@ async def reconcile_job(ctx: Ctx) -> str:
             continue
         opened += 1
         await advance_drain(ctx, drain_id, ensure=True)
+    if await restore_orphaned(ctx):
+        log.info("reconcile.kubevirt_restored")
     adopted = released = 0
     for info in await sem.expired():
         meta = dict(info.meta)
