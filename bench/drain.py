@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,10 @@ def remigrated(stats: dict[str, Any]) -> int:
     return sum(1 for n in moves.values() if n > 1)
 
 
-def movable_vms(sc: scenarios.Scenario) -> int:
-    return sum(1 for vm in sc.vms if vm.node in sc.drain_hint and vm.live_migratable
+def movable_vms(sc: scenarios.Scenario, nodes: Sequence[str] | None = None) -> int:
+    """VMs on `nodes` (default: the drain hint) that a drain moves: live-migratable, evicted by migrating."""
+    on = sc.drain_hint if nodes is None else nodes
+    return sum(1 for vm in sc.vms if vm.node in on and vm.live_migratable
                and vm.eviction_strategy in ("LiveMigrate", "LiveMigrateIfPossible"))
 
 
@@ -138,8 +141,11 @@ async def run_drainctl(sc: scenarios.Scenario, *, time_scale: float, workers: in
     await plain.aclose()
     makespan, moved, failed = _off_node_makespan(stats, drain, t0, movable_vms(sc))
     view = json.loads(out) if out.strip().startswith(b"{") else {}
+    tuned = view.get("limits") if "--tune" in extra_args else None
+    limits = (int(tuned["cluster"]), int(tuned["per_node"])) if tuned else None
     migrations = max(1, moved + failed)
-    return {"tool": label, "exit_code": proc.returncode, **_bounds(stats, scenario_json, drain, t0, makespan),
+    return {"tool": label, "exit_code": proc.returncode,
+            **_bounds(stats, scenario_json, drain, t0, makespan, limits),
             "phase": view.get("phase"),
             "makespan_s": makespan, "command_s": exit_s, "wall_s": wall, "moved": moved, "failed": failed,
             "max_in_flight": stats["max_in_flight_cluster"], "max_per_node": max(
@@ -188,10 +194,10 @@ async def run_kubectl(sc: scenarios.Scenario, *, time_scale: float, tmp: Path, f
 
 
 def _bounds(stats: dict[str, Any], scenario_json: dict[str, Any], drain: list[str], t0: float,
-            makespan: float | None) -> dict[str, Any]:
+            makespan: float | None, limits: tuple[int, int] | None = None) -> dict[str, Any]:
     """The slot-limited bounds of this run (bench.bounds: all nodes at once, and one node after the other) and
-    the cluster-slot seconds it left idle."""
-    cluster_limit, node_limit = bounds.limits_in_force(scenario_json)
+    the cluster-slot seconds it left idle, at `limits` (cluster, per node: a tuned drain's) or the scenario's."""
+    cluster_limit, node_limit = limits or bounds.limits_in_force(scenario_json)
     taus = bounds.slot_taus(stats, scenario_json, drain)
     seq = sum(bounds.slot_bound([t for t in taus if t[0] == node], cluster_limit=cluster_limit,
                                 node_limit=node_limit).bound_s for node in drain)

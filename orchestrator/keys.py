@@ -17,6 +17,8 @@ Layout (``{id}`` is substituted, ``{{...}}`` below is a literal Redis Cluster ha
 ``drainctl:drains``                             index of drains (zset)
 ``drainctl:node:{node}:drain``                  which drain owns a node (node lock)
 ``drainctl:idem:{key}``                         idempotency key of a request
+``drainctl:epoch``                              this Redis's epoch (a Redis that lost its data has none)
+``drainctl:lost:{id}``                          a drain found lost after Redis came back empty (report)
 ``{{drainctl:sem:{name}}}:...``                 one semaphore; see :class:`SemaphoreKeys`
 ==============================================  =====================================================
 
@@ -35,6 +37,10 @@ DRAINS_INDEX = f"{PREFIX}:drains"
 
 CANCEL_CHANNEL = f"{PREFIX}:cancel"
 """Pub/sub channel announcing a drain cancel (the message is the drain id): workers stop following at once."""
+
+EPOCH_KEY = f"{PREFIX}:epoch"
+"""The epoch of this Redis's data: written once by the first process that finds it missing. A process that
+knew another epoch (or none at all in a Redis that holds nothing else) knows the data was lost."""
 
 CLUSTER_SCOPE = "cluster"
 TUNE_KEY = f"{PREFIX}:tune:kubevirt"
@@ -95,6 +101,11 @@ def node_lock_key(node: str) -> str:
 def idempotency_key(key: str) -> str:
     """Idempotency record of a request: ``drainctl:idem:{key}``."""
     return f"{PREFIX}:idem:{_part(key, 'idempotency key')}"
+
+
+def lost_drain_key(drain_id: str) -> str:
+    """Marker that drain ``{id}`` was found lost and reported once: ``drainctl:lost:{id}``."""
+    return f"{PREFIX}:lost:{_part(drain_id, 'drain id')}"
 
 
 # arq job ids --------------------------------------------------------------------------------------

@@ -9,13 +9,15 @@ memory, or if its writable working set fits the downtime budget (migration-model
 WWS <= B x d_max). A node with a VM that needs more bandwidth runs fewer migrations (fewer neighbours).
 
 Model (migration-model.md 1.2 and 3.3, with guest memory as the volume since the resident size is unknown
-to us): a migration holds a slot for a + V/b + z (setup, volume over its bandwidth, cleanup); a node with
-NIC bandwidth B draining with P at once takes about
+to us): a migration holds a slot for a + V/b + z (setup, volume over its bandwidth, cleanup). With P at
+once sharing a node's NIC of bandwidth B, the transfers together take sum V / B whatever P, while the setups
+and cleanups overlap P at a time, so the node takes about
 
-    T(P) = max( sum V / B + min a + z,  sum (a + z + V/B) / P,  max (a + z + V/B) )
+    T(P) = max( sum (a + z) / P + sum V / B,  max (a + z + V/B) )
 
-so P beyond sum(a + z + V/B) / (sum V / B) buys nothing: the NIC is then the bottleneck. The chosen P is
-the smallest that reaches that point, capped by convergence and by `max_per_node`.
+More at once always helps, less and less: P is the smallest that brings the setup term down to
+SETUP_SHARE of the transfer term, capped by convergence (each VM keeps the share it needs), by the number
+of VMs and by `max_per_node`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 
 CONVERGENCE_MARGIN = 2.0
 """A VM's share of bandwidth must be at least this many times its dirty rate (pre-copy rounds halve)."""
+SETUP_SHARE = 0.25
+"""Setups may add at most this fraction of the NIC time to a node's drain (what P aims for)."""
 DOWNTIME_S = 0.3
 """KubeVirt's hard-coded switch-over budget (migration-model.md 1.5)."""
 
@@ -98,9 +102,9 @@ def node_time_s(vms: Sequence[TuneVm], *, parallel: int, bandwidth: float, setup
     """T(P) of the module docstring for one node's VMs."""
     if not vms:
         return 0.0
-    volume = sum(vm.memory_bytes for vm in vms)
-    jobs = [setup_s + cleanup_s + vm.memory_bytes / bandwidth for vm in vms]
-    return max(volume / bandwidth + setup_s + cleanup_s, sum(jobs) / parallel, max(jobs))
+    volume_s = sum(vm.memory_bytes for vm in vms) / bandwidth
+    longest = max(setup_s + cleanup_s + vm.memory_bytes / bandwidth for vm in vms)
+    return max(len(vms) * (setup_s + cleanup_s) / parallel + volume_s, longest)
 
 
 def tune(vms: Sequence[TuneVm], *, bandwidth: Mapping[str, float], waves: Sequence[Sequence[str]],
@@ -131,8 +135,8 @@ def tune(vms: Sequence[TuneVm], *, bandwidth: Mapping[str, float], waves: Sequen
                     cap, limited_by = allowed, vm.vmi
             if node_vms:
                 volume_s = sum(vm.memory_bytes for vm in node_vms) / b
-                work_s = sum(setup_s + cleanup_s + vm.memory_bytes / b for vm in node_vms)
-                enough = max(1, math.ceil(work_s / max(volume_s, 1e-9)))
+                overhead_s = len(node_vms) * (setup_s + cleanup_s)
+                enough = max(1, math.ceil(overhead_s / max(SETUP_SHARE * volume_s, 1e-9)))
             else:
                 enough = 1
             parallel = max(1, min(cap, enough, max(1, len(node_vms))))

@@ -147,3 +147,47 @@ async def test_a_second_tuned_drain_is_refused_while_one_runs(cluster_env: EnvFa
         done = await service.wait(first.id, timeout_s=240)
         assert done.drain.phase == "Succeeded"
         assert migrations_config(env) == before
+
+
+async def test_simulator_applies_a_changed_kubevirt_cr_to_new_migrations_only(cluster_env: EnvFactory) -> None:
+    # What --tune relies on, as KubeVirt does it: the limits are read at admission (a changed
+    # parallelMigrationsPerCluster admits a held-back VMIM), the options are copied into the VMI's
+    # migrationState when a migration is handed off and kept there (a running migration keeps its
+    # bandwidthPerMigration).
+    from orchestrator import kube as k
+
+    async with cluster_env("small", time_scale=2) as env:
+        kube = (await env.service()).kube
+        node = env.cluster.scenario.drain_hint[0]
+        vmis = [o for o in env.cluster.store.on_node(VMIS, node)][:2]
+        await kube.patch(k.KUBEVIRTS, "kubevirt", {"spec": {"configuration": {"migrations": {
+            "parallelMigrationsPerCluster": 1, "bandwidthPerMigration": "64Mi"}}}}, "kubevirt")
+
+        async def migrate(vmi: dict[str, Any]) -> None:
+            ns, name = vmi["metadata"]["namespace"], vmi["metadata"]["name"]
+            await kube.create(k.VMIMS, {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
+                                        "metadata": {"name": f"m-{name}", "namespace": ns},
+                                        "spec": {"vmiName": name}}, ns)
+
+        def phase(vmi: dict[str, Any]) -> str | None:
+            from simulator.resources import VMIMS
+
+            obj = env.cluster.store.get(VMIMS, vmi["metadata"]["namespace"], f"m-{vmi['metadata']['name']}")
+            return ((obj or {}).get("status") or {}).get("phase")
+
+        def options(vmi: dict[str, Any]) -> dict[str, Any]:
+            obj = env.cluster.store.get(VMIS, vmi["metadata"]["namespace"], vmi["metadata"]["name"]) or {}
+            return ((obj.get("status") or {}).get("migrationState") or {}).get("migrationConfiguration") or {}
+
+        first, second = vmis
+        await migrate(first)
+        await until(lambda: phase(first) == "Running", "the first migration transfers")
+        await migrate(second)
+        await asyncio.sleep(0.5)
+        assert phase(second) == "Pending"  # held back by parallelMigrationsPerCluster 1
+        await kube.patch(k.KUBEVIRTS, "kubevirt", {"spec": {"configuration": {"migrations": {
+            "parallelMigrationsPerCluster": 5, "bandwidthPerMigration": None}}}}, "kubevirt")
+        await until(lambda: phase(second) not in (None, "Pending"), "the second one admitted after the change")
+        await until(lambda: bool(options(second)), "the second one handed off")
+        assert options(first).get("bandwidthPerMigration") == "64Mi"  # kept while it runs
+        assert options(second).get("bandwidthPerMigration") in (None, "0", "0Mi")  # the new value: unlimited

@@ -31,9 +31,11 @@ def test_needed_share(vm: TuneVm, expected: float) -> None:
 
 
 @pytest.mark.parametrize(("case", "node_vms", "bandwidth", "max_per_node", "parallel", "limited_by"), [
-    # setup dominates: enough migrations at once to keep the NIC busy (work/volume = (40*12 + 40*8e9/2.8e9)
-    # / (40*8e9/2.8e9) = 5.2 -> 6)
-    ("setup-bound", vms("n", 40), NIC, 8, 6, None),
+    # setup dominates: setups would add 40*12 s / 8 = 60 s to 114 s of NIC time; the cap (8) holds it there
+    # (a quarter of the NIC time would need 40*12 / (0.25 * 114) -> 17 at once)
+    ("setup-bound", vms("n", 40), NIC, 8, 8, None),
+    # a higher cap: the quarter rule decides
+    ("setup-bound, cap 32", vms("n", 40), NIC, 32, 17, None),
     # the cap wins
     ("capped", vms("n", 40), NIC, 3, 3, None),
     # never more at once than VMs on the node
@@ -42,8 +44,8 @@ def test_needed_share(vm: TuneVm, expected: float) -> None:
     ("hot VM", vms("n", 39) + vms("n", 1, dirty=700e6, prefix="hot"), NIC, 8, 2, "ns/hot-n-0"),
     # on a 10 GbE NIC the hot VM needs the whole NIC
     ("hot VM, 10 GbE", vms("n", 10) + vms("n", 1, dirty=700e6, prefix="hot"), 1.125e9, 8, 1, "ns/hot-n-0"),
-    # big VMs: transfer dominates, few at once suffice
-    ("transfer-bound", vms("n", 10, memory=64 * GB), NIC, 8, 2, None),
+    # big VMs: transfer dominates, few at once suffice (10*12 / (0.25 * 228.6) -> 3)
+    ("transfer-bound", vms("n", 10, memory=64 * GB), NIC, 8, 3, None),
 ])
 def test_per_node_parallelism(case: str, node_vms: list[TuneVm], bandwidth: float, max_per_node: int,
                               parallel: int, limited_by: str | None) -> None:

@@ -3,7 +3,13 @@ finish nodes, close the drain)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from redis.asyncio.lock import Lock
+from redis.exceptions import LockError, LockNotOwnedError, RedisError
 
 from orchestrator import keys
 from orchestrator import kube as k
@@ -49,9 +55,51 @@ async def advance_job(ctx: Ctx, drain_id: str) -> str:
 async def advance_drain(ctx: Ctx, drain_id: str, *, ensure: bool = False) -> None:
     """Do whatever the drain needs next; safe to call any time, from any worker, any number of times.
     `ensure` (the reconciler) also re-enqueues the jobs of VMs that should have one, in case one was lost."""
-    lock = ctx["redis"].lock(keys.drain_lock_key(drain_id), timeout=60, blocking_timeout=30)
-    async with lock:
+    lock = ctx["redis"].lock(keys.drain_lock_key(drain_id), timeout=ADVANCE_LOCK_S, blocking_timeout=30)
+    async with _held(lock):
         await _advance(ctx, drain_id, ensure=ensure)
+
+
+ADVANCE_LOCK_S = 60
+_releasing: set[asyncio.Task[None]] = set()
+"""Lock releases still waiting for Redis (referenced until done)."""
+
+
+@contextlib.asynccontextmanager
+async def _held(lock: Lock) -> AsyncIterator[None]:
+    """Hold `lock` for the block. A release that fails because Redis is away goes on in the background until
+    Redis answers or the lock expires: otherwise a Redis restart during an advance left the drain's advance
+    step locked for the lock's whole timeout (every advance meanwhile waited 30 s and retried)."""
+    if not await lock.acquire():
+        # A RedisError, so `retrying` runs the job again later (redis-py leaves LockError's __init__ unannotated).
+        raise LockError("Unable to acquire lock within the time specified")  # type: ignore[no-untyped-call]
+    token = lock.local.token
+    try:
+        yield
+    finally:
+        try:
+            await lock.release()
+        except LockNotOwnedError:
+            pass  # expired meanwhile: nothing of ours to free
+        except (RedisError, OSError) as exc:
+            log.warning("advance.unlock_waits_for_redis", error=str(exc) or type(exc).__name__)
+            task = asyncio.create_task(_release_when_back(lock, token), name="advance-unlock")
+            _releasing.add(task)
+            task.add_done_callback(_releasing.discard)
+
+
+async def _release_when_back(lock: Lock, token: Any) -> None:
+    loop = asyncio.get_running_loop()
+    deadline, backoff = loop.time() + ADVANCE_LOCK_S, 0.25
+    while loop.time() < deadline:
+        await asyncio.sleep(backoff)
+        try:
+            await lock.do_release(token)
+            return
+        except LockNotOwnedError:
+            return
+        except (RedisError, OSError):
+            backoff = min(backoff * 2, 5.0)
 
 
 async def _advance(ctx: Ctx, drain_id: str, *, ensure: bool) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from orchestrator import kube as k
-from orchestrator.model import DRAINED_AT_ANNOTATION, NODE_DRAIN_ANNOTATION, DrainPhase, NodePhase, VmiKey, VmPhase
+from orchestrator.model import NODE_DRAIN_ANNOTATION, NODE_DRAINED_ANNOTATION, DrainPhase, NodePhase, VmiKey, VmPhase
 from orchestrator.rules import PodAction, pod_verdict
 from orchestrator.snapshot import parse_pod
 from orchestrator.store import RecordNotFound
@@ -91,7 +91,7 @@ async def _finish_node(ctx: Ctx, drain_id: str, node: str) -> str:
                              now_iso=now_iso())
         await store.emit(drain_id, "node.failed", node=node, message=message)
     else:
-        await kube.annotate(k.NODES, node, {DRAINED_AT_ANNOTATION: now_iso(), NODE_DRAIN_ANNOTATION: drain_id})
+        await kube.annotate(k.NODES, node, {NODE_DRAINED_ANNOTATION: now_iso(), NODE_DRAIN_ANNOTATION: drain_id})
         await store.update_node(drain_id, node, assign(phase=NodePhase.DRAINED, message="drained",
                                                      finished_at=clock.time(), evicted=evicted))
         if node_obj is not None:
