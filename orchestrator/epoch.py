@@ -41,10 +41,9 @@ from redis.exceptions import RedisError
 
 from orchestrator import keys
 from orchestrator import kube as k
-from orchestrator.model import DrainPhase, DrainRequest, NodePhase
+from orchestrator.model import NODE_DRAIN_ANNOTATION, NODE_DRAINED_ANNOTATION, DrainPhase, DrainRequest, NodePhase
 from orchestrator.records import DrainRecord, NodeRecord
 from orchestrator.store import DrainStore
-from orchestrator.view import NODE_DRAIN_ANNOTATION, NODE_DRAINED_ANNOTATION
 
 log = structlog.get_logger("orchestrator.epoch")
 

@@ -17,15 +17,26 @@ from arq.worker import Retry
 
 from orchestrator import keys
 from orchestrator import kube as k
-from orchestrator.model import DrainPhase, FailureClass, VmPhase, split_vmi_key
+from orchestrator.model import (
+    ATTEMPT_LABEL,
+    DRAIN_ID_LABEL,
+    FENCING_TOKEN_ANNOTATION,
+    FINAL_MIGRATION_PHASES,
+    SOURCE_NODE_ANNOTATION,
+    UNSCHEDULABLE_TIMEOUT_ANNOTATION,
+    VMI_LABEL,
+    DrainPhase,
+    FailureClass,
+    VmPhase,
+    split_vmi_key,
+)
 from orchestrator.placement import choose_target
 from orchestrator.records import AttemptRecord, DrainLimits, DrainRecord, VmRecord
 from orchestrator.rules import vm_memory_on_target
 from orchestrator.snapshot import parse_vmi
-from orchestrator.view import ATTEMPT_LABEL, DRAIN_LABEL, VMI_LABEL, ClusterView
+from orchestrator.view import ClusterView
 from workers.jobs.advance import advance_drain
 from workers.jobs.common import (
-    FINAL_VMIM,
     QUARANTINE_AFTER,
     Ctx,
     Obj,
@@ -195,7 +206,7 @@ async def _drive(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec: VmRe
     except BaseException:
         ns, _ = split_vmi_key(vmi)
         current = ctx["view"].vmims.get(f"{ns}/{mig_name}")
-        if touched and (current is None or (current.get("status") or {}).get("phase") not in FINAL_VMIM):
+        if touched and (current is None or (current.get("status") or {}).get("phase") not in FINAL_MIGRATION_PHASES):
             slot.keep()
         raise
 
@@ -243,10 +254,10 @@ async def _drive_inner(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec
         body = {
             "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
             "metadata": {"name": mig_name, "namespace": ns,
-                         "labels": {DRAIN_LABEL: drain_id, ATTEMPT_LABEL: str(attempt), VMI_LABEL: name},
-                         "annotations": {"drainctl.io/fencing-token": str(slot.lease.token),
-                                         "drainctl.io/source-node": source,
-                                         "kubevirt.io/migrationUnschedulablePodTimeoutSeconds":
+                         "labels": {DRAIN_ID_LABEL: drain_id, ATTEMPT_LABEL: str(attempt), VMI_LABEL: name},
+                         "annotations": {FENCING_TOKEN_ANNOTATION: str(slot.lease.token),
+                                         SOURCE_NODE_ANNOTATION: source,
+                                         UNSCHEDULABLE_TIMEOUT_ANNOTATION:
                                              str(int(limits.pending_timeout_s))}},
             "spec": {"vmiName": name, "addedNodeSelector": {"kubernetes.io/hostname": target}},
         }

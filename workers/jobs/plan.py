@@ -9,6 +9,7 @@ from typing import Any
 from orchestrator import keys
 from orchestrator import kube as k
 from orchestrator.model import (
+    NODE_DRAIN_ANNOTATION,
     DrainPhase,
     DrainRequest,
     NodePhase,
@@ -20,7 +21,7 @@ from orchestrator.records import DrainLimits, DrainRecord, NodeRecord, VmRecord
 from orchestrator.settings import Settings
 from orchestrator.view import drain_snapshot
 from workers.jobs.advance import advance_drain, close_drain
-from workers.jobs.common import NODE_ANNOTATION, Ctx, assign, guarded, log, now_iso
+from workers.jobs.common import Ctx, assign, guarded, log, now_iso
 from workers.jobs.tune import TuneConflict, apply_tuning, tuned_values
 
 
@@ -116,7 +117,7 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
                     return DrainPhase.FAILED.value
             await store.create_children(drain_id, nodes=nodes, vms=vms)
             for node in plan.drain_nodes:
-                await ctx["kube"].cordon(node, annotations={NODE_ANNOTATION: drain_id})
+                await ctx["kube"].cordon(node, annotations={NODE_DRAIN_ANNOTATION: drain_id})
                 await store.update_node(drain_id, node, assign(phase=NodePhase.CORDONED))
                 node_obj = await ctx["kube"].find(k.NODES, node)
                 if node_obj is not None:
