@@ -43,6 +43,7 @@ KubeFactory = Callable[[], Awaitable[Kube]]
 REDIS_ERRORS = (RedisError, OSError)
 """What a Redis outage raises: redis-py's ConnectionError/TimeoutError (RedisError), socket errors (OSError)."""
 EPOCH_CHECK_EVERY_S = 5.0
+SEMAPHORE_POLL_S = 5.0
 
 
 class DrainWorker(EventWorker):
@@ -202,7 +203,10 @@ def build_worker(settings: Settings, *, redis: ArqRedis | None = None, kube_fact
         supervisor.spawn("redis-epoch", lambda: check_epoch_forever(
             guard[0], every_s=EPOCH_CHECK_EVERY_S, report=lambda problem: supervisor.degraded("redis-epoch", problem)))
         ctx.update(settings=settings, kube=kube, view=view, store=DrainStore(ctx["redis"]),
-                   semaphore=RedisSemaphore(ctx["redis"], lease_ttl_s=settings.timeouts.lease_ttl_s),
+                   # Waiters wake on every release (pub/sub); the poll only covers a lost message, so it is slow:
+                   # a waiting migration costs Redis commands per release, hardly per second.
+                   semaphore=RedisSemaphore(ctx["redis"], lease_ttl_s=settings.timeouts.lease_ttl_s,
+                                            poll_interval_s=SEMAPHORE_POLL_S),
                    clock=ScaledClock(settings.time_scale))
         log.info("worker.started", queue=settings.connection.queue_name, time_scale=settings.time_scale)
 
