@@ -12,6 +12,7 @@ It speaks to a real cluster or to the simulator the same way, returns raw Kubern
     +-- Gone                410 (watch too old: re-list)                 retryable
     +-- Unauthorized        401/403
     +-- Unavailable         5xx, timeouts, connection errors              retryable
+    +-- BadConfig           the kubeconfig is missing, unreadable or names no usable context
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import builtins
 import contextlib
 import json
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +82,10 @@ class Unauthorized(KubeError):
 
 class Unavailable(KubeError):
     retryable = True
+
+
+class BadConfig(KubeError):
+    """The kubeconfig named (flag or KUBECONFIG) does not exist or cannot be used: fix the input."""
 
 
 def _map(exc: ApiException) -> KubeError:
@@ -168,7 +174,12 @@ class Kube:
             return cls(client.ApiClient(cfg))
         if path is None:
             raise KubeError(0, "NoConfig", "no kubeconfig: pass --kubeconfig or set KUBECONFIG")
-        api = await config.new_client_from_config(config_file=path, context=context)
+        if not os.path.isfile(path):  # noqa: ASYNC240 - one stat before any I/O, like the client's own read
+            raise BadConfig(0, "NoConfig", f"kubeconfig {path}: no such file (pass --kubeconfig or set KUBECONFIG)")
+        try:
+            api = await config.new_client_from_config(config_file=path, context=context)
+        except (config.ConfigException, ValueError, OSError) as exc:
+            raise BadConfig(0, "BadConfig", f"kubeconfig {path}: {exc}") from exc
         return cls(api)
 
     async def close(self) -> None:
@@ -179,6 +190,29 @@ class Kube:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    async def server_date(self) -> tuple[float, float]:
+        """(the API server's clock from the `Date` header of GET /version, our wall clock at the answer)."""
+        from email.utils import parsedate_to_datetime
+
+        self.requests += 1
+        try:
+            resp = await self.api.call_api("/version", "GET", header_params={"Accept": "application/json"},
+                                           auth_settings=["BearerToken"], _preload_content=False,
+                                           _return_http_data_only=True)
+            received = time.time()
+            try:
+                await resp.read()
+            finally:
+                resp.release()
+        except ApiException as exc:
+            raise _map(exc) from exc
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise Unavailable(0, "Unavailable", f"GET /version: {exc}") from exc
+        date = resp.headers.get("Date")
+        if not date:
+            raise Unavailable(0, "NoDate", "the API server sent no Date header")
+        return parsedate_to_datetime(date).timestamp(), received
 
     # ------------------------------------------------------------------------------------------ raw
     async def _call(self, method: str, path: str, *, query: list[tuple[str, str]] | None = None,

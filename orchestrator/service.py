@@ -12,16 +12,18 @@ import builtins
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
-
-from arq.connections import ArqRedis
+from typing import TYPE_CHECKING, Any
 
 from orchestrator import keys, queue
-from orchestrator.kube import Kube
 from orchestrator.model import DrainPhase, DrainPlan, DrainRequest
 from orchestrator.planner import plan_drain
 from orchestrator.settings import Settings
 from orchestrator.store import FINAL_DRAIN, DrainStore, DrainView, Record
+
+if TYPE_CHECKING:  # the CLI's Redis-only commands must not pay for importing the cluster client
+    from arq.connections import ArqRedis
+
+    from orchestrator.kube import Kube
 
 
 class NodeConflict(Exception):

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Awaitable, Callable
 from html.parser import HTMLParser
 from typing import Any
 
 import pytest
 from rich.console import Console
 
-from orchestrator.progress import live_progress, print_summary
+from orchestrator.progress import follow, print_summary
 from orchestrator.report import attempt_rows, drain_summary, format_seconds, render_html
+from orchestrator.settings import Settings
 from orchestrator.store import DrainView
 
 T0 = 1_700_000_000.0
@@ -156,26 +156,23 @@ def test_print_summary_lists_nodes_vms_and_failed_attempts() -> None:
 
 
 class StubService:
-    """The one method live_progress uses: `wait`, replaying views to `on_update`."""
+    """What `follow` uses of the service: `get` (replaying views) and the settings."""
 
     def __init__(self, views: list[DrainView]) -> None:
-        self.views = views
+        self.views = list(views)
+        self.settings = Settings()
 
-    async def wait(self, drain_id: str, *, timeout_s: float | None = None, poll_s: float = 0.5,
-                   on_update: Callable[[DrainView], Awaitable[None]] | None = None) -> DrainView:
-        for view in self.views:
-            assert on_update is not None
-            await on_update(view)
-        return self.views[-1]
+    async def get(self, drain_id: str) -> DrainView:
+        return self.views.pop(0) if len(self.views) > 1 else self.views[0]
 
 
 async def test_live_progress_prints_one_line_per_change_when_not_a_terminal() -> None:
     running, done = make_view(phase="Running"), make_view()
     buffer = io.StringIO()
     console = Console(file=buffer, width=200, force_terminal=False)
-    final = await live_progress(StubService([running, running, done]), "abc123def456",  # type: ignore[arg-type]
-                                console=console)
-    assert final is done
+    followed = await follow(StubService([running, running, done]), "abc123def456",  # type: ignore[arg-type]
+                            console=console, notice=print, poll_s=0)
+    assert followed.view is done and followed.final
     lines = buffer.getvalue().splitlines()
     assert sum("drain abc123def456: Running" in line for line in lines) == 1  # unchanged views print nothing
     assert any("drain abc123def456: Failed" in line for line in lines)
@@ -186,8 +183,8 @@ async def test_live_progress_prints_one_line_per_change_when_not_a_terminal() ->
 async def test_live_progress_draws_bars_on_a_terminal() -> None:
     buffer = io.StringIO()
     console = Console(file=buffer, width=200, force_terminal=True)
-    final = await live_progress(StubService([make_view(phase="Running"), make_view()]), "x",  # type: ignore[arg-type]
-                                console=console)
-    assert final.drain["phase"] == "Failed"
+    followed = await follow(StubService([make_view(phase="Running"), make_view()]), "x",  # type: ignore[arg-type]
+                            console=console, notice=print, poll_s=0)
+    assert followed.view.drain["phase"] == "Failed"
     text = buffer.getvalue()
     assert "drain abc123def456 [Failed]" in text and "n1 [Drained]" in text
