@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import re
+import time
 from html.parser import HTMLParser
 from typing import Any
 
@@ -188,3 +190,41 @@ async def test_live_progress_draws_bars_on_a_terminal() -> None:
     assert followed.view.drain["phase"] == "Failed"
     text = buffer.getvalue()
     assert "drain abc123def456 [Failed]" in text and "n1 [Drained]" in text
+
+
+def test_a_cancelled_drain_shows_no_ratio_to_the_estimate() -> None:
+    view = make_view(phase="Cancelled")
+    console = Console(record=True, width=220)
+    print_summary(view, console)
+    out = console.export_text()
+    assert "drain abc123def456: Cancelled" in out and "took 5 m 00 s cluster time" in out
+    assert "x the estimate" not in out
+    page = render_html(view)
+    assert "actual / estimate" in page and ">-</div><div class=\"k\">actual / estimate" in page
+
+
+def test_summary_of_an_unstarted_drain_says_so() -> None:
+    drain = {"id": "pending12345", "phase": "Pending", "message": "waiting for a worker", "created_at": T0,
+             "started_at": None, "finished_at": None, "estimate_s": 200.0, "time_scale": SCALE,
+             "request": {"nodes": ["n1", "n2"]}}
+    console = Console(record=True, width=220)
+    print_summary(DrainView(drain, {}, {}), console)
+    out = console.export_text()
+    assert "Pending (not finished: it goes on in the workers)" in out
+    assert "nodes drained: 0/2; not started" in out
+    assert "took" not in out and "x the estimate" not in out
+
+
+async def test_progress_stamps_never_go_backwards_when_the_drain_starts() -> None:
+    """Stamps count from submission, so the line printed when planning ends is not earlier than the one
+    before it."""
+    queued = make_view(phase="Running")
+    queued.drain.update(phase="Pending", started_at=None, created_at=time.time() - 5)
+    started = make_view(phase="Running")
+    started.drain.update(created_at=queued.drain["created_at"], started_at=time.time())
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=200, force_terminal=False)
+    await follow(StubService([queued, started, make_view()]), "x", console=console,  # type: ignore[arg-type]
+                 notice=print, poll_s=0)
+    stamps = [float(m.group(1)) for m in re.finditer(r"^\[\s*(\d+) s\]", buffer.getvalue(), re.MULTILINE)]
+    assert stamps and stamps == sorted(stamps), buffer.getvalue()
