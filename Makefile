@@ -24,6 +24,7 @@ lint: install
 
 typecheck: install
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 check: lint typecheck test
 

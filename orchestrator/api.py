@@ -43,11 +43,23 @@ from redis.exceptions import RedisError
 from orchestrator import keys
 from orchestrator import kube as k
 from orchestrator.metrics import CONTENT_TYPE, MetricsSource, render
-from orchestrator.model import DrainPlan, DrainRequest, NodeOrder, NonMigratablePolicy
+from orchestrator.model import (
+    MAX_REQUEST_NODES,
+    REQUEST_BOUNDS,
+    DrainPlan,
+    DrainRequest,
+    NodeOrder,
+    NonMigratablePolicy,
+    VmPhase,
+)
 from orchestrator.planner import PlanError
-from orchestrator.service import DrainService, NodeConflict
+from orchestrator.records import DrainRecord, NodeRecord, VmRecord
+from orchestrator.service import DrainService, IdempotencyInProgress, NodeConflict
 from orchestrator.settings import Settings
-from orchestrator.store import FINAL_DRAIN, FINAL_NODE, FINAL_VM, DrainNotFound, Record
+from orchestrator.store import DrainNotFound, Event
+
+Obj = dict[str, Any]
+"""A Kubernetes object as the API returns it."""
 
 log = structlog.get_logger("orchestrator.api")
 
@@ -58,13 +70,27 @@ TOKEN_ENV = "DRAIN_API_TOKEN"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 _STREAM_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
+DRAIN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_DRAIN_ID = re.compile(DRAIN_ID_PATTERN)
+NODE_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
+"""Kubernetes node names are DNS-1123 subdomains: lowercase letters, digits, '-' and '.', at most 253."""
+JSON_TYPES = ("application/json",)
+IDEMPOTENCY_RETRY_AFTER_S = 1
 _NAMESPACES = k.Kind("namespaces", namespaced=False)
 MAX_LIST = 1000
 FINISHED_GRACE_S = 60.0
 
 
 # ================================================================================================= models
-NodeNameStr = Annotated[str, StringConstraints(min_length=1, max_length=253)]
+NodeNameStr = Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=NODE_NAME_PATTERN)]
+
+
+def _bounded(name: str, description: str, *, default: int | None = None) -> Any:
+    """A numeric request field limited by ``REQUEST_BOUNDS`` (model.py), the ranges the CLI and the
+    DrainRequest type enforce too; the limits show up in the OpenAPI document."""
+    bound = REQUEST_BOUNDS[name]
+    return Field(default, ge=bound.low, le=bound.high, allow_inf_nan=False,
+                 description=f"{description} Range: {bound}.")
 
 
 class DrainRequestBody(BaseModel):
@@ -72,15 +98,19 @@ class DrainRequestBody(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    nodes: list[NodeNameStr] = Field(min_length=1, max_length=10_000, description="Nodes to drain.")
-    max_parallel_nodes: int = Field(1, ge=1, le=10_000, description="Nodes drained at the same time.")
+    nodes: list[NodeNameStr] = Field(min_length=1, max_length=MAX_REQUEST_NODES, description="Nodes to drain.")
+    max_parallel_nodes: int = _bounded("max_parallel_nodes", "Nodes drained at the same time.",
+                                       default=1)
     order: NodeOrder = Field(NodeOrder.GIVEN, description="given: as listed; planner: least work first.")
     non_migratable: NonMigratablePolicy = Field(
         NonMigratablePolicy.BLOCK, description="block: refuse the drain if a VM cannot move; skip: leave it.")
-    completion_timeout_per_gib: int | None = Field(None, ge=1, description="Seconds per GiB of migration data.")
-    progress_timeout_s: float | None = Field(None, gt=0, allow_inf_nan=False)
-    pending_timeout_s: float | None = Field(None, gt=0, allow_inf_nan=False)
-    max_attempts: int | None = Field(None, ge=1, le=100, description="Attempts per VM, the first included.")
+    completion_timeout_per_gib: int | None = _bounded(
+        "completion_timeout_per_gib", "Abort a migration after this many seconds per GiB of migration data.")
+    progress_timeout_s: float | None = _bounded(
+        "progress_timeout_s", "Abort a migration that made no progress for this many seconds.")
+    pending_timeout_s: float | None = _bounded(
+        "pending_timeout_s", "Abort a migration still pending (target not scheduled) after this many seconds.")
+    max_attempts: int | None = _bounded("max_attempts", "Attempts per VM, the first included.")
     uncordon_on_cancel: bool = Field(True, description="Uncordon the nodes when the drain is cancelled.")
 
     @field_validator("nodes")
@@ -256,6 +286,18 @@ def _schema_error(exc: ValidationError) -> ApiError:
     return ApiError(422, "invalid", text, {"problems": problems})
 
 
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+def _drain_id(request: web.Request) -> str:
+    """The path's drain id, refused (400) unless it is one we could have issued."""
+    drain_id = request.match_info["drain_id"]
+    if not _DRAIN_ID.fullmatch(drain_id):
+        raise ApiError(400, "bad_drain_id", f"{drain_id!r} is not a drain id (1 to 64 letters, digits, '.', '_' "
+                                            "or '-', starting with a letter or digit)", {"drain_id": drain_id})
+    return drain_id
+
+
 def _links(drain_id: str) -> Links:
     return Links(self=f"/v1/drains/{drain_id}", events=f"/v1/drains/{drain_id}/events")
 
@@ -323,8 +365,15 @@ class _Api:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
-            return _error_response(exc.status, code, exc.reason)
+            code = _HTTP_CODES.get(exc.status, "http_error")
+            # Keep what the exception says beyond its text: Allow on a 405 (RFC 9110 15.5.6).
+            headers = {name: value for name, value in exc.headers.items()
+                       if name.lower() not in ("content-type", "content-length")}
+            message = exc.reason
+            if isinstance(exc, web.HTTPMethodNotAllowed):
+                allowed = ", ".join(sorted(exc.allowed_methods))
+                message = f"{exc.method} is not allowed on {request.path}; allowed: {allowed}"
+            return _error_response(exc.status, code, message, headers=headers)
         except k.KubeError as exc:
             status = 503 if exc.retryable else 502
             log.warning("api.cluster_error", path=request.path, error=str(exc))
@@ -332,7 +381,11 @@ class _Api:
                                    f"cluster: {exc.message or exc.reason}", {"status": exc.status})
         except RedisError as exc:
             log.warning("api.redis_error", path=request.path, error=str(exc))
-            return _error_response(503, "redis_unavailable", f"Redis: {exc}")
+            return _error_response(503, "redis_unavailable", f"Redis: {exc}", headers={"Retry-After": "5"})
+        except Exception:
+            # A bug, not bad input: say so in the same JSON shape, and keep the traceback in the log.
+            log.exception("api.internal_error", method=request.method, path=request.path)
+            return _error_response(500, "internal", "internal error; the server log has the details")
 
     @web.middleware
     async def auth(self, request: web.Request,
@@ -350,6 +403,11 @@ class _Api:
 
     # --------------------------------------------------------------------------------------------- body
     async def _body(self, request: web.Request) -> DrainRequestBody:
+        if request.content_type not in JSON_TYPES:
+            given = request.headers.get("Content-Type", "no Content-Type")
+            raise ApiError(415, "unsupported_media_type",
+                           f"the body must be JSON (Content-Type: application/json), not {given}",
+                           {"content_type": given}, headers={"Accept-Post": ", ".join(JSON_TYPES)})
         raw = await request.read()
         try:
             return DrainRequestBody.model_validate_json(raw or b"")
@@ -359,7 +417,7 @@ class _Api:
                 raise ApiError(400, "bad_json", f"the body is not valid JSON: {detail}") from None
             raise _schema_error(exc) from None
 
-    async def _require_nodes(self, request: DrainRequest) -> list[Record]:
+    async def _require_nodes(self, request: DrainRequest) -> list[Obj]:
         """The requested node objects; 404 naming those the cluster does not have (checked before planning)."""
         items, _ = await self.service.kube.list(k.NODES)
         by_name = {(obj.get("metadata") or {}).get("name"): obj for obj in items}
@@ -368,7 +426,7 @@ class _Api:
             raise ApiError(404, "unknown_nodes", f"unknown node(s): {', '.join(unknown)}", {"nodes": unknown})
         return [by_name[n] for n in request.nodes]
 
-    async def _node_events(self, nodes: list[Record], *, reason: str, message: str) -> None:
+    async def _node_events(self, nodes: list[Obj], *, reason: str, message: str) -> None:
         """Tell `kubectl describe node` readers who asked for what; a lost Event is logged, never fatal."""
         now_iso = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         kube = self.service.kube
@@ -402,15 +460,21 @@ class _Api:
         except NodeConflict as exc:
             raise ApiError(409, "conflict", str(exc),
                            {"nodes": dict(sorted(exc.taken.items()))}) from None
+        except IdempotencyInProgress as exc:
+            # draft-ietf-httpapi-idempotency-key-header: a retry while the first request is still being
+            # processed gets 409; Retry-After tells the hook when asking again is worth it.
+            raise ApiError(409, "idempotency_in_progress", f"{exc}; retry in {IDEMPOTENCY_RETRY_AFTER_S} s",
+                           {"drain": exc.drain_id, "retry_after_s": IDEMPOTENCY_RETRY_AFTER_S},
+                           headers={"Retry-After": str(IDEMPOTENCY_RETRY_AFTER_S)}) from None
         if not created:
             self._check_same(key, record, drain_request)
         else:
             await self._node_events(node_objs, reason="DrainRequested",
-                                    message=f"drainctl drain {record['id']} requested through the API")
-        log.info("api.drain_submitted", drain_id=record["id"], nodes=list(drain_request.nodes), created=created)
+                                    message=f"drainctl drain {record.id} requested through the API")
+        log.info("api.drain_submitted", drain_id=record.id, nodes=list(drain_request.nodes), created=created)
         return self._accepted(record, created=created)
 
-    async def _idempotent(self, key: str, request: DrainRequest) -> Record | None:
+    async def _idempotent(self, key: str, request: DrainRequest) -> DrainRecord | None:
         service = self.service
         redis: Any = service.redis
         existing = await redis.get(keys.idempotency_key(key))
@@ -423,15 +487,15 @@ class _Api:
         return record
 
     @staticmethod
-    def _check_same(key: str | None, record: Record, request: DrainRequest) -> None:
-        if record.get("request") != request.to_json():
+    def _check_same(key: str | None, record: DrainRecord, request: DrainRequest) -> None:
+        if record.request != request.to_json():
             raise ApiError(422, "idempotency_key_reused",
-                           f"{IDEMPOTENCY_HEADER} {key!r} was used for a different request (drain {record['id']})",
-                           {"drain": record["id"]})
+                           f"{IDEMPOTENCY_HEADER} {key!r} was used for a different request (drain {record.id})",
+                           {"drain": record.id})
 
     @staticmethod
-    def _accepted(record: Record, *, created: bool) -> web.Response:
-        body = DrainAccepted(id=record["id"], phase=record["phase"], created=created, links=_links(record["id"]))
+    def _accepted(record: DrainRecord, *, created: bool) -> web.Response:
+        body = DrainAccepted(id=record.id, phase=record.phase.value, created=created, links=_links(record.id))
         return web.json_response(body.model_dump(mode="json"), status=202 if created else 200,
                                  headers={"Location": body.links.self})
 
@@ -442,7 +506,7 @@ class _Api:
         return web.json_response(DrainList(items=items).model_dump(mode="json"))
 
     async def get_drain(self, request: web.Request) -> web.Response:
-        drain_id = request.match_info["drain_id"]
+        drain_id = _drain_id(request)
         with_plan = _bool_query(request, "plan", default=False)
         try:
             view = await self.service.get(drain_id)
@@ -452,7 +516,7 @@ class _Api:
         return web.json_response(detail.model_dump(mode="json"))
 
     async def cancel(self, request: web.Request) -> web.Response:
-        drain_id = request.match_info["drain_id"]
+        drain_id = _drain_id(request)
         uncordon = _bool_query(request, "uncordon", default=None)
         mode = request.query.get("mode", "abort")
         if mode not in ("abort", "finish"):
@@ -462,10 +526,10 @@ class _Api:
             record = await self.service.cancel(drain_id, uncordon=uncordon, mode=mode)
         except DrainNotFound:
             raise ApiError(404, "not_found", f"drain {drain_id!r} not found") from None
-        log.info("api.drain_cancel", drain_id=drain_id, phase=record["phase"], mode=mode, uncordon=uncordon)
-        if record["phase"] not in FINAL_DRAIN:
+        log.info("api.drain_cancel", drain_id=drain_id, phase=record.phase.value, mode=mode, uncordon=uncordon)
+        if not record.phase.is_final:
             try:
-                nodes = [obj for obj in [await self.service.kube.find(k.NODES, n) for n in record["request"]["nodes"]]
+                nodes = [obj for obj in [await self.service.kube.find(k.NODES, n) for n in record.nodes]
                          if obj is not None]
             except k.KubeError as exc:
                 # The cancel is recorded and the workers act on it; an unreachable cluster only costs the Events.
@@ -474,9 +538,9 @@ class _Api:
             await self._node_events(nodes, reason="DrainCancelRequested",
                                     message=f"drainctl drain {drain_id}: cancel requested through the API "
                                             f"(mode {mode})")
-        body = CancelAccepted(id=drain_id, phase=record["phase"], links=_links(drain_id))
+        body = CancelAccepted(id=drain_id, phase=record.phase.value, links=_links(drain_id))
         # A drain that had already ended is left as it was: nothing was accepted.
-        return web.json_response(body.model_dump(mode="json"), status=200 if record["phase"] in FINAL_DRAIN else 202)
+        return web.json_response(body.model_dump(mode="json"), status=200 if record.phase.is_final else 202)
 
     async def plan(self, request: web.Request) -> web.Response:
         body = await self._body(request)
@@ -491,7 +555,7 @@ class _Api:
 
     # ------------------------------------------------------------------------------------------ events
     async def events(self, request: web.Request) -> web.StreamResponse:
-        drain_id = request.match_info["drain_id"]
+        drain_id = _drain_id(request)
         service = self.service
         try:
             await service.store.get(drain_id)
@@ -534,8 +598,8 @@ class _Api:
                 drain = await service.store.find(drain_id)
                 # The phase turns final a moment before drain.finished is written (nodes are uncordoned in
                 # between); long after, a missing event was trimmed away and nothing more will come.
-                if drain is None or (drain["phase"] in FINAL_DRAIN
-                                     and time.time() - float(drain.get("finished_at") or 0) > FINISHED_GRACE_S):
+                if drain is None or (drain.phase.is_final
+                                     and time.time() - (drain.finished_at or 0.0) > FINISHED_GRACE_S):
                     return
                 await response.write(b": keep-alive\n\n")
                 continue
@@ -579,7 +643,7 @@ class _Api:
         return web.json_response(self.openapi)
 
 
-async def _send(response: web.StreamResponse, event: Record) -> str:
+async def _send(response: web.StreamResponse, event: Event) -> str:
     """Write one event in SSE framing; returns its stream id."""
     event_id = str(event["id"])
     name = str(event.get("event") or "message").replace("\n", " ")
@@ -613,37 +677,36 @@ def _bool_query(request: web.Request, name: str, *, default: bool | None) -> boo
     return value
 
 
-def _summary(drain: Record) -> DrainSummary:
-    fields = {name: drain.get(name) for name in ("message", "source", "created_at", "started_at", "finished_at",
-                                                 "estimate_s")}
-    return DrainSummary(id=drain["id"], phase=drain["phase"], nodes=list(drain["request"]["nodes"]),
-                        links=_links(drain["id"]), **fields)
+def _summary(drain: DrainRecord) -> DrainSummary:
+    return DrainSummary(id=drain.id, phase=drain.phase.value, nodes=drain.nodes, links=_links(drain.id),
+                        message=drain.message, source=drain.source, created_at=drain.created_at,
+                        started_at=drain.started_at, finished_at=drain.finished_at, estimate_s=drain.estimate_s)
 
 
-def _detail(drain: Record, nodes: dict[str, Record], vms: dict[str, Record], *, now: float,
+def _detail(drain: DrainRecord, nodes: dict[str, NodeRecord], vms: dict[str, VmRecord], *, now: float,
             with_plan: bool) -> DrainDetail:
-    scale = float(drain.get("time_scale") or 1.0)
-    start = drain.get("started_at") or drain.get("created_at") or now
-    end = drain.get("finished_at") or now
-    elapsed = max(0.0, float(end) - float(start)) * scale
-    estimate = drain.get("estimate_s")
-    final = drain["phase"] in FINAL_DRAIN
-    remaining = None if final or estimate is None else max(0.0, float(estimate) - elapsed)
-    vm_phases = [vm.get("phase") for vm in vms.values()]
-    progress = Progress(nodes=len(nodes), nodes_final=sum(1 for n in nodes.values() if n.get("phase") in FINAL_NODE),
-                        vms=len(vms), vms_final=sum(1 for p in vm_phases if p in FINAL_VM),
-                        vms_succeeded=vm_phases.count("Succeeded"), vms_failed=vm_phases.count("Failed"))
+    scale = drain.time_scale or 1.0
+    start = drain.started_at or drain.created_at or now
+    end = drain.finished_at or now
+    elapsed = max(0.0, end - start) * scale
+    estimate = drain.estimate_s
+    remaining = None if drain.phase.is_final or estimate is None else max(0.0, estimate - elapsed)
+    vm_phases = [vm.phase for vm in vms.values()]
+    progress = Progress(nodes=len(nodes), nodes_final=sum(1 for n in nodes.values() if n.phase.is_final),
+                        vms=len(vms), vms_final=sum(1 for p in vm_phases if p.is_final),
+                        vms_succeeded=vm_phases.count(VmPhase.SUCCEEDED), vms_failed=vm_phases.count(VmPhase.FAILED))
     return DrainDetail(
-        id=drain["id"], phase=drain["phase"], message=drain.get("message"), source=drain.get("source"),
-        created_at=drain.get("created_at"), started_at=drain.get("started_at"),
-        finished_at=drain.get("finished_at"), estimate_s=estimate, links=_links(drain["id"]),
-        request=drain["request"], warnings=list(drain.get("warnings") or []), limits=drain.get("limits"),
-        cancel=drain.get("cancel"),
-        nodes={name: NodeState.model_validate(rec) for name, rec in nodes.items()},
-        vms={name: VmState.model_validate(rec) for name, rec in vms.items()},
+        id=drain.id, phase=drain.phase.value, message=drain.message, source=drain.source,
+        created_at=drain.created_at, started_at=drain.started_at,
+        finished_at=drain.finished_at, estimate_s=estimate, links=_links(drain.id),
+        request=drain.request, warnings=list(drain.warnings),
+        limits=None if drain.limits is None else drain.limits.to_json(),
+        cancel=None if drain.cancel is None else drain.cancel.to_json(),
+        nodes={name: NodeState.model_validate(rec.to_json()) for name, rec in nodes.items()},
+        vms={name: VmState.model_validate(rec.to_json()) for name, rec in vms.items()},
         eta=Eta(estimate_s=estimate, elapsed_s=round(elapsed, 3),
                 remaining_s=None if remaining is None else round(remaining, 3), time_scale=scale),
-        progress=progress, plan=drain.get("plan") if with_plan else None)
+        progress=progress, plan=drain.plan if with_plan else None)
 
 
 def build_app(service_factory: ServiceFactory, *, token: str, sse_block_ms: int = 15_000, controller: bool = False,
@@ -698,32 +761,54 @@ def openapi_document() -> dict[str, Any]:
         return {"description": description, "content": content("ErrorBody")}
 
     auth_errors = {"401": error("No bearer token (see WWW-Authenticate)."), "403": error("Wrong bearer token.")}
-    drain_id = {"name": "drain_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    unavailable = {"503": error("Redis cannot be reached or the API is still starting (code redis_unavailable or "
+                                "starting; see Retry-After).")}
+    cluster_errors = {"502": error("The cluster's API server refused a call (code cluster_error, details.status)."),
+                      "503": error("Redis or the cluster cannot be reached, or the API is still starting (codes "
+                                   "redis_unavailable, cluster_unavailable, starting; see Retry-After).")}
+    bad_id = {"400": error("The path's drain id is not one drainctl issues (code bad_drain_id).")}
+    no_drain = {"404": error("No such drain (code not_found).")}
+    drain_id = {"name": "drain_id", "in": "path", "required": True,
+                "schema": {"type": "string", "pattern": DRAIN_ID_PATTERN}}
+    stream_id = {"type": "string", "pattern": f"^{_STREAM_ID.pattern}$"}
     body = {"required": True, "content": content("DrainRequestBody")}
-    refusals = {"400": error("The body is not JSON."), "404": error("Unknown nodes (details.nodes)."),
-                "422": error("Schema errors (details.problems with field names) or an infeasible drain "
-                             "(code infeasible, details.problems from the planner)."),
-                "503": error("The cluster or Redis cannot be reached.")}
+    refusals = {"400": error("The body is not JSON (code bad_json), or the Idempotency-Key header is malformed "
+                             "(code bad_header)."),
+                "404": error("Unknown nodes (code unknown_nodes, details.nodes)."),
+                "413": error("The body is larger than the server accepts (code too_large)."),
+                "415": error("The body is not sent as application/json (code unsupported_media_type; see "
+                             "Accept-Post)."),
+                "422": error("Schema errors (code invalid, details.problems with field names) or an infeasible "
+                             "drain (code infeasible, details.problems from the planner)."),
+                **cluster_errors}
+
+    def bad_query(names: str) -> dict[str, Any]:
+        return {"422": error(f"A bad {names} query parameter (code invalid, details.problems).")}
+
     bearer: list[dict[str, list[str]]] = [{"bearerAuth": []}]
     paths: dict[str, Any] = {
         "/v1/drains": {
             "post": {
                 "operationId": "submitDrain", "summary": "Plan, record and queue a drain.", "security": bearer,
                 "parameters": [{"name": IDEMPOTENCY_HEADER, "in": "header", "required": False,
-                                "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                                "schema": {"type": "string", "pattern": f"^{_IDEMPOTENCY_KEY.pattern}$"},
                                 "description": "A retried call with the same key returns the first drain (200)."}],
                 "requestBody": body,
                 "responses": {"202": {"description": "Queued.", "content": content("DrainAccepted")},
                               "200": {"description": "The drain this idempotency key created earlier.",
                                       "content": content("DrainAccepted")},
                               **refusals, **auth_errors,
-                              "409": error("A node belongs to another open drain (details.nodes: node -> drain).")},
+                              "409": error("A node belongs to another open drain (code conflict, details.nodes: "
+                                           "node -> drain), or the first request with this Idempotency-Key is "
+                                           "still being processed (code idempotency_in_progress, details.drain; "
+                                           "retry after Retry-After seconds).")},
             },
             "get": {
                 "operationId": "listDrains", "summary": "Drains, newest first.", "security": bearer,
                 "parameters": [{"name": "limit", "in": "query", "required": False,
                                 "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST, "default": 200}}],
-                "responses": {"200": {"description": "The drains.", "content": content("DrainList")}, **auth_errors},
+                "responses": {"200": {"description": "The drains.", "content": content("DrainList")},
+                              **bad_query("limit"), **auth_errors, **unavailable},
             },
         },
         "/v1/drains/{drain_id}": {
@@ -733,7 +818,7 @@ def openapi_document() -> dict[str, Any]:
                 "parameters": [drain_id, {"name": "plan", "in": "query", "required": False,
                                           "schema": {"type": "boolean", "default": False}}],
                 "responses": {"200": {"description": "The drain.", "content": content("DrainDetail")},
-                              "404": error("No such drain."), **auth_errors},
+                              **bad_id, **no_drain, **bad_query("plan"), **auth_errors, **unavailable},
             },
             "delete": {
                 "operationId": "cancelDrain", "summary": "Cancel a drain.", "security": bearer,
@@ -746,7 +831,7 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {"202": {"description": "Cancelling.", "content": content("CancelAccepted")},
                               "200": {"description": "The drain had already ended; nothing changed.",
                                       "content": content("CancelAccepted")},
-                              "404": error("No such drain."), "422": error("Bad query parameter."), **auth_errors},
+                              **bad_id, **no_drain, **bad_query("mode or uncordon"), **auth_errors, **unavailable},
             },
         },
         "/v1/drains/{drain_id}/events": {
@@ -754,12 +839,17 @@ def openapi_document() -> dict[str, Any]:
                 "operationId": "drainEvents", "security": bearer,
                 "summary": "Server-sent events of one drain: replay, then live, until drain.finished.",
                 "parameters": [drain_id,
-                               {"name": "Last-Event-ID", "in": "header", "required": False,
-                                "schema": {"type": "string"}, "description": "Resume after this event id."}],
+                               {"name": "Last-Event-ID", "in": "header", "required": False, "schema": stream_id,
+                                "description": "Resume after this event id."},
+                               {"name": "after", "in": "query", "required": False, "schema": stream_id,
+                                "description": "Resume after this event id (for clients that cannot set headers; "
+                                               "Last-Event-ID wins)."}],
                 "responses": {"200": {"description": "`event:` is the event name, `id:` the stream id, `data:` "
                                                      "the event as JSON.",
                                       "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-                              "404": error("No such drain."), **auth_errors},
+                              "400": error("The drain id is malformed (code bad_drain_id) or Last-Event-ID / "
+                                           "after is not an event id (code bad_header)."),
+                              **no_drain, **auth_errors, **unavailable},
             },
         },
         "/v1/plans": {
@@ -777,7 +867,8 @@ def openapi_document() -> dict[str, Any]:
                                           "503": {"description": "Not ready.", "content": content("Health")}}}},
         "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus metrics, read from Redis.",
                              "responses": {"200": {"description": "Prometheus text format.",
-                                                   "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+                                                   "content": {"text/plain": {"schema": {"type": "string"}}}},
+                                           **unavailable}}},
         "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document.",
                                   "responses": {"200": {"description": "OpenAPI 3.1.",
                                                         "content": {"application/json": {"schema": {}}}}}}},

@@ -55,7 +55,8 @@ T = TypeVar("T")
 
 # Global flags: the option strings, all of which take a value. They are accepted after the subcommand too
 # (moved in front of it before parsing), unless the subcommand has an option of the same name.
-GLOBAL_OPTIONS = ("--kubeconfig", "--context", "--redis-url", "--time-scale", "--output", "-o", "--log-level")
+GLOBAL_OPTIONS = ("--kubeconfig", "--context", "--redis-url", "--time-scale", "--output", "-o", "--log-level",
+                  "--prometheus-url")
 PLAN_RETRIES = 5
 """Attempts at reading the cluster for a plan when the API answers 5xx or times out."""
 
@@ -143,13 +144,15 @@ class Globals:
     redis_url: str | None
     time_scale: float | None
     output: str
+    prometheus_url: str | None = None
     submitted: list[str] = field(default_factory=list)
     """Drains this invocation submitted (for the Ctrl-C message)."""
 
     def settings(self) -> Settings:
         try:
             return Settings.from_env(os.environ, kubeconfig=self.kubeconfig, context=self.context,
-                                     redis_url=self.redis_url, time_scale=self.time_scale)
+                                     redis_url=self.redis_url, time_scale=self.time_scale,
+                                     prometheus_url=self.prometheus_url)
         except SettingsError as exc:
             fail(EXIT_USAGE, str(exc))
 
@@ -169,6 +172,9 @@ def main_callback(
                                                           "($DRAIN_TIME_SCALE, default 1)")] = None,
     output: Annotated[str, typer.Option("--output", "-o", help="table or json")] = "table",
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "warning",
+    prometheus_url: Annotated[str | None, typer.Option(help="Prometheus API with KubeVirt's migration metrics "
+                                                            "($DRAIN_PROMETHEUS_URL; token: "
+                                                            "$DRAIN_PROMETHEUS_TOKEN; default: none)")] = None,
 ) -> None:
     """Drain orchestrator for KubeVirt / OKD Virtualization clusters.
 
@@ -181,7 +187,7 @@ def main_callback(
         fail(EXIT_USAGE, f"--log-level: {exc}")
     if output not in ("table", "json"):
         fail(EXIT_USAGE, f"--output: {output!r} is not one of table, json")
-    ctx.obj = Globals(kubeconfig, context, redis_url, time_scale, output)
+    ctx.obj = Globals(kubeconfig, context, redis_url, time_scale, output, prometheus_url)
 
 
 def _output(ctx: typer.Context, local: str | None) -> str:
@@ -444,16 +450,16 @@ def drain(ctx: typer.Context, nodes: NodesArg, max_parallel_nodes: ParallelOpt =
             fail(EXIT_CONFLICT, f"conflict: {exc}")
         except IdempotencyInProgress as exc:
             fail(EXIT_CONFLICT, f"{exc}; retry in a few seconds")
-        drain_id = record["id"]
+        drain_id = record.id
         g.submitted.append(drain_id)
         if not wait:
             if out == "json":
-                print(json.dumps({"id": drain_id, "created": created, "phase": record["phase"]}))
+                print(json.dumps({"id": drain_id, "created": created, "phase": record.phase.value}))
             else:
                 what = "submitted" if created else "already exists (same idempotency key)"
                 stdout_console().print(
-                    f"drain [bold]{drain_id}[/] {what}: {record['phase']}, estimate "
-                    f"{record.get('estimate_s') or 0:.0f} cluster s; follow it with "
+                    f"drain [bold]{drain_id}[/] {what}: {record.phase.value}, estimate "
+                    f"{record.estimate_s or 0:.0f} cluster s; follow it with "
                     f"`drainctl status {drain_id} --wait`", highlight=False)
             return EXIT_OK
         return await _follow(service, drain_id, out=out, timeout_s=timeout)
@@ -474,6 +480,7 @@ def _check_timeout(timeout: float | None, wait: bool) -> None:
 
 async def _follow(service: DrainService, drain_id: str, *, out: str, timeout_s: float | None) -> int:
     """Follow a drain to its end; print the summary; the exit code says how it ended."""
+    from orchestrator.model import DrainPhase
     from orchestrator.progress import FollowError, follow, print_summary
 
     console = stdout_console()
@@ -488,11 +495,11 @@ async def _follow(service: DrainService, drain_id: str, *, out: str, timeout_s: 
     else:
         print_summary(view, console)
     if not result.final:
-        note(f"timed out after {timeout_s:g} s: drain {drain_id} is still {view.drain['phase']} and goes on in "
+        note(f"timed out after {timeout_s:g} s: drain {drain_id} is still {view.drain.phase.value} and goes on in "
              f"the workers; follow it with `drainctl status {drain_id} --wait`, stop it with "
              f"`drainctl cancel {drain_id}`")
         return EXIT_TIMEOUT
-    return EXIT_OK if view.drain["phase"] == "Succeeded" else EXIT_NOT_DRAINED
+    return EXIT_OK if view.drain.phase is DrainPhase.SUCCEEDED else EXIT_NOT_DRAINED
 
 
 # ================================================================================================== status
@@ -541,15 +548,15 @@ def list_drains(ctx: typer.Context, output: OutputOpt = None) -> None:
     _run(ctx.obj, with_service(ctx.obj, go, need_kube=False))
 
 
-def _print_list(drains: list[dict[str, Any]], out: str) -> None:
+def _print_list(drains: list[Any], out: str) -> None:
     if out == "json":
-        print(json.dumps(drains, indent=2, default=str))
+        print(json.dumps([d.to_json() for d in drains], indent=2, default=str))
         return
     from rich.table import Table
 
     table = Table("id", "phase", "nodes", "message")
     for d in drains:
-        table.add_row(d["id"], d["phase"], ",".join(d["request"]["nodes"]), str(d.get("message") or ""))
+        table.add_row(d.id, d.phase.value, ",".join(d.nodes), d.message or "")
     stdout_console().print(table)
 
 
@@ -558,15 +565,14 @@ def _print_status(view: Any) -> None:
 
     console = stdout_console()
     d = view.drain
-    console.print(f"drain [bold]{d['id']}[/]: [bold]{d['phase']}[/] {d.get('message') or ''}", highlight=False)
+    console.print(f"drain [bold]{d.id}[/]: [bold]{d.phase.value}[/] {d.message or ''}", highlight=False)
     nodes = Table("node", "phase", "message")
     for name, n in view.nodes.items():
-        nodes.add_row(name, n["phase"], str(n.get("message") or ""))
+        nodes.add_row(name, n.phase.value, n.message or "")
     console.print(nodes)
     vms = Table("VM", "node", "phase", "attempt", "target", "message")
     for key, vm in view.vms.items():
-        vms.add_row(key, vm["node"], vm["phase"], str(vm.get("attempt") or ""), str(vm.get("target") or ""),
-                    str(vm.get("message") or ""))
+        vms.add_row(key, vm.node, vm.phase.value, str(vm.attempt or ""), vm.target or "", vm.message or "")
     console.print(vms)
 
 
@@ -590,9 +596,9 @@ def cancel(ctx: typer.Context, drain_id: Annotated[str, typer.Argument(help="dra
         except DrainNotFound as exc:
             fail(EXIT_USAGE, f"{exc} (drainctl list shows the drains)")
         if out == "json":
-            print(json.dumps({"id": drain_id, "phase": record["phase"]}))
+            print(json.dumps({"id": drain_id, "phase": record.phase.value}))
         else:
-            print(f"drain {drain_id}: {record['phase']}")
+            print(f"drain {drain_id}: {record.phase.value}")
 
     _run(ctx.obj, with_service(ctx.obj, go, need_kube=False))
 
@@ -667,6 +673,9 @@ def sim_serve(
     = None,
     token: Annotated[str | None, typer.Option(help="bearer token (default: a random one, written to the "
                                                    "kubeconfig)")] = None,
+    prometheus_port: Annotated[int | None, typer.Option(
+        help="also serve the Prometheus HTTP API (/api/v1/query) with KubeVirt's live migration metrics on this "
+             "port (0: any free port); the cluster token reads it")] = None,
 ) -> None:
     """Serve a simulated cluster until interrupted."""
     import secrets
@@ -686,13 +695,15 @@ def sim_serve(
     async def serve() -> None:
         try:
             async with running_cluster(loaded, time_scale=time_scale, token=bearer, host=host, port=port,
-                                       kubeconfig_out=kubeconfig_out) as rc:
+                                       kubeconfig_out=kubeconfig_out, prometheus_port=prometheus_port) as rc:
                 summary = loaded.summary()
                 print(f"simulated cluster {loaded.name} (seed {loaded.seed}) at {rc.url}, time scale "
                       f"{time_scale:g}: {summary.get('nodes')} nodes, {summary.get('vms')} VMs", flush=True)
                 if kubeconfig_out:
                     print(f"kubeconfig: {kubeconfig_out}  (kubectl --kubeconfig {kubeconfig_out} get nodes)",
                           flush=True)
+                if rc.prometheus_url:
+                    print(f"prometheus: {rc.prometheus_url}  (bearer: the kubeconfig's token)", flush=True)
                 await asyncio.Event().wait()
         except OSError as exc:
             if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):

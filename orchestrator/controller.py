@@ -36,10 +36,10 @@ import structlog
 
 from orchestrator import keys
 from orchestrator import kube as k
-from orchestrator.model import DrainPhase, DrainRequest
+from orchestrator.model import DrainPhase, DrainRequest, VmPhase, VmVerdict
 from orchestrator.planner import PlanError
 from orchestrator.service import DrainService, NodeConflict
-from orchestrator.store import FINAL_DRAIN, FINAL_VM, DrainNotFound, DrainView
+from orchestrator.store import DrainNotFound, DrainView
 
 log = structlog.get_logger("orchestrator.controller")
 
@@ -202,24 +202,24 @@ def status_from_view(view: DrainView, *, generation: int | None) -> Obj:
     """The DrainRequest status that mirrors one drain."""
     drain = view.drain
     nodes = []
-    for name, node in sorted(view.nodes.items(), key=lambda kv: int(kv[1].get("index", 0))):
-        mine = [vm for vm in view.vms.values() if vm.get("node") == name]
-        nodes.append({"name": name, "phase": node.get("phase"), "message": node.get("message") or "",
-                      "vms": len(mine), "migrated": sum(1 for vm in mine if vm.get("phase") == "Succeeded"),
-                      "failed": sum(1 for vm in mine if vm.get("phase") == "Failed")})
-    to_move = [vm for vm in view.vms.values() if vm.get("verdict") == "Migrate"]
-    done = sum(1 for vm in to_move if vm.get("phase") == "Succeeded")
+    for node in view.nodes_in_order():
+        mine = view.vms_on(node.node)
+        nodes.append({"name": node.node, "phase": node.phase.value, "message": node.message or "",
+                      "vms": len(mine), "migrated": sum(1 for vm in mine if vm.phase is VmPhase.SUCCEEDED),
+                      "failed": sum(1 for vm in mine if vm.phase is VmPhase.FAILED)})
+    to_move = [vm for vm in view.vms.values() if vm.verdict is VmVerdict.MIGRATE]
+    done = sum(1 for vm in to_move if vm.phase is VmPhase.SUCCEEDED)
     status: Obj = {
-        "phase": drain.get("phase"), "drainId": drain.get("id"), "message": drain.get("message") or "",
+        "phase": drain.phase.value, "drainId": drain.id, "message": drain.message or "",
         "nodes": nodes,
         "progress": f"{done}/{len(to_move)} VMs",
         "vms": {"total": len(view.vms), "migrated": done,
-                "failed": sum(1 for vm in view.vms.values() if vm.get("phase") == "Failed"),
-                "open": sum(1 for vm in view.vms.values() if vm.get("phase") not in FINAL_VM)},
-        "startedAt": _rfc3339(drain.get("started_at")), "finishedAt": _rfc3339(drain.get("finished_at")),
+                "failed": sum(1 for vm in view.vms.values() if vm.phase is VmPhase.FAILED),
+                "open": sum(1 for vm in view.vms.values() if not vm.phase.is_final)},
+        "startedAt": _rfc3339(drain.started_at), "finishedAt": _rfc3339(drain.finished_at),
     }
-    if isinstance(drain.get("estimate_s"), int | float):
-        status["estimateSeconds"] = round(float(drain["estimate_s"]))
+    if drain.estimate_s is not None:
+        status["estimateSeconds"] = round(drain.estimate_s)
     if generation is not None:
         status["observedGeneration"] = generation
     return status
@@ -319,7 +319,7 @@ class DrainRequestController:
             return
         meta = obj["metadata"]
         log.info("drainrequest.cancelled", name=meta.get("name"), namespace=meta.get("namespace"),
-                 drain_id=drain_id, phase=record.get("phase"))
+                 drain_id=drain_id, phase=record.phase.value)
 
     async def on_deleted(self, obj: Obj) -> None:
         await self._cancel(obj)
@@ -334,7 +334,7 @@ class DrainRequestController:
                 await self._cancel(obj)
                 await self._write_meta(obj, finalizers=[f for f in finalizers if f != FINALIZER])
             return
-        final = status.get("phase") in FINAL_DRAIN
+        final = status.get("phase") in {p.value for p in DrainPhase if p.is_final}
         if final and not status.get("drainId"):
             return  # refused or invalid: nothing runs, nothing to mirror
         if not final and FINALIZER not in finalizers:
@@ -352,7 +352,7 @@ class DrainRequestController:
                                          "message": f"drain {drain_id} is no longer recorded in Redis"})
             return
         await self._set_status(obj, status_from_view(view, generation=meta.get("generation")))
-        log.debug("drainrequest.synced", name=name, namespace=ns, drain_id=drain_id, phase=view.drain["phase"])
+        log.debug("drainrequest.synced", name=name, namespace=ns, drain_id=drain_id, phase=view.drain.phase.value)
 
     async def _submit(self, obj: Obj) -> None:
         meta = obj["metadata"]
@@ -378,8 +378,8 @@ class DrainRequestController:
                                          "message": f"waiting: {exc}"})
             return
         log.info("drainrequest.submitted", name=meta["name"], namespace=meta.get("namespace"),
-                 drain_id=record["id"], created=created)
-        view = await self.service.get(record["id"])
+                 drain_id=record.id, created=created)
+        view = await self.service.get(record.id)
         await self._set_status(obj, status_from_view(view, generation=generation))
 
     async def _write_meta(self, obj: Obj, *, finalizers: list[str]) -> Obj:

@@ -46,7 +46,7 @@ class DemoResult:
     def exit_code(self) -> int:
         if self.timed_out:
             return EXIT_TIMEOUT
-        return EXIT_OK if self.view.drain.get("phase") == "Succeeded" else EXIT_NOT_DRAINED
+        return EXIT_OK if self.view.drain.phase == "Succeeded" else EXIT_NOT_DRAINED
 
 
 async def _no_redis_info(*_args: Any, **_kwargs: Any) -> None:
@@ -145,7 +145,7 @@ async def run_demo(*, scenario: str = "small", seed: int | None = None, time_sca
                     f"{len(plan.blocked)} blocked, {len(plan.skipped)} skipped; capacity: {plan.capacity.message}; "
                     f"estimate {plan.estimate.total_s:.0f} cluster s")
                 record, _ = await service.submit(request, source="demo")
-                drain_id = record["id"]
+                drain_id = record.id
                 followed = await follow(service, drain_id, console=console, timeout_s=timeout_s,
                                         notice=lambda text: console.print(text, markup=False, highlight=False)
                                         if console is not None else None)
@@ -175,7 +175,7 @@ def _print_truth(console: Console, truth: dict[str, Any], view: DrainView) -> No
     for m in migrations:
         phases[str(m.get("phase"))] = phases.get(str(m.get("phase")), 0) + 1
     sent = sum(int(m.get("bytes_sent") or 0) for m in migrations)
-    limits = view.drain.get("limits") or {}
+    limits = view.drain.limits.to_json() if view.drain.limits else {}
     per_node = truth.get("max_in_flight_per_node") or {}
     per_node_text = ", ".join(f"{n} {v}" for n, v in sorted(per_node.items())) or "-"
     console.print("[bold]ground truth (measured by the simulator)[/]", highlight=False)

@@ -20,7 +20,6 @@ It does not talk to the cluster and never writes to Redis.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -35,7 +34,8 @@ from redis.asyncio import Redis
 
 from orchestrator import keys
 from orchestrator.model import DrainPhase, FailureClass, NodePhase, VmPhase
-from orchestrator.store import FINAL_DRAIN, FINAL_VM
+from orchestrator.records import VmRecord
+from orchestrator.store import DrainNotFound, DrainStore
 from workers.semaphore import WAITERS_KEY, RedisSemaphore
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -126,32 +126,30 @@ class DrainTally:
         self.durations = {outcome: _Hist(DURATION_BUCKETS_S) for outcome in OUTCOMES}
         self.attempts = _Hist(ATTEMPT_BUCKETS)
 
-    def add_vm(self, vm: Mapping[str, Any], *, time_scale: float) -> None:
+    def add_vm(self, vm: VmRecord, *, time_scale: float) -> None:
         """Count one VM record: each attempt that created a VMIM is a migration; the others were refused
         before any VMIM existed (no target, admission said no, the VMI was gone)."""
         tried = 0
-        for entry in vm.get("attempts") or []:
-            if not isinstance(entry, Mapping):
-                continue
-            outcome = entry.get("outcome")
-            failure = str(entry.get("failure_class") or FailureClass.UNKNOWN.value)
-            if not entry.get("vmim"):
-                if outcome == "Failed":
+        for entry in vm.attempts:
+            outcome = entry.outcome
+            failure = (entry.failure_class or FailureClass.UNKNOWN).value
+            if not entry.vmim:
+                if outcome is VmPhase.FAILED:
                     self.refused[failure] += 1
                     tried += 1
                 continue
             tried += 1
             self.started += 1
-            if outcome == "Succeeded":
+            if outcome is VmPhase.SUCCEEDED:
                 self.succeeded += 1
-            elif outcome == "Failed":
+            elif outcome is VmPhase.FAILED:
                 self.failed[failure] += 1
             else:
                 continue
-            started, finished = _float(entry.get("started_at")), _float(entry.get("finished_at"))
+            started, finished = entry.started_at, entry.finished_at
             if started is not None and finished is not None and finished >= started:
-                self.durations[outcome].observe((finished - started) * time_scale)
-        if vm.get("phase") in FINAL_VM and tried:
+                self.durations[outcome.value].observe((finished - started) * time_scale)
+        if vm.phase.is_final and tried:
             self.attempts.observe(float(tried))
 
     def merge(self, other: DrainTally) -> None:
@@ -195,6 +193,7 @@ class MetricsSource:
                  now: Callable[[], float] = time.time) -> None:
         # redis-py's stubs type every command as "Awaitable[T] | T"; see orchestrator.store.
         self._redis: Any = redis
+        self._store = DrainStore(redis)
         self._queue_name = queue_name
         self._semaphore = semaphore or RedisSemaphore(redis)
         self._now = now
@@ -217,31 +216,27 @@ class MetricsSource:
             drains_by_phase[phase] += 1
             total.merge(cached)
         for drain_id in to_read:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.get(keys.drain_key(drain_id))
-                pipe.hvals(keys.drain_nodes_key(drain_id))
-                pipe.hvals(keys.drain_vms_key(drain_id))
-                raw, raw_nodes, raw_vms = await pipe.execute()
-            if raw is None:
+            try:
+                view = await self._store.view(drain_id)
+            except DrainNotFound:
                 continue
-            drain = json.loads(_text(raw))
-            phase = str(drain.get("phase"))
+            drain = view.drain
+            phase = drain.phase.value
             drains_by_phase[phase] += 1
             tally = DrainTally()
-            scale = _float(drain.get("time_scale")) or 1.0
-            vms = [json.loads(_text(v)) for v in raw_vms]
-            for vm in vms:
+            scale = drain.time_scale or 1.0
+            for vm in view.vms.values():
                 tally.add_vm(vm, time_scale=scale)
             total.merge(tally)
-            if phase in FINAL_DRAIN:
-                finished = _float(drain.get("finished_at"))
+            if drain.phase.is_final:
+                finished = drain.finished_at
                 if finished is not None and now - finished >= FINAL_GRACE_S:
                     self._final[drain_id] = (phase, tally)
                 continue
-            for node in raw_nodes:
-                nodes_by_phase[str(json.loads(_text(node)).get("phase"))] += 1
-            for vm in vms:
-                vms_by_phase[str(vm.get("phase"))] += 1
+            for node in view.nodes.values():
+                nodes_by_phase[node.phase.value] += 1
+            for vm in view.vms.values():
+                vms_by_phase[vm.phase.value] += 1
 
         usage = await self._semaphore.usage()
         waiters = int(usage.pop(WAITERS_KEY, 0))

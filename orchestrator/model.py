@@ -518,6 +518,37 @@ def _req_float(data: Mapping[str, Any], name: str) -> float | None:
 
 
 @dataclass(frozen=True)
+class Bound:
+    """The closed range ``low..high`` a number in a drain request must lie in. The API's schema and checks, the
+    CLI's options and :class:`DrainRequest` all read :data:`REQUEST_BOUNDS`, so a value one entry point accepts,
+    every entry point accepts."""
+
+    low: int
+    high: int
+
+    def admits(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+    def __str__(self) -> str:
+        return f"{self.low}..{self.high}"
+
+
+MAX_REQUEST_NODES = 10_000
+"""Nodes one drain request may name."""
+MAX_REQUEST_SECONDS = 86_400
+"""A per-drain timeout longer than a day is a mistake: the migrate job itself is stopped after 24 h."""
+REQUEST_BOUNDS: Mapping[str, Bound] = MappingProxyType({
+    "max_parallel_nodes": Bound(1, MAX_REQUEST_NODES),
+    "completion_timeout_per_gib": Bound(1, 3600),
+    "progress_timeout_s": Bound(1, MAX_REQUEST_SECONDS),
+    "pending_timeout_s": Bound(1, MAX_REQUEST_SECONDS),
+    "max_attempts": Bound(1, 100),
+})
+"""Every numeric field of :class:`DrainRequest` and its range (seconds for ``*_s``, seconds per GiB for
+``completion_timeout_per_gib``)."""
+
+
+@dataclass(frozen=True)
 class DrainRequest:
     """What an operator asks for. Semantic checks (unknown nodes, limits) are the planner's job."""
 
@@ -538,6 +569,12 @@ class DrainRequest:
         object.__setattr__(self, "nodes", tuple(NodeName(n) for n in self.nodes))
         object.__setattr__(self, "order", NodeOrder(self.order))
         object.__setattr__(self, "non_migratable", NonMigratablePolicy(self.non_migratable))
+        for name, bound in REQUEST_BOUNDS.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not bound.admits(value):
+                raise ValueError(f"drain request: {name}: {value!r} is out of range ({bound})")
 
     def to_json(self) -> dict[str, Any]:
         result = _plain(self)

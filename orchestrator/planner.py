@@ -474,10 +474,6 @@ def _validate(snapshot: ClusterSnapshot, request: DrainRequest) -> None:
             f"max_parallel_nodes {request.max_parallel_nodes} must be between 1 and the number of nodes "
             f"to drain ({distinct})"
         )
-    for name in ("completion_timeout_per_gib", "progress_timeout_s", "pending_timeout_s", "max_attempts"):
-        value = getattr(request, name)
-        if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value >= 1):
-            problems.append(f"{name} {value!r} must be at least 1")
     if problems:
         raise PlanError(problems)
 

@@ -27,6 +27,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn
 from rich.table import Table
 
+from orchestrator.model import DrainPhase, NodePhase, VmPhase, VmVerdict
+from orchestrator.records import VmRecord
 from orchestrator.report import (
     attempt_rows,
     drain_origin,
@@ -35,34 +37,35 @@ from orchestrator.report import (
     node_counts,
     time_scale_of,
 )
-from orchestrator.store import FINAL_DRAIN, FINAL_VM, DrainNotFound, DrainView, Record
+from orchestrator.store import DrainNotFound, DrainView
 
 if TYPE_CHECKING:
     from orchestrator.service import DrainService
 
-IN_FLIGHT = ("Waiting", "Migrating")
+IN_FLIGHT = (VmPhase.WAITING, VmPhase.MIGRATING)
+FINAL_VM_PHASES = {p.value for p in VmPhase if p.is_final}
+"""node_counts() counts by phase name."""
 NO_WORKER_AFTER_S = 5.0
 """Wall seconds a drain may wait for its plan job before `follow` looks for workers and says what it finds."""
 OUTAGE_LIMIT_S = 600.0
 """Wall seconds of Redis outage `follow` rides out before it gives up (the drain itself goes on)."""
 
 
-def _elapsed(vm: Record, scale: float, now: float) -> float | None:
+def _elapsed(vm: VmRecord, scale: float, now: float) -> float | None:
     """Cluster seconds since the VM's current attempt started (or since it started waiting)."""
-    attempt = int(vm.get("attempt") or 0)
-    for entry in vm.get("attempts") or []:
-        if int(entry.get("attempt") or 0) == attempt and entry.get("started_at") and not entry.get("finished_at"):
-            return max(0.0, (now - float(entry["started_at"])) * scale)
-    since = vm.get("updated_at") if vm.get("phase") == "Waiting" else vm.get("started_at")
-    return None if since is None else max(0.0, (now - float(since)) * scale)
+    entry = vm.attempt_entry(vm.attempt)
+    if entry is not None and entry.started_at and not entry.finished_at:
+        return max(0.0, (now - entry.started_at) * scale)
+    since = vm.updated_at if vm.phase is VmPhase.WAITING else vm.started_at
+    return None if since is None else max(0.0, (now - since) * scale)
 
 
-def _vm_line(vmi: str, vm: Record, scale: float, now: float) -> str:
-    phase = str(vm.get("phase"))
-    target = vm.get("target") if phase == "Migrating" else None
+def _vm_line(vmi: str, vm: VmRecord, scale: float, now: float) -> str:
+    phase = vm.phase.value
+    target = vm.target if vm.phase is VmPhase.MIGRATING else None
     where = f" -> {target}" if target else ""
-    return (f"{vmi}{where}  {phase}, attempt {vm.get('attempt')}, {format_seconds(_elapsed(vm, scale, now))}"
-            f"  {vm.get('message') or ''}")
+    return (f"{vmi}{where}  {phase}, attempt {vm.attempt}, {format_seconds(_elapsed(vm, scale, now))}"
+            f"  {vm.message or ''}")
 
 
 class _Bars:
@@ -77,30 +80,31 @@ class _Bars:
     def update(self, view: DrainView) -> None:
         now, scale = time.time(), time_scale_of(view)
         summary = drain_summary(view, now=now)
-        to_move = [vm for vm in view.vms.values() if vm.get("verdict") == "Migrate"]
-        done = sum(1 for vm in to_move if vm.get("phase") in FINAL_VM)
+        to_move = [vm for vm in view.vms.values() if vm.verdict is VmVerdict.MIGRATE]
+        done = sum(1 for vm in to_move if vm.phase.is_final)
         self.progress.update(
             self.overall, total=len(to_move) or None, completed=done,
             description=f"drain {summary.drain_id} [{summary.phase}]",
             info=f"{format_seconds(summary.duration_s)} (estimate {format_seconds(summary.estimate_s)})")
-        for name, node in sorted(view.nodes.items(), key=lambda kv: int(kv[1].get("index", 0))):
+        for node in view.nodes_in_order():
+            name = node.node
             counts = node_counts(view, name)
-            final = sum(n for phase, n in counts.items() if phase in FINAL_VM)
+            final = sum(n for phase, n in counts.items() if phase in FINAL_VM_PHASES)
             if name not in self.nodes:
                 self.nodes[name] = self.progress.add_task(name, total=counts["total"] or None, info="")
             self.progress.update(self.nodes[name], total=counts["total"] or 1, completed=final if counts["total"]
-                                 else (1 if node.get("phase") in ("Drained",) else 0),
-                                 description=f"  {name} [{node.get('phase')}]", info=str(node.get("message") or ""))
-        flying = {vmi: vm for vmi, vm in view.vms.items() if vm.get("phase") in IN_FLIGHT}
+                                 else (1 if node.phase is NodePhase.DRAINED else 0),
+                                 description=f"  {name} [{node.phase.value}]", info=node.message or "")
+        flying = {vmi: vm for vmi, vm in view.vms.items() if vm.phase in IN_FLIGHT}
         for vmi in [v for v in self.vms if v not in flying]:
             self.progress.remove_task(self.vms.pop(vmi))
         for vmi, vm in sorted(flying.items()):
             if vmi not in self.vms:
                 self.vms[vmi] = self.progress.add_task("", total=None, info="")
-            phase = str(vm.get("phase"))
-            target = f" -> {vm.get('target')}" if phase == "Migrating" and vm.get("target") else ""
+            phase = vm.phase.value
+            target = f" -> {vm.target}" if vm.phase is VmPhase.MIGRATING and vm.target else ""
             self.progress.update(self.vms[vmi], description=f"    {vmi}{target}",
-                                 info=f"{phase}, attempt {vm.get('attempt')}, "
+                                 info=f"{phase}, attempt {vm.attempt}, "
                                       f"{format_seconds(_elapsed(vm, scale, now))}")
 
 
@@ -119,25 +123,26 @@ class _Lines:
     def update(self, view: DrainView) -> None:
         now, scale = time.time(), time_scale_of(view)
         # Since submission, not since the workers started it: the stamps must never go backwards.
-        created = view.drain.get("created_at")
-        origin = float(created) if created is not None else drain_origin(view)
+        created = view.drain.created_at
+        origin = created if created is not None else drain_origin(view)
         stamp = f"{format_seconds(max(0.0, (now - origin) * scale)):>9}"
         drain = view.drain
-        self._say("drain", str(drain.get("phase")), f"drain {drain.get('id')}: {drain.get('phase')} "
-                  f"{drain.get('message') or ''}".rstrip(), stamp)
-        for name, node in sorted(view.nodes.items(), key=lambda kv: int(kv[1].get("index", 0))):
+        self._say("drain", drain.phase.value, f"drain {drain.id}: {drain.phase.value} "
+                  f"{drain.message or ''}".rstrip(), stamp)
+        for node in view.nodes_in_order():
+            name = node.node
             counts = node_counts(view, name)
             done = counts.get("Succeeded", 0)
-            self._say(f"node:{name}", f"{node.get('phase')}|{node.get('message')}",
-                      f"node {name}: {node.get('phase')} ({done}/{counts['total']} VMs moved) "
-                      f"{node.get('message') or ''}".rstrip(), stamp)
+            self._say(f"node:{name}", f"{node.phase.value}|{node.message}",
+                      f"node {name}: {node.phase.value} ({done}/{counts['total']} VMs moved) "
+                      f"{node.message or ''}".rstrip(), stamp)
         for vmi, vm in view.vms.items():
-            phase = str(vm.get("phase"))
-            state = f"{phase}|{vm.get('attempt')}|{vm.get('target') if phase == 'Migrating' else ''}"
-            if phase in IN_FLIGHT:
+            phase = vm.phase.value
+            state = f"{phase}|{vm.attempt}|{vm.target if vm.phase is VmPhase.MIGRATING else ''}"
+            if vm.phase in IN_FLIGHT:
                 text = _vm_line(vmi, vm, scale, now)
             else:
-                text = f"{vmi}: {phase}  {vm.get('message') or ''}".rstrip()
+                text = f"{vmi}: {phase}  {vm.message or ''}".rstrip()
             self._say(f"vm:{vmi}", state, text, stamp)
 
 
@@ -203,7 +208,7 @@ async def follow(service: DrainService, drain_id: str, *, console: Console | Non
             except DrainNotFound:
                 if last is None:
                     raise
-                nodes = ", ".join(last.drain.get("request", {}).get("nodes") or []) or "-"
+                nodes = ", ".join(last.drain.nodes) or "-"
                 raise FollowError(
                     f"drain {drain_id} is gone from Redis at {url}: Redis came back empty (it keeps no data "
                     f"across a restart without persistence). Nodes it may have cordoned: {nodes}; check them "
@@ -229,10 +234,10 @@ async def follow(service: DrainService, drain_id: str, *, console: Console | Non
                 outage_since, delay = None, poll_s
             last = view
             render(view)
-            phase = str(view.drain.get("phase"))
-            if phase in FINAL_DRAIN:
+            phase = view.drain.phase
+            if phase.is_final:
                 return FollowResult(view, final=True)
-            if phase == "Pending" and worry == "none" and now - begun > NO_WORKER_AFTER_S:
+            if phase is DrainPhase.PENDING and worry == "none" and now - begun > NO_WORKER_AFTER_S:
                 worry = "told"
                 if await workers_alive(service):
                     notice(f"no worker has picked drain {drain_id} up yet (workers on queue {queue} are alive but "
@@ -241,7 +246,7 @@ async def follow(service: DrainService, drain_id: str, *, console: Console | Non
                     notice(f"no worker is running on queue {queue} (no worker heartbeat in Redis at {url}): "
                            f"drain {drain_id} waits in the queue until one starts; start one with "
                            f"`drainctl worker`")
-            elif phase != "Pending" and worry == "told":
+            elif phase is not DrainPhase.PENDING and worry == "told":
                 worry = "picked"
                 notice(f"a worker picked drain {drain_id} up")
             if deadline is not None and now > deadline:
@@ -261,11 +266,11 @@ def _styled(phase: str) -> str:
 def print_summary(view: DrainView, console: Console) -> None:
     """Tables of a (normally final) drain: nodes, VMs, failed attempts; durations in cluster seconds."""
     s = drain_summary(view)
-    final = s.phase in FINAL_DRAIN
+    final = view.drain.phase.is_final
     state = "" if final else " (not finished: it goes on in the workers)"
     console.print(f"[bold]drain {s.drain_id}[/]: {_styled(s.phase)}{state}  {s.message}", highlight=False)
-    requested = len(view.drain.get("request", {}).get("nodes") or []) or s.nodes
-    if view.drain.get("started_at") is None and not final:
+    requested = len(view.drain.nodes) or s.nodes
+    if view.drain.started_at is None and not final:
         console.print(f"nodes drained: 0/{requested}; not started: no worker has picked the drain up; "
                       f"estimate {format_seconds(s.estimate_s)}", highlight=False)
         return
@@ -281,13 +286,14 @@ def print_summary(view: DrainView, console: Console) -> None:
     scale = time_scale_of(view)
     nodes = Table("node", "phase", "VMs", "migrated", "failed", "left", "attempts", "took", "message",
                   title="Nodes", title_justify="left")
-    for name, node in sorted(view.nodes.items(), key=lambda kv: int(kv[1].get("index", 0))):
+    for node in view.nodes_in_order():
+        name = node.node
         c = node_counts(view, name)
-        start, end = node.get("started_at"), node.get("finished_at")
-        took = None if start is None or end is None else (float(end) - float(start)) * scale
-        nodes.add_row(name, _styled(str(node.get("phase"))), str(c["total"]), str(c.get("Succeeded", 0)),
+        start, end = node.started_at, node.finished_at
+        took = None if start is None or end is None else (end - start) * scale
+        nodes.add_row(name, _styled(node.phase.value), str(c["total"]), str(c.get("Succeeded", 0)),
                       str(c.get("Failed", 0)), str(c.get("Skipped", 0) + c.get("Blocked", 0)), str(c["attempts"]),
-                      format_seconds(took), str(node.get("message") or ""))
+                      format_seconds(took), node.message or "")
     console.print(nodes)
     rows = attempt_rows(view)
     by_vm: dict[str, list[str]] = {}
@@ -299,9 +305,9 @@ def print_summary(view: DrainView, console: Console) -> None:
         attempts = [r for r in rows if r.vmi == vmi]
         starts = [r.start_s for r in attempts if r.start_s is not None]
         ends = [r.end_s for r in attempts if r.end_s is not None]
-        took = max(ends) - min(starts) if starts and ends and vm.get("phase") in FINAL_VM else None
-        vms.add_row(vmi, str(vm.get("node")), _styled(str(vm.get("phase"))), str(len(attempts)),
-                    " -> ".join(by_vm.get(vmi, [])) or "-", format_seconds(took), str(vm.get("message") or ""))
+        took = max(ends) - min(starts) if starts and ends and vm.phase.is_final else None
+        vms.add_row(vmi, vm.node, _styled(vm.phase.value), str(len(attempts)),
+                    " -> ".join(by_vm.get(vmi, [])) or "-", format_seconds(took), vm.message or "")
     console.print(vms)
     failures = [r for r in rows if r.outcome not in ("Succeeded", "Running")]
     if failures:

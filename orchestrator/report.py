@@ -23,7 +23,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.store import FINAL_DRAIN, DrainView, Record
+from orchestrator.model import FailureClass, NodePhase, VmPhase
+from orchestrator.records import AttemptRecord, VmRecord
+from orchestrator.store import DrainView
 
 RUNNING = "Running"
 """Outcome shown for an attempt that has started and not finished yet."""
@@ -88,14 +90,14 @@ class DrainSummary:
 
 
 def time_scale_of(view: DrainView) -> float:
-    scale = view.drain.get("time_scale")
-    return float(scale) if isinstance(scale, int | float) and scale > 0 else 1.0
+    scale = view.drain.time_scale
+    return scale if scale is not None and scale > 0 else 1.0
 
 
 def drain_origin(view: DrainView) -> float:
     """Wall time the drain's clock starts at: when the workers started it, else when it was submitted."""
-    started = view.drain.get("started_at") or view.drain.get("created_at")
-    return float(started) if started is not None else time.time()
+    started = view.drain.started_at or view.drain.created_at
+    return started if started is not None else time.time()
 
 
 def _cluster_s(wall: Any, origin: float, scale: float) -> float | None:
@@ -104,28 +106,30 @@ def _cluster_s(wall: Any, origin: float, scale: float) -> float | None:
     return max(0.0, (float(wall) - origin) * scale)
 
 
-def _outcome(entry: Record, vm: Record) -> str:
-    outcome = entry.get("outcome")
+def _outcome(entry: AttemptRecord, vm: VmRecord) -> str:
+    outcome = entry.outcome
     if outcome:
-        if outcome == "Failed" and entry.get("failure_class") == "Aborted" and vm.get("phase") == "Cancelled":
+        if outcome is VmPhase.FAILED and entry.failure_class is FailureClass.ABORTED and \
+                vm.phase is VmPhase.CANCELLED:
             return "Cancelled"
-        return str(outcome)
+        return outcome.value
     return RUNNING
 
 
 def attempt_rows(view: DrainView) -> list[AttemptRow]:
     """Every attempt recorded in the drain, ordered by node order, VM and attempt number."""
     origin, scale = drain_origin(view), time_scale_of(view)
-    node_index = {name: int(rec.get("index", i)) for i, (name, rec) in enumerate(view.nodes.items())}
+    node_index = {name: rec.index for name, rec in view.nodes.items()}
     rows = []
     for vmi, vm in view.vms.items():
-        for entry in vm.get("attempts") or []:
-            start = _cluster_s(entry.get("started_at"), origin, scale)
-            end = _cluster_s(entry.get("finished_at"), origin, scale)
+        for entry in vm.attempts:
+            start = _cluster_s(entry.started_at, origin, scale)
+            end = _cluster_s(entry.finished_at, origin, scale)
             rows.append(AttemptRow(
-                vmi=vmi, node=str(vm.get("node") or ""), attempt=int(entry.get("attempt") or 0),
-                target=entry.get("target"), outcome=_outcome(entry, vm), reason=str(entry.get("reason") or ""),
-                failure_class=entry.get("failure_class"), vmim=entry.get("vmim"), start_s=start, end_s=end))
+                vmi=vmi, node=vm.node, attempt=entry.attempt,
+                target=entry.target, outcome=_outcome(entry, vm), reason=entry.reason or "",
+                failure_class=entry.failure_class.value if entry.failure_class else None, vmim=entry.vmim,
+                start_s=start, end_s=end))
     rows.sort(key=lambda r: (node_index.get(r.node, 1 << 30), r.node, r.vmi, r.attempt))
     return rows
 
@@ -135,23 +139,23 @@ def drain_summary(view: DrainView, *, now: float | None = None) -> DrainSummary:
     scale = time_scale_of(view)
     counts: dict[str, int] = {}
     for vm in view.vms.values():
-        counts[vm.get("phase", "")] = counts.get(vm.get("phase", ""), 0) + 1
-    attempts = sum(len(vm.get("attempts") or []) for vm in view.vms.values())
-    migrated_vms = sum(1 for vm in view.vms.values() if vm.get("attempts"))
-    start = drain.get("started_at") or drain.get("created_at")
-    end = drain.get("finished_at") if drain.get("phase") in FINAL_DRAIN else None
+        counts[vm.phase.value] = counts.get(vm.phase.value, 0) + 1
+    attempts = sum(len(vm.attempts) for vm in view.vms.values())
+    migrated_vms = sum(1 for vm in view.vms.values() if vm.attempts)
+    start = drain.started_at or drain.created_at
+    end = drain.finished_at if drain.phase.is_final else None
     end = end if end is not None else (time.time() if now is None else now)
-    duration = None if start is None else max(0.0, (float(end) - float(start)) * scale)
-    final_vm = {"Succeeded", "Failed", "Skipped", "Blocked", "Cancelled"}
-    estimate = drain.get("estimate_s")
+    duration = None if start is None else max(0.0, (end - start) * scale)
+    final_vm = {p.value for p in VmPhase if p.is_final}
+    estimate = drain.estimate_s
     return DrainSummary(
-        drain_id=str(drain.get("id", "")), phase=str(drain.get("phase", "")), message=str(drain.get("message") or ""),
-        nodes=len(view.nodes), nodes_drained=sum(1 for n in view.nodes.values() if n.get("phase") == "Drained"),
+        drain_id=drain.id, phase=drain.phase.value, message=drain.message or "",
+        nodes=len(view.nodes), nodes_drained=sum(1 for n in view.nodes.values() if n.phase is NodePhase.DRAINED),
         vms=len(view.vms), succeeded=counts.get("Succeeded", 0), failed=counts.get("Failed", 0),
         skipped=counts.get("Skipped", 0), blocked=counts.get("Blocked", 0), cancelled=counts.get("Cancelled", 0),
         open_vms=sum(n for phase, n in counts.items() if phase not in final_vm),
         attempts=attempts, retries=attempts - migrated_vms, duration_s=duration,
-        estimate_s=float(estimate) if isinstance(estimate, int | float) else None, time_scale=scale)
+        estimate_s=estimate, time_scale=scale)
 
 
 def format_seconds(seconds: float | None) -> str:
@@ -170,11 +174,11 @@ def node_counts(view: DrainView, node: str) -> dict[str, int]:
     """VM phases of one node's VMs, plus "total" and "attempts"."""
     out: dict[str, int] = {"total": 0, "attempts": 0}
     for vm in view.vms.values():
-        if vm.get("node") != node:
+        if vm.node != node:
             continue
         out["total"] += 1
-        out["attempts"] += len(vm.get("attempts") or [])
-        phase = str(vm.get("phase", ""))
+        out["attempts"] += len(vm.attempts)
+        phase = vm.phase.value
         out[phase] = out.get(phase, 0) + 1
     return out
 
@@ -296,7 +300,7 @@ def render_html(view: DrainView) -> str:
     summary = drain_summary(view)
     rows = attempt_rows(view)
     drain = view.drain
-    request = drain.get("request") or {}
+    request = drain.request
     color = _PHASE_COLORS.get(summary.phase, "#8a8f98")
     ratio = ""
     # Only a drain that ran to its end compares with the estimate (a cancelled one stopped early).
@@ -314,19 +318,20 @@ def render_html(view: DrainView) -> str:
         _card("actual / estimate", ratio or "-"),
     ]
     node_rows = []
-    for name, node in sorted(view.nodes.items(), key=lambda kv: int(kv[1].get("index", 0))):
+    for node in view.nodes_in_order():
+        name = node.node
         counts = node_counts(view, name)
         origin, scale = drain_origin(view), time_scale_of(view)
-        start, end = node.get("started_at"), node.get("finished_at")
-        took = None if start is None or end is None else (float(end) - float(start)) * scale
+        start, end = node.started_at, node.finished_at
+        took = None if start is None or end is None else (end - start) * scale
         node_rows.append(
-            f'<tr class="node" data-node="{_e(name)}"><td>{_e(name)}</td><td>{_e(node.get("phase"))}</td>'
+            f'<tr class="node" data-node="{_e(name)}"><td>{_e(name)}</td><td>{_e(node.phase.value)}</td>'
             f'<td class="num">{counts["total"]}</td><td class="num">{counts.get("Succeeded", 0)}</td>'
             f'<td class="num">{counts.get("Failed", 0)}</td>'
             f'<td class="num">{counts.get("Skipped", 0) + counts.get("Blocked", 0)}</td>'
             f'<td class="num">{counts["attempts"]}</td>'
             f'<td class="num">{_e(format_seconds(_cluster_s(start, origin, scale)))}</td>'
-            f'<td class="num">{_e(format_seconds(took))}</td><td class="msg">{_e(node.get("message"))}</td></tr>')
+            f'<td class="num">{_e(format_seconds(took))}</td><td class="msg">{_e(node.message)}</td></tr>')
     attempt_html = [
         f'<tr class="attempt" data-vmi="{_e(r.vmi)}" data-attempt="{r.attempt}" data-outcome="{_e(r.outcome)}" '
         f'data-vmim="{_e(r.vmim or "")}">'
@@ -338,15 +343,15 @@ def render_html(view: DrainView) -> str:
         for r in rows
     ]
     unmoved = [
-        f'<tr class="unmoved" data-vmi="{_e(vmi)}"><td>{_e(vmi)}</td><td>{_e(vm.get("node"))}</td>'
-        f'<td>{_e(vm.get("phase"))}</td><td class="msg">{_e(vm.get("message") or vm.get("reason"))}</td></tr>'
-        for vmi, vm in view.vms.items() if not vm.get("attempts")
+        f'<tr class="unmoved" data-vmi="{_e(vmi)}"><td>{_e(vmi)}</td><td>{_e(vm.node)}</td>'
+        f'<td>{_e(vm.phase.value)}</td><td class="msg">{_e(vm.message or vm.reason)}</td></tr>'
+        for vmi, vm in view.vms.items() if not vm.attempts
     ]
     legend = "".join(f'<span><i style="background:{c}"></i>{_e(k)}</span>'
                      for k, c in (*OUTCOME_COLORS.items(), ("Aborted by drainctl", ABORTED_COLOR)))
-    warnings = "".join(f"<li>{_e(w)}</li>" for w in drain.get("warnings") or [])
-    created = drain.get("created_at")
-    created_text = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(created))) if created else "-"
+    warnings = "".join(f"<li>{_e(w)}</li>" for w in drain.warnings)
+    created = drain.created_at
+    created_text = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(created)) if created else "-"
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -356,7 +361,7 @@ def render_html(view: DrainView) -> str:
         "</span></h1>",
         f'<div class="sub">nodes {_e(", ".join(request.get("nodes") or []))}; '
         f'{_e(request.get("max_parallel_nodes", 1))} in parallel; submitted {_e(created_text)} from '
-        f'{_e(drain.get("source", "?"))}; times in cluster seconds (time scale {summary.time_scale:g}). '
+        f'{_e(drain.source or "?")}; times in cluster seconds (time scale {summary.time_scale:g}). '
         f'{_e(summary.message)}</div>',
         f'<div class="cards" id="summary">{"".join(cards)}</div>',
     ]

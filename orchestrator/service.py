@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 from orchestrator import keys, queue
 from orchestrator.model import DrainPhase, DrainPlan, DrainRequest
 from orchestrator.planner import plan_drain
+from orchestrator.records import CancelRequest, DrainRecord
 from orchestrator.settings import Settings
-from orchestrator.store import FINAL_DRAIN, DrainStore, DrainView, Record
+from orchestrator.store import DrainStore, DrainView
 
 if TYPE_CHECKING:  # the CLI's Redis-only commands must not pay for importing the cluster client
     from arq.connections import ArqRedis
@@ -64,7 +65,7 @@ class DrainService:
         return plan_drain(snapshot, request, self.settings, now=time.time())
 
     async def submit(self, request: DrainRequest, *, idempotency_key: str | None = None,
-                     source: str = "cli") -> tuple[Record, bool]:
+                     source: str = "cli") -> tuple[DrainRecord, bool]:
         """Record and queue a drain. Returns (drain record, created); created is False when the idempotency
         key named an earlier drain, which is returned instead."""
         drain_id = uuid.uuid4().hex[:12]
@@ -97,12 +98,10 @@ class DrainService:
                 await self.redis.delete(keys.idempotency_key(idempotency_key))
             raise NodeConflict(taken)
         now = time.time()
-        drain: Record = {
-            "id": drain_id, "phase": DrainPhase.PENDING.value, "message": "queued", "source": source,
-            "created_at": now, "updated_at": now, "started_at": None, "finished_at": None,
-            "request": request.to_json(), "estimate_s": plan.estimate.total_s, "warnings": list(plan.warnings),
-            "time_scale": self.settings.time_scale,
-        }
+        drain = DrainRecord(id=drain_id, phase=DrainPhase.PENDING, message="queued", source=source,
+                            created_at=now, updated_at=now, request=request.to_json(),
+                            estimate_s=plan.estimate.total_s, warnings=list(plan.warnings),
+                            time_scale=self.settings.time_scale)
         await self.store.create(drain, nodes={}, vms={})
         await self.store.emit(drain_id, "drain.submitted", nodes=nodes, source=source)
         await queue.enqueue_control(self.redis, self.settings.connection.queue_name, "plan", drain_id,
@@ -112,7 +111,7 @@ class DrainService:
     async def get(self, drain_id: str) -> DrainView:
         return await self.store.view(drain_id)
 
-    async def list(self, *, limit: int = 200) -> builtins.list[Record]:
+    async def list(self, *, limit: int = 200) -> builtins.list[DrainRecord]:
         out = []
         for drain_id in reversed(await self.store.ids(limit=limit)):
             drain = await self.store.find(drain_id)
@@ -120,22 +119,23 @@ class DrainService:
                 out.append(drain)
         return out
 
-    async def cancel(self, drain_id: str, *, uncordon: bool | None = None, mode: str = "abort") -> Record:
+    async def cancel(self, drain_id: str, *, uncordon: bool | None = None, mode: str = "abort") -> DrainRecord:
         """Ask the workers to stop the drain: queued work does not start, in-flight migrations are aborted
         (mode "abort") or allowed to finish (mode "finish"), nodes are uncordoned if asked."""
         if mode not in ("abort", "finish"):
             raise ValueError(f"cancel mode: {mode!r} is not one of abort, finish")
         drain = await self.store.get(drain_id)
-        do_uncordon = drain["request"].get("uncordon_on_cancel", True) if uncordon is None else uncordon
+        do_uncordon = drain.uncordon_on_cancel if uncordon is None else uncordon
 
-        def cancel(d: Record) -> None:
-            if d["phase"] in FINAL_DRAIN or d["phase"] == DrainPhase.CANCELLING.value:
+        def cancel(d: DrainRecord) -> None:
+            if d.phase.is_final or d.phase is DrainPhase.CANCELLING:
                 return
-            d.update(phase=DrainPhase.CANCELLING.value, message="cancel requested",
-                     cancel={"requested_at": time.time(), "uncordon": do_uncordon, "mode": mode})
+            d.phase, d.message = DrainPhase.CANCELLING, "cancel requested"
+            d.cancel = CancelRequest(requested_at=time.time(), uncordon=do_uncordon,
+                                     mode="finish" if mode == "finish" else "abort")
 
         record = await self.store.update(drain_id, cancel)
-        if record["phase"] == DrainPhase.CANCELLING.value:
+        if record.phase is DrainPhase.CANCELLING:
             await self.store.emit(drain_id, "drain.cancelling", uncordon=do_uncordon, mode=mode)
             await self.redis.publish(keys.CANCEL_CHANNEL, drain_id)
             await queue.enqueue_control(self.redis, self.settings.connection.queue_name, "advance", drain_id,
@@ -150,7 +150,7 @@ class DrainService:
             view = await self.store.view(drain_id)
             if on_update is not None:
                 await on_update(view)
-            if view.drain["phase"] in FINAL_DRAIN:
+            if view.drain.phase.is_final:
                 return view
             if deadline is not None and time.monotonic() > deadline:
                 return view

@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from orchestrator.model import REQUEST_BOUNDS
+
 
 class SettingsError(ValueError):
     """A setting is missing, malformed or out of range. Never retryable: fix the input."""
@@ -79,6 +81,10 @@ class Timeouts:
         for name in ("progress_timeout_s", "pending_timeout_s", "retry_backoff_s", "lease_ttl_s"):
             seconds = getattr(self, name)
             _check(math.isfinite(seconds) and seconds > 0, name, f"{seconds!r} must be a positive number")
+        # No default above what a drain request may ask for (small values stay allowed: tests run at scale).
+        for name in ("completion_timeout_per_gib", "progress_timeout_s", "pending_timeout_s"):
+            high = REQUEST_BOUNDS[name].high
+            _check(getattr(self, name) <= high, name, f"{getattr(self, name)!r} is above {high}")
         _check(
             math.isfinite(self.retry_backoff_max_s) and self.retry_backoff_max_s >= self.retry_backoff_s,
             "retry_backoff_max_s",
@@ -102,7 +108,8 @@ class Retry:
     def __post_init__(self) -> None:
         value = self.max_attempts
         _check(isinstance(value, int) and not isinstance(value, bool), "max_attempts", f"{value!r} not int")
-        _check(1 <= value <= 100, "max_attempts", f"{value} is out of range 1..100")
+        bound = REQUEST_BOUNDS["max_attempts"]
+        _check(bound.admits(value), "max_attempts", f"{value} is out of range {bound}")
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,11 @@ class Connection:
     """Kubeconfig context; None means the current context."""
     queue_name: str = "drainctl"
     """arq queue name, also the prefix that separates deployments sharing one Redis."""
+    prometheus_url: str | None = None
+    """Prometheus HTTP API base URL (e.g. the cluster's thanos-querier) for KubeVirt's live migration metrics;
+    None: drainctl works without them, from time alone."""
+    prometheus_token: str | None = field(default=None, repr=False)
+    """Bearer token sent to Prometheus (e.g. a service account token); None sends none."""
 
     def __post_init__(self) -> None:
         _check(
@@ -131,6 +143,13 @@ class Connection:
             "queue_name",
             f"{self.queue_name!r} may only contain letters, digits and _ . : -",
         )
+        _check(
+            self.prometheus_url is None or re.match(r"^https?://[^/\s]+", self.prometheus_url) is not None,
+            "prometheus_url",
+            f"{self.prometheus_url!r} must be an http:// or https:// URL",
+        )
+        _check(self.prometheus_token is None or self.prometheus_token.strip() != "", "prometheus_token",
+               "empty token")
 
 
 @dataclass(frozen=True)
@@ -175,6 +194,8 @@ ENV_VARS: Mapping[str, tuple[str, str]] = {
     "DRAIN_KUBECONFIG": ("connection", "kubeconfig"),
     "DRAIN_CONTEXT": ("connection", "context"),
     "DRAIN_QUEUE_NAME": ("connection", "queue_name"),
+    "DRAIN_PROMETHEUS_URL": ("connection", "prometheus_url"),
+    "DRAIN_PROMETHEUS_TOKEN": ("connection", "prometheus_token"),
     "DRAIN_ESTIMATE_SETUP": ("estimate", "setup_s"),
     "DRAIN_ESTIMATE_NODE_BANDWIDTH": ("estimate", "node_bandwidth_bytes_per_s"),
 }

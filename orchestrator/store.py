@@ -3,7 +3,8 @@
 Promises:
 - every change is a read-modify-write under WATCH/MULTI, so concurrent workers never lose an update;
 - nothing is deleted while a drain is open; the event stream is append-only (capped at a generous length);
-- records are JSON with stable field names (the API, the CLI and the report read them).
+- records are the typed models of ``orchestrator.records``; only this module turns them into JSON and back
+  (stable field names: the API, the CLI and the report show them).
 It does not talk to the cluster and does not decide anything: jobs decide, the store records.
 """
 
@@ -13,22 +14,19 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
 from orchestrator import keys
-from orchestrator.model import DrainPhase, NodePhase, VmPhase
+from orchestrator.records import DrainRecord, NodeRecord, StoredRecord, VmRecord
 
-Record = dict[str, Any]
+Event = dict[str, Any]
+"""One entry of a drain's event stream: id, event, ts and the event's own fields."""
 EVENTS_MAXLEN = 100_000
 
-FINAL_DRAIN = {DrainPhase.SUCCEEDED.value, DrainPhase.FAILED.value, DrainPhase.CANCELLED.value}
-FINAL_NODE = {NodePhase.DRAINED.value, NodePhase.INCOMPLETE.value, NodePhase.FAILED.value,
-              NodePhase.CANCELLED.value}
-FINAL_VM = {VmPhase.SUCCEEDED.value, VmPhase.FAILED.value, VmPhase.SKIPPED.value, VmPhase.BLOCKED.value,
-            VmPhase.CANCELLED.value}
+R = TypeVar("R", bound=StoredRecord)
 
 
 class RecordNotFound(KeyError):
@@ -48,26 +46,31 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _loads(value: Any) -> Record:
-    data = json.loads(_text(value))
-    assert isinstance(data, dict)
-    return data
+def _loads(model: type[R], value: Any) -> R:
+    return model.model_validate_json(value)
 
 
-def _dumps(record: Mapping[str, Any]) -> str:
-    return json.dumps(record, separators=(",", ":"), sort_keys=True)
+def _dumps(record: StoredRecord) -> str:
+    return json.dumps(record.to_json(), separators=(",", ":"), sort_keys=True)
 
 
 @dataclass(frozen=True)
 class DrainView:
     """One drain as read from Redis, everything included."""
 
-    drain: Record
-    nodes: dict[str, Record]
-    vms: dict[str, Record]
+    drain: DrainRecord
+    nodes: dict[str, NodeRecord]
+    vms: dict[str, VmRecord]
 
-    def to_json(self) -> Record:
-        return {**self.drain, "nodes": self.nodes, "vms": self.vms}
+    def to_json(self) -> dict[str, Any]:
+        return {**self.drain.to_json(), "nodes": {k: v.to_json() for k, v in self.nodes.items()},
+                "vms": {k: v.to_json() for k, v in self.vms.items()}}
+
+    def nodes_in_order(self) -> list[NodeRecord]:
+        return sorted(self.nodes.values(), key=lambda n: n.index)
+
+    def vms_on(self, node: str) -> list[VmRecord]:
+        return [vm for vm in self.vms.values() if vm.node == node]
 
 
 class DrainStore:
@@ -77,19 +80,20 @@ class DrainStore:
         self.redis: Any = redis
 
     # ------------------------------------------------------------------------------------------ drains
-    async def create(self, drain: Record, *, nodes: Mapping[str, Record], vms: Mapping[str, Record]) -> None:
-        drain_id = drain["id"]
+    async def create(self, drain: DrainRecord, *, nodes: Mapping[str, NodeRecord],
+                     vms: Mapping[str, VmRecord]) -> None:
+        drain_id = drain.id
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(keys.drain_key(drain_id), _dumps(drain))
             if nodes:
                 pipe.hset(keys.drain_nodes_key(drain_id), mapping={n: _dumps(r) for n, r in nodes.items()})
             if vms:
                 pipe.hset(keys.drain_vms_key(drain_id), mapping={v: _dumps(r) for v, r in vms.items()})
-            pipe.zadd(keys.DRAINS_INDEX, {drain_id: drain.get("created_at", time.time())})
+            pipe.zadd(keys.DRAINS_INDEX, {drain_id: drain.created_at or time.time()})
             await pipe.execute()
 
-    async def create_children(self, drain_id: str, *, nodes: Mapping[str, Record],
-                              vms: Mapping[str, Record]) -> None:
+    async def create_children(self, drain_id: str, *, nodes: Mapping[str, NodeRecord],
+                              vms: Mapping[str, VmRecord]) -> None:
         """Write a drain's node and VM records at once (the plan job; a re-run rewrites them whole)."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(keys.drain_nodes_key(drain_id), keys.drain_vms_key(drain_id))
@@ -99,15 +103,15 @@ class DrainStore:
                 pipe.hset(keys.drain_vms_key(drain_id), mapping={v: _dumps(r) for v, r in vms.items()})
             await pipe.execute()
 
-    async def get(self, drain_id: str) -> Record:
+    async def get(self, drain_id: str) -> DrainRecord:
         raw = await self.redis.get(keys.drain_key(drain_id))
         if raw is None:
             raise DrainNotFound(drain_id)
-        return _loads(raw)
+        return _loads(DrainRecord, raw)
 
-    async def find(self, drain_id: str) -> Record | None:
+    async def find(self, drain_id: str) -> DrainRecord | None:
         raw = await self.redis.get(keys.drain_key(drain_id))
-        return None if raw is None else _loads(raw)
+        return None if raw is None else _loads(DrainRecord, raw)
 
     async def view(self, drain_id: str) -> DrainView:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -117,54 +121,53 @@ class DrainStore:
             raw, nodes, vms = await pipe.execute()
         if raw is None:
             raise DrainNotFound(drain_id)
-        return DrainView(_loads(raw), {_text(k): _loads(v) for k, v in sorted(nodes.items())},
-                         {_text(k): _loads(v) for k, v in sorted(vms.items())})
+        return DrainView(_loads(DrainRecord, raw),
+                         {_text(k): _loads(NodeRecord, v) for k, v in sorted(nodes.items())},
+                         {_text(k): _loads(VmRecord, v) for k, v in sorted(vms.items())})
 
     async def ids(self, *, limit: int = 1000) -> list[str]:
         raw = await self.redis.zrange(keys.DRAINS_INDEX, -limit, -1)
         return [_text(x) for x in raw]
 
-    async def update(self, drain_id: str, fn: Callable[[Record], None]) -> Record:
+    async def update(self, drain_id: str, fn: Callable[[DrainRecord], bool | None]) -> DrainRecord:
         try:
-            return await self._modify(keys.drain_key(drain_id), None, fn)
+            return await self._modify(DrainRecord, keys.drain_key(drain_id), None, fn)
         except RecordNotFound:
             raise DrainNotFound(drain_id) from None
 
     # ----------------------------------------------------------------------------------- nodes, vms
-    async def node(self, drain_id: str, node: str) -> Record:
+    async def node(self, drain_id: str, node: str) -> NodeRecord:
         raw = await self.redis.hget(keys.drain_nodes_key(drain_id), node)
         if raw is None:
-            raise KeyError(f"drain {drain_id}: node {node} not found")
-        return _loads(raw)
+            raise RecordNotFound(f"drain {drain_id}: node {node} not found")
+        return _loads(NodeRecord, raw)
 
-    async def nodes(self, drain_id: str) -> dict[str, Record]:
+    async def nodes(self, drain_id: str) -> dict[str, NodeRecord]:
         raw = await self.redis.hgetall(keys.drain_nodes_key(drain_id))
-        return {_text(k): _loads(v) for k, v in raw.items()}
+        return {_text(k): _loads(NodeRecord, v) for k, v in raw.items()}
 
-    async def vm(self, drain_id: str, vmi: str) -> Record | None:
+    async def vm(self, drain_id: str, vmi: str) -> VmRecord | None:
         raw = await self.redis.hget(keys.drain_vms_key(drain_id), vmi)
-        return None if raw is None else _loads(raw)
+        return None if raw is None else _loads(VmRecord, raw)
 
-    async def vms(self, drain_id: str) -> dict[str, Record]:
+    async def vms(self, drain_id: str) -> dict[str, VmRecord]:
         raw = await self.redis.hgetall(keys.drain_vms_key(drain_id))
-        return {_text(k): _loads(v) for k, v in raw.items()}
+        return {_text(k): _loads(VmRecord, v) for k, v in raw.items()}
 
-    async def set_vms(self, drain_id: str, vms: Mapping[str, Record]) -> None:
+    async def set_vms(self, drain_id: str, vms: Mapping[str, VmRecord]) -> None:
         if vms:
             await self.redis.hset(keys.drain_vms_key(drain_id), mapping={v: _dumps(r) for v, r in vms.items()})
 
-    async def update_node(self, drain_id: str, node: str, fn: Callable[[Record], bool | None]) -> Record:
-        return await self._update_field(keys.drain_nodes_key(drain_id), node, fn)
+    async def update_node(self, drain_id: str, node: str, fn: Callable[[NodeRecord], bool | None]) -> NodeRecord:
+        return await self._modify(NodeRecord, keys.drain_nodes_key(drain_id), node, fn)
 
-    async def update_vm(self, drain_id: str, vmi: str, fn: Callable[[Record], bool | None]) -> Record:
-        return await self._update_field(keys.drain_vms_key(drain_id), vmi, fn)
+    async def update_vm(self, drain_id: str, vmi: str, fn: Callable[[VmRecord], bool | None]) -> VmRecord:
+        return await self._modify(VmRecord, keys.drain_vms_key(drain_id), vmi, fn)
 
-    async def _update_field(self, key: str, field: str, fn: Callable[[Record], bool | None]) -> Record:
-        return await self._modify(key, field, fn)
-
-    async def _modify(self, key: str, field: str | None, fn: Callable[[Record], bool | None]) -> Record:
-        """Read-modify-write one JSON record (a string key, or one field of a hash) under WATCH/MULTI,
-        retrying when someone else wrote it meanwhile. `fn` returns False to leave it unchanged."""
+    async def _modify(self, model: type[R], key: str, field: str | None, fn: Callable[[R], bool | None]) -> R:
+        """Read-modify-write one record (a string key, or one field of a hash) under WATCH/MULTI, retrying
+        when someone else wrote it meanwhile. `fn` changes the record in place; it returns False to leave
+        it unchanged (and may run more than once: it must not have other side effects)."""
         while True:
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
@@ -172,11 +175,11 @@ class DrainStore:
                     raw = await (pipe.get(key) if field is None else pipe.hget(key, field))
                     if raw is None:
                         raise RecordNotFound(f"{key}: {field or 'record'} not found")
-                    record = _loads(raw)
+                    record = _loads(model, raw)
                     before = _dumps(record)
                     if fn(record) is False or _dumps(record) == before:
                         return record
-                    record["updated_at"] = time.time()
+                    record.updated_at = time.time()
                     pipe.multi()
                     if field is None:
                         pipe.set(key, _dumps(record))
@@ -246,7 +249,7 @@ class DrainStore:
         return _text(entry)
 
     async def events(self, drain_id: str, *, after: str = "0", count: int = 1000,
-                     block_ms: int | None = None) -> list[Record]:
+                     block_ms: int | None = None) -> list[Event]:
         key = keys.drain_events_key(drain_id)
         if block_ms is not None:
             raw = await self.redis.xread({key: after}, count=count, block=block_ms)

@@ -35,7 +35,8 @@ def main(argv: list[str]) -> int:
     commands = {
         "demo": [[str(BIN / "drainctl"), "demo", *argv[1:]]],
         "test": [[str(BIN / "pytest"), "-q", *argv[1:]]],
-        "check": [[str(BIN / "ruff"), "check", "."], [str(BIN / "mypy")], [str(BIN / "pytest"), "-q"]],
+        "check": [[str(BIN / "ruff"), "check", "."], [str(BIN / "mypy")], [str(BIN / "lint-imports")],
+                  [str(BIN / "pytest"), "-q"]],
     }
     if command not in commands:
         print(f"usage: python3 scripts/dev.py {'|'.join(commands)} [args]", file=sys.stderr)

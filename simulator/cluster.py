@@ -21,6 +21,7 @@ from simulator.errors import ApiError
 from simulator.faults import Faults, FaultsBody
 from simulator.kubevirt import DEFAULT_MIGRATIONS, KubeVirtSim, NetworkModel, VMInfo, vmi_key
 from simulator.physics import VMPhysics
+from simulator.prometheus import MigrationMetrics, serve_prometheus
 from simulator.resources import (
     DAEMONSETS,
     KUBEVIRTS,
@@ -61,6 +62,8 @@ class SimCluster:
                 cleanup_s=scenario.cleanup_s,
             ),
         )
+        self.metrics = MigrationMetrics(self.kubevirt, self.store, start=self.clock.now())
+        self.kubevirt.probes.append(self.metrics)
         self._wake: asyncio.Event | None = None
         self._last = self.clock.now()
 
@@ -206,12 +209,15 @@ class RunningCluster:
     url: str
     port: int
     kubeconfig: Path | None
+    prometheus_url: str | None = None
+    """The Prometheus HTTP API with KubeVirt's migration metrics, when asked for (plain HTTP, same token)."""
 
 
 @contextlib.asynccontextmanager
 async def running_cluster(scenario: Scenario, *, time_scale: float = 1.0, token: str | None = None,
                           host: str = "127.0.0.1", port: int = 0, kubeconfig_out: Path | None = None,
-                          tls: bool | None = None) -> AsyncIterator[RunningCluster]:
+                          tls: bool | None = None, prometheus_port: int | None = None
+                          ) -> AsyncIterator[RunningCluster]:
     """Serve `scenario` and run its controllers for the duration of the block.
 
     With a token the server speaks HTTPS with a self-signed certificate (written into the kubeconfig):
@@ -228,12 +234,21 @@ async def running_cluster(scenario: Scenario, *, time_scale: float = 1.0, token:
         if kubeconfig_out is not None:
             server.write_kubeconfig(kubeconfig_out, server_url=url, token=token,
                                     ca_data=files.ca_data() if files else None)
+        prom_runner = None
+        prom_url = None
+        if prometheus_port is not None:
+            prom_runner, prom_bound = await serve_prometheus(
+                cluster.metrics.series, now=cluster.clock.now, host=host, port=prometheus_port,
+                tokens=lambda: (cluster.token, getattr(cluster, "admin_token", None)))
+            prom_url = f"http://{host}:{prom_bound}"
         task = asyncio.create_task(cluster.run(), name="sim-controllers")
         try:
-            yield RunningCluster(cluster, url, bound, kubeconfig_out)
+            yield RunningCluster(cluster, url, bound, kubeconfig_out, prom_url)
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             cluster.store.close_watches()
+            if prom_runner is not None:
+                await prom_runner.cleanup()
             await runner.cleanup()

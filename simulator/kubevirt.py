@@ -27,7 +27,7 @@ import random
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from simulator import objects
 from simulator.clock import SimClock
@@ -128,10 +128,21 @@ class Migration:
     abort_at: float | None = None
     complete_at: float | None = None
     record: dict[str, Any] = field(default_factory=dict)
+    rate: float = 0.0
+    """Bytes/s the transfer got in the last step (libvirt's memory transfer rate)."""
 
     @property
     def key(self) -> str:
         return vmi_key(self.namespace, self.name)
+
+
+class Probe(Protocol):
+    """Something that samples the controllers' state at times of its choosing (metrics scrapes): `advance`
+    stops at `next_at` and calls `observe`, which must move `next_at` past `now`."""
+
+    next_at: float
+
+    def observe(self, now: float) -> None: ...
 
 
 class KubeVirtSim:
@@ -169,6 +180,7 @@ class KubeVirtSim:
         self.vm_restarts: list[dict[str, Any]] = []
         self.evictions = {"allowed": 0, "denied": 0}
         self.on_change: Callable[[], None] = lambda: None
+        self.probes: list[Probe] = []
         store.index_by_node(PODS, lambda o: (o.get("spec") or {}).get("nodeName"))
         store.index_by_node(VMIS, lambda o: (o.get("status") or {}).get("nodeName"))
         for pod in store.iter(PODS):
@@ -547,7 +559,7 @@ class KubeVirtSim:
             running = [m for m in self.active.values() if m.transfer is not None and m.complete_at is None
                        and m.transfer.phase in ("precopy", "postcopy", "paused")]
             shares = self._bandwidth(running)
-            horizon = min(t1, self._next_deadline(now))
+            horizon = min(t1, self._next_deadline(now), *(p.next_at for p in self.probes))
             for mig, bw in zip(running, shares, strict=True):
                 assert mig.transfer is not None
                 horizon = min(horizon, now + max(mig.transfer.next_event_in(bw), 1e-6))
@@ -556,7 +568,11 @@ class KubeVirtSim:
                 assert mig.transfer is not None
                 mig.transfer.advance(bw, dt)
                 mig.record["bytes_sent"] = mig.transfer.bytes_sent
+                mig.rate = bw if math.isfinite(bw) else 0.0
             now = horizon
+            for probe in self.probes:
+                if probe.next_at <= now:
+                    probe.observe(now)
             for mig in running:
                 self._after_transfer_step(mig, now)
             if now >= t1:

@@ -199,6 +199,8 @@ class Transfer:
         self._aborted_at: float | None = None
         self._abort_reason: str | None = None
         self._downtime: float | None = None
+        self._round_started = self.started_at
+        self._measured_dirty_rate = 0.0
 
     # ----------------------------------------------------------------- read-only state
 
@@ -229,6 +231,14 @@ class Transfer:
     def round(self) -> int:
         """Index of the current pre-copy round; the stop-and-copy round keeps the last index."""
         return self._round
+
+    @property
+    def measured_dirty_rate(self) -> float:
+        """QEMU's dirty-pages-rate x page size, bytes/s: the distinct pages the guest dirtied during the last
+        completed pre-copy round over that round's duration (0 until the first round ends). Once the dirty
+        set is capped at the writable working set it reads W / round time, which equals the transfer rate
+        of a VM that cannot converge."""
+        return self._measured_dirty_rate
 
     @property
     def throttle(self) -> float:
@@ -471,6 +481,10 @@ class Transfer:
         if self._switchover_at is not None or self._phase == "postcopy":
             return self._complete()
         dirtied = self._dirtied
+        elapsed = self._now - self._round_started
+        if elapsed > 0:
+            self._measured_dirty_rate = dirtied / elapsed
+        self._round_started = self._now
         high = dirtied > THROTTLE_TRIGGER * self._volume
         if self.config.allow_auto_converge and self._phase == "precopy" and high:
             self._high_rounds += 1

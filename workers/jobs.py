@@ -42,9 +42,10 @@ from orchestrator.model import (
 )
 from orchestrator.placement import choose_target, launcher_overhead
 from orchestrator.planner import PlanError, plan_drain
+from orchestrator.records import AttemptRecord, DrainLimits, DrainRecord, NodeRecord, VmRecord
 from orchestrator.settings import Settings
 from orchestrator.snapshot import parse_vmi
-from orchestrator.store import FINAL_DRAIN, FINAL_NODE, FINAL_VM, DrainStore, Record
+from orchestrator.store import DrainStore
 from orchestrator.view import ATTEMPT_LABEL, DRAIN_LABEL, VMI_LABEL, ClusterView
 from workers.semaphore import HeldSlot, RedisSemaphore, Scope, SemaphoreLost, hold
 
@@ -77,10 +78,15 @@ class Ctx(TypedDict, total=False):
     job_try: int
 
 
-def _set(**fields: Any) -> Callable[[Record], None]:
+Obj = dict[str, Any]
+"""A Kubernetes object as the API returns it."""
+
+
+def _set(**fields: Any) -> Callable[[NodeRecord | VmRecord | DrainRecord], None]:
     """A record update that sets `fields` (binds the values now, unlike a lambda in a loop)."""
-    def apply(record: Record) -> None:
-        record.update(fields)
+    def apply(record: NodeRecord | VmRecord | DrainRecord) -> None:
+        for name, value in fields.items():
+            setattr(record, name, value)
     return apply
 
 
@@ -109,6 +115,18 @@ def classify(reason: str) -> FailureClass:
     if "live migration failed" in text or "target pod shutdown" in text or "connection" in text:
         return FailureClass.TARGET_FAILED
     return FailureClass.UNKNOWN
+
+
+def _limits(ctx: Ctx, drain: DrainRecord) -> DrainLimits:
+    """The drain's effective limits; before the plan stored them, the settings' own."""
+    if drain.limits is not None:
+        return drain.limits
+    s = ctx["settings"]
+    return DrainLimits(cluster=s.limits.max_in_flight_cluster, per_node=s.limits.max_in_flight_per_node,
+                       inbound=s.limits.max_inbound_per_node, max_attempts=s.retry.max_attempts,
+                       pending_timeout_s=s.timeouts.pending_timeout_s,
+                       completion_timeout_per_gib=s.timeouts.completion_timeout_per_gib,
+                       progress_timeout_s=s.timeouts.progress_timeout_s)
 
 
 # ================================================================================================ enqueue
@@ -147,12 +165,12 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
     store = ctx["store"]
     drain = await store.get(drain_id)
     bound = log.bind(drain_id=drain_id)
-    if drain["phase"] not in (DrainPhase.PENDING.value, DrainPhase.PLANNING.value):
+    if drain.phase not in (DrainPhase.PENDING, DrainPhase.PLANNING):
         await advance_drain(ctx, drain_id)
-        return str(drain["phase"])
-    if drain["phase"] == DrainPhase.PENDING.value:
-        await store.update(drain_id, lambda d: d.update(phase=DrainPhase.PLANNING.value))
-    request = DrainRequest.from_json(drain["request"])
+        return drain.phase.value
+    if drain.phase is DrainPhase.PENDING:
+        await store.update(drain_id, _set(phase=DrainPhase.PLANNING))
+    request = DrainRequest.from_json(drain.request)
     snapshot = await ctx["kube"].snapshot()
     try:
         plan = plan_drain(snapshot, request, ctx["settings"], now=time.time(), drain_id=drain_id)  # type: ignore[arg-type]
@@ -160,57 +178,58 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
         await _close_drain(ctx, drain_id, DrainPhase.FAILED, f"refused by the planner: {exc}")
         bound.warning("drain.refused", error=str(exc))
         return DrainPhase.FAILED.value
-    nodes: dict[str, Record] = {}
-    vms: dict[str, Record] = {}
+    nodes: dict[str, NodeRecord] = {}
+    vms: dict[str, VmRecord] = {}
     for index, node_plan in enumerate(plan.nodes):
-        nodes[node_plan.node] = {"node": node_plan.node, "phase": NodePhase.PENDING.value, "index": index,
-                                 "wave": node_plan.wave, "message": "", "vms": 0}
+        nodes[node_plan.node] = NodeRecord(
+            node=node_plan.node, phase=NodePhase.PENDING, index=index, wave=node_plan.wave,
+            vms=len(node_plan.jobs) + len(node_plan.skipped) + len(node_plan.blocked))
         for job in node_plan.jobs:
-            vms[job.vmi] = _vm_record(job.vmi, node_plan.node, VmPhase.QUEUED, VmVerdict.MIGRATE.value,
+            vms[job.vmi] = _vm_record(job.vmi, node_plan.node, VmPhase.QUEUED, VmVerdict.MIGRATE,
                                       job.reason, memory=job.memory_bytes, proposed=job.proposed_target)
         for decision in node_plan.skipped:
-            vms[decision.vmi] = _vm_record(decision.vmi, node_plan.node, VmPhase.SKIPPED, decision.verdict.value,
+            vms[decision.vmi] = _vm_record(decision.vmi, node_plan.node, VmPhase.SKIPPED, decision.verdict,
                                            decision.reason)
         for decision in node_plan.blocked:
-            vms[decision.vmi] = _vm_record(decision.vmi, node_plan.node, VmPhase.BLOCKED, decision.verdict.value,
+            vms[decision.vmi] = _vm_record(decision.vmi, node_plan.node, VmPhase.BLOCKED, decision.verdict,
                                            decision.reason)
-        nodes[node_plan.node]["vms"] = len(node_plan.jobs) + len(node_plan.skipped) + len(node_plan.blocked)
     limits = plan.limits
     await store.create_children(drain_id, nodes=nodes, vms=vms)
 
-    def running(d: Record) -> None:
-        d.update(phase=DrainPhase.RUNNING.value, plan=plan.to_json(), started_at=time.time(),
-                 limits={"cluster": int(limits.in_flight_cluster.effective),
-                         "per_node": int(limits.outbound_per_node.effective),
-                         "inbound": int(limits.inbound_per_node.effective),
-                         "max_attempts": limits.max_attempts,
-                         "pending_timeout_s": limits.pending_timeout_s,
-                         "completion_timeout_per_gib": limits.completion_timeout_per_gib.effective,
-                         "progress_timeout_s": limits.progress_timeout_s.effective},
-                 estimate_s=plan.estimate.total_s, warnings=list(plan.warnings))
+    def running(d: DrainRecord) -> None:
+        d.phase = DrainPhase.RUNNING
+        d.plan = plan.to_json()
+        d.started_at = time.time()
+        d.limits = DrainLimits(cluster=int(limits.in_flight_cluster.effective),
+                               per_node=int(limits.outbound_per_node.effective),
+                               inbound=int(limits.inbound_per_node.effective),
+                               max_attempts=limits.max_attempts,
+                               pending_timeout_s=limits.pending_timeout_s,
+                               completion_timeout_per_gib=limits.completion_timeout_per_gib.effective,
+                               progress_timeout_s=limits.progress_timeout_s.effective)
+        d.estimate_s = plan.estimate.total_s
+        d.warnings = list(plan.warnings)
 
     for node in plan.drain_nodes:
         await ctx["kube"].cordon(node, annotations={NODE_ANNOTATION: drain_id})
-        await store.update_node(drain_id, node, lambda n: n.update(phase=NodePhase.CORDONED.value))
+        await store.update_node(drain_id, node, _set(phase=NodePhase.CORDONED))
         node_obj = await ctx["kube"].find(k.NODES, node)
         if node_obj is not None:
             await ctx["kube"].event(involved=node_obj, reason="DrainStarted",
                                     message=f"drainctl drain {drain_id}: node cordoned", now_iso=_now_iso())
     await store.update(drain_id, running)
     await store.emit(drain_id, "drain.planned", nodes=list(plan.drain_nodes), vms=len(vms),
-                     migrate=sum(1 for v in vms.values() if v["phase"] == VmPhase.QUEUED.value),
+                     migrate=sum(1 for v in vms.values() if v.phase is VmPhase.QUEUED),
                      estimate_s=plan.estimate.total_s, warnings=list(plan.warnings))
     bound.info("drain.planned", nodes=list(plan.drain_nodes), vms=len(vms), estimate_s=plan.estimate.total_s)
     await advance_drain(ctx, drain_id)
     return DrainPhase.RUNNING.value
 
 
-def _vm_record(vmi: str, node: str, phase: VmPhase, verdict: str, reason: str, *, memory: int = 0,
-               proposed: str | None = None) -> Record:
-    return {"vmi": vmi, "node": node, "phase": phase.value, "verdict": verdict, "reason": reason,
-            "memory_bytes": memory, "proposed_target": proposed, "attempt": 1 if phase is VmPhase.QUEUED else 0,
-            "attempts": [], "failed_targets": [], "target": None, "vmim": None, "message": reason,
-            "failure_class": None, "started_at": None, "finished_at": None}
+def _vm_record(vmi: str, node: str, phase: VmPhase, verdict: VmVerdict, reason: str, *, memory: int = 0,
+               proposed: str | None = None) -> VmRecord:
+    return VmRecord(vmi=vmi, node=node, phase=phase, verdict=verdict, reason=reason, memory_bytes=memory,
+                    proposed_target=proposed, attempt=1 if phase is VmPhase.QUEUED else 0, message=reason)
 
 
 # ================================================================================================ advance
@@ -234,90 +253,90 @@ async def _advance(ctx: Ctx, drain_id: str, *, ensure: bool) -> None:
     store = ctx["store"]
     view = await store.view(drain_id)
     drain = view.drain
-    phase = drain["phase"]
-    if phase in FINAL_DRAIN:
+    phase = drain.phase
+    if phase.is_final:
         return
-    if phase in (DrainPhase.PENDING.value, DrainPhase.PLANNING.value):
+    if phase in (DrainPhase.PENDING, DrainPhase.PLANNING):
         await enqueue_control(ctx, "plan", drain_id, job_id=keys.plan_job_id(drain_id))
         return
-    cancelling = phase == DrainPhase.CANCELLING.value
-    by_node: dict[str, list[Record]] = {}
+    cancelling = phase is DrainPhase.CANCELLING
+    by_node: dict[str, list[VmRecord]] = {}
     for vm in view.vms.values():
-        by_node.setdefault(vm["node"], []).append(vm)
-    nodes = sorted(view.nodes.values(), key=lambda n: n["index"])
+        by_node.setdefault(vm.node, []).append(vm)
+    nodes = view.nodes_in_order()
     active = 0
     for node in nodes:
-        name, nphase = node["node"], node["phase"]
+        name, nphase = node.node, node.phase
         vms = by_node.get(name, [])
-        if nphase in FINAL_NODE:
+        if nphase.is_final:
             continue
-        if cancelling and nphase in (NodePhase.PENDING.value, NodePhase.CORDONED.value):
+        if cancelling and nphase in (NodePhase.PENDING, NodePhase.CORDONED):
             for vm in vms:
-                await _cancel_vm_if_idle(ctx, drain_id, vm["vmi"], "the drain was cancelled before the node started")
-            await store.update_node(drain_id, name, lambda n: n.update(
-                phase=NodePhase.CANCELLED.value, message="cancelled before it started", finished_at=time.time()))
+                await _cancel_vm_if_idle(ctx, drain_id, vm.vmi, "the drain was cancelled before the node started")
+            await store.update_node(drain_id, name, _set(
+                phase=NodePhase.CANCELLED, message="cancelled before it started", finished_at=time.time()))
             await store.emit(drain_id, "node.cancelled", node=name)
             continue
-        if nphase == NodePhase.MIGRATING.value:
+        if nphase is NodePhase.MIGRATING:
             active += 1
-            open_vms = [vm for vm in vms if vm["phase"] not in FINAL_VM]
+            open_vms = [vm for vm in vms if not vm.phase.is_final]
             if cancelling:
                 # Queued and waiting VMs have not started: they never will. In-flight ones are aborted by
                 # their jobs (mode "abort") or left to finish (mode "finish").
                 for vm in open_vms:
-                    if vm["phase"] in (VmPhase.QUEUED.value, VmPhase.WAITING.value):
-                        await _cancel_vm_if_idle(ctx, drain_id, vm["vmi"], "the drain was cancelled")
+                    if vm.phase in (VmPhase.QUEUED, VmPhase.WAITING):
+                        await _cancel_vm_if_idle(ctx, drain_id, vm.vmi, "the drain was cancelled")
                 open_vms = [vm for vm in (await store.vms(drain_id)).values()
-                            if vm["node"] == name and vm["phase"] not in FINAL_VM]
+                            if vm.node == name and not vm.phase.is_final]
             if not open_vms:
                 await enqueue_control(ctx, "finish", drain_id, name, job_id=keys.finish_job_id(drain_id, name))
             elif not cancelling:
                 await _feed_node(ctx, drain_id, drain, open_vms, ensure=ensure)
-        elif nphase == NodePhase.EVICTING.value:
+        elif nphase is NodePhase.EVICTING:
             active += 1
             await enqueue_control(ctx, "finish", drain_id, name, job_id=keys.finish_job_id(drain_id, name))
     if not cancelling:
         await _start_nodes(ctx, drain_id, drain, nodes, by_node, active)
     nodes_now = await store.nodes(drain_id)
-    if nodes_now and all(n["phase"] in FINAL_NODE for n in nodes_now.values()):
+    if nodes_now and all(n.phase.is_final for n in nodes_now.values()):
         if cancelling:
             await _close_drain(ctx, drain_id, DrainPhase.CANCELLED, _summary(nodes_now, await store.vms(drain_id)))
-        elif all(n["phase"] == NodePhase.DRAINED.value for n in nodes_now.values()):
+        elif all(n.phase is NodePhase.DRAINED for n in nodes_now.values()):
             await _close_drain(ctx, drain_id, DrainPhase.SUCCEEDED, _summary(nodes_now, await store.vms(drain_id)))
         else:
             await _close_drain(ctx, drain_id, DrainPhase.FAILED, _summary(nodes_now, await store.vms(drain_id)))
 
 
-async def _start_nodes(ctx: Ctx, drain_id: str, drain: Record, nodes: list[Record],
-                       by_node: dict[str, list[Record]], active: int) -> None:
+async def _start_nodes(ctx: Ctx, drain_id: str, drain: DrainRecord, nodes: list[NodeRecord],
+                       by_node: dict[str, list[VmRecord]], active: int) -> None:
     """Start the next nodes in order while fewer than max_parallel_nodes run and capacity allows."""
     store = ctx["store"]
-    max_parallel = int(drain["request"].get("max_parallel_nodes") or 1)
-    drain_nodes = {n["node"] for n in nodes}
+    max_parallel = drain.max_parallel_nodes
+    drain_nodes = {n.node for n in nodes}
     for node in nodes:
         if active >= max_parallel:
             return
-        if node["phase"] not in (NodePhase.PENDING.value, NodePhase.CORDONED.value):
+        if node.phase not in (NodePhase.PENDING, NodePhase.CORDONED):
             continue
-        name = node["node"]
+        name = node.node
         ok, message = _capacity_gate(ctx, drain_nodes, nodes, by_node, name)
         if not ok:
-            if node.get("message") != message:
+            if node.message != message:
                 await store.update_node(drain_id, name, _set(message=message))
                 await store.emit(drain_id, "node.waiting", node=name, message=message)
             return
 
-        def start(n: Record) -> bool | None:
-            if n["phase"] not in (NodePhase.PENDING.value, NodePhase.CORDONED.value):
+        def start(n: NodeRecord) -> bool | None:
+            if n.phase not in (NodePhase.PENDING, NodePhase.CORDONED):
                 return False
-            n.update(phase=NodePhase.MIGRATING.value, started_at=time.time(), message="migrating VMs")
+            n.phase, n.started_at, n.message = NodePhase.MIGRATING, time.time(), "migrating VMs"
             return None
 
         rec = await store.update_node(drain_id, name, start)
-        if rec["phase"] != NodePhase.MIGRATING.value:
+        if rec.phase is not NodePhase.MIGRATING:
             continue
         active += 1
-        queued = [vm for vm in by_node.get(name, []) if vm["phase"] == VmPhase.QUEUED.value]
+        queued = [vm for vm in by_node.get(name, []) if vm.phase is VmPhase.QUEUED]
         await _feed_node(ctx, drain_id, drain, queued, ensure=False)
         if not queued:
             await enqueue_control(ctx, "finish", drain_id, name, job_id=keys.finish_job_id(drain_id, name))
@@ -325,31 +344,32 @@ async def _start_nodes(ctx: Ctx, drain_id: str, drain: Record, nodes: list[Recor
         log.info("node.started", drain_id=drain_id, node=name, vms=len(queued))
 
 
-async def _feed_node(ctx: Ctx, drain_id: str, drain: Record, open_vms: list[Record], *, ensure: bool) -> None:
+async def _feed_node(ctx: Ctx, drain_id: str, drain: DrainRecord, open_vms: list[VmRecord], *,
+                     ensure: bool) -> None:
     """Keep a node's migrate jobs in the arq queue up to a window of its outbound limit + 1.
 
     The rest of the node's VMs wait in the drain records (phase Queued, in order). A window rather than every
     job at once: arq re-examines every queued job on every poll, so a full queue of 30 000 migrations would
     cost Redis round trips for nothing; the extra one keeps the next migration already waiting on the
     semaphore, so no pickup latency sits between two migrations."""
-    window = int((drain.get("limits") or {}).get("per_node") or ctx["settings"].limits.max_in_flight_per_node) + 1
-    live = [vm for vm in open_vms if vm["phase"] in (VmPhase.WAITING.value, VmPhase.MIGRATING.value)
-            or (vm["phase"] == VmPhase.QUEUED.value and vm.get("enqueued") == vm["attempt"])]
+    window = (drain.limits.per_node if drain.limits else ctx["settings"].limits.max_in_flight_per_node) + 1
+    live = [vm for vm in open_vms if vm.phase in (VmPhase.WAITING, VmPhase.MIGRATING)
+            or (vm.phase is VmPhase.QUEUED and vm.enqueued == vm.attempt)]
     if ensure:
         for vm in live:
-            await enqueue_migrate(ctx, drain_id, vm["vmi"], int(vm["attempt"]),
-                                  delay_s=max(0.0, float(vm.get("not_before_s") or 0) - time.time())
+            await enqueue_migrate(ctx, drain_id, vm.vmi, vm.attempt,
+                                  delay_s=max(0.0, (vm.not_before_s or 0.0) - time.time())
                                   * ctx["settings"].time_scale)
-    fresh = [vm for vm in open_vms if vm["phase"] == VmPhase.QUEUED.value and vm.get("enqueued") != vm["attempt"]]
+    fresh = [vm for vm in open_vms if vm.phase is VmPhase.QUEUED and vm.enqueued != vm.attempt]
     # Largest first (the planner's order): long jobs early shorten the node's makespan.
-    fresh.sort(key=lambda vm: (-int(vm.get("memory_bytes") or 0), vm["vmi"]))
+    fresh.sort(key=lambda vm: (-vm.memory_bytes, vm.vmi))
     for vm in fresh[: max(0, window - len(live))]:
-        await ctx["store"].update_vm(drain_id, vm["vmi"], _set(enqueued=vm["attempt"]))
-        await enqueue_migrate(ctx, drain_id, vm["vmi"], int(vm["attempt"]))
+        await ctx["store"].update_vm(drain_id, vm.vmi, _set(enqueued=vm.attempt))
+        await enqueue_migrate(ctx, drain_id, vm.vmi, vm.attempt)
 
 
-def _capacity_gate(ctx: Ctx, drain_nodes: set[str], nodes: list[Record], by_node: dict[str, list[Record]],
-                   name: str) -> tuple[bool, str]:
+def _capacity_gate(ctx: Ctx, drain_nodes: set[str], nodes: list[NodeRecord],
+                   by_node: dict[str, list[VmRecord]], name: str) -> tuple[bool, str]:
     """The spare-memory rule, live: free memory outside the drain must hold what is still to move from the
     running nodes plus everything of the node about to start."""
     view = ctx.get("view")
@@ -357,12 +377,12 @@ def _capacity_gate(ctx: Ctx, drain_nodes: set[str], nodes: list[Record], by_node
         return True, ""
     spare = sum(max(0, view.free_memory(node)) for node in view.parsed_nodes()
                 if node.name not in drain_nodes and not node.unschedulable)
-    running = {n["node"] for n in nodes if n["phase"] == NodePhase.MIGRATING.value}
+    running = {n.node for n in nodes if n.phase is NodePhase.MIGRATING}
     need = 0
     for node_name in running | {name}:
         for vm in by_node.get(node_name, []):
-            if vm["phase"] not in FINAL_VM:
-                mem = int(vm.get("memory_bytes") or 0)
+            if not vm.phase.is_final:
+                mem = vm.memory_bytes
                 need += mem + launcher_overhead(mem)
     if spare >= need:
         return True, ""
@@ -374,11 +394,11 @@ def _capacity_gate(ctx: Ctx, drain_nodes: set[str], nodes: list[Record], by_node
 async def _cancel_vm_if_idle(ctx: Ctx, drain_id: str, vmi: str, reason: str) -> None:
     changed: list[bool] = []
 
-    def cancel(vm: Record) -> bool | None:
+    def cancel(vm: VmRecord) -> bool | None:
         changed.clear()
-        if vm["phase"] in FINAL_VM or vm["phase"] == VmPhase.MIGRATING.value:
+        if vm.phase.is_final or vm.phase is VmPhase.MIGRATING:
             return False
-        vm.update(phase=VmPhase.CANCELLED.value, message=reason, finished_at=time.time())
+        vm.phase, vm.message, vm.finished_at = VmPhase.CANCELLED, reason, time.time()
         changed.append(True)
         return None
 
@@ -387,13 +407,13 @@ async def _cancel_vm_if_idle(ctx: Ctx, drain_id: str, vmi: str, reason: str) -> 
         await ctx["store"].emit(drain_id, "vm.cancelled", vmi=vmi, reason=reason)
 
 
-def _summary(nodes: dict[str, Record], vms: dict[str, Record]) -> str:
+def _summary(nodes: dict[str, NodeRecord], vms: dict[str, VmRecord]) -> str:
     counts: dict[str, int] = {}
     for vm in vms.values():
-        counts[vm["phase"]] = counts.get(vm["phase"], 0) + 1
+        counts[vm.phase.value] = counts.get(vm.phase.value, 0) + 1
     node_counts: dict[str, int] = {}
     for n in nodes.values():
-        node_counts[n["phase"]] = node_counts.get(n["phase"], 0) + 1
+        node_counts[n.phase.value] = node_counts.get(n.phase.value, 0) + 1
     parts = ", ".join(f"{v} {p}" for p, v in sorted(node_counts.items()))
     vm_parts = ", ".join(f"{v} {p}" for p, v in sorted(counts.items()))
     return f"nodes: {parts}; VMs: {vm_parts}"
@@ -402,13 +422,13 @@ def _summary(nodes: dict[str, Record], vms: dict[str, Record]) -> str:
 async def _close_drain(ctx: Ctx, drain_id: str, phase: DrainPhase, message: str) -> None:
     store = ctx["store"]
 
-    def close(d: Record) -> None:
-        if d["phase"] not in FINAL_DRAIN:
-            d.update(phase=phase.value, message=message, finished_at=time.time())
+    def close(d: DrainRecord) -> None:
+        if not d.phase.is_final:
+            d.phase, d.message, d.finished_at = phase, message, time.time()
 
     drain = await store.update(drain_id, close)
-    nodes = list(drain["request"]["nodes"])
-    if phase is DrainPhase.CANCELLED and (drain.get("cancel") or {}).get("uncordon"):
+    nodes = drain.nodes
+    if phase is DrainPhase.CANCELLED and drain.cancel is not None and drain.cancel.uncordon:
         for node in nodes:
             with contextlib.suppress(k.NotFound):
                 await ctx["kube"].cordon(node, unschedulable=False, annotations={NODE_ANNOTATION: None})
@@ -458,27 +478,24 @@ async def _migrate(ctx: Ctx, drain_id: str, vmi: str, attempt: int) -> str:
     rec = await store.vm(drain_id, vmi)
     if rec is None:
         return "unknown vm"
-    if rec["phase"] in FINAL_VM:
-        return str(rec["phase"])
-    if int(rec["attempt"]) != attempt:
+    if rec.phase.is_final:
+        return rec.phase.value
+    if rec.attempt != attempt:
         return "stale attempt"
     drain = await store.get(drain_id)
     ns, name = split_vmi_key(vmi)
-    limits = drain.get("limits") or {}
+    limits = _limits(ctx, drain)
     holder = keys.migration_holder_id(drain_id, ns, name, attempt=attempt)
     mig_name = vmim_name(drain_id, name, attempt)
-    if drain["phase"] == DrainPhase.CANCELLING.value and rec["phase"] != VmPhase.MIGRATING.value:
+    if drain.phase is DrainPhase.CANCELLING and rec.phase is not VmPhase.MIGRATING:
         await _cancel_vm_if_idle(ctx, drain_id, vmi, "the drain was cancelled")
         await ctx["semaphore"].release(holder)
         await advance_drain(ctx, drain_id)
         return VmPhase.CANCELLED.value
-    source = str(rec["node"])
-    scopes = [Scope(keys.CLUSTER_SCOPE, int(limits.get("cluster") or ctx["settings"].limits.max_in_flight_cluster)),
-              Scope(keys.node_scope(source), int(limits.get("per_node") or
-                                                 ctx["settings"].limits.max_in_flight_per_node))]
-    if rec["phase"] == VmPhase.QUEUED.value:
-        await store.update_vm(drain_id, vmi, lambda v: v.update(
-            phase=VmPhase.WAITING.value, message="waiting for a migration slot"))
+    source = rec.node
+    scopes = [Scope(keys.CLUSTER_SCOPE, limits.cluster), Scope(keys.node_scope(source), limits.per_node)]
+    if rec.phase is VmPhase.QUEUED:
+        await store.update_vm(drain_id, vmi, _set(phase=VmPhase.WAITING, message="waiting for a migration slot"))
     meta = {"drain_id": drain_id, "vmi": vmi, "attempt": str(attempt), "vmim": f"{ns}/{mig_name}",
             "source": source}
 
@@ -501,8 +518,8 @@ async def _migrate(ctx: Ctx, drain_id: str, vmi: str, attempt: int) -> str:
     return outcome.phase.value
 
 
-async def _drive(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec: Record, attempt: int,
-                 mig_name: str, limits: Record, bound: Any) -> _Outcome:
+async def _drive(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec: VmRecord, attempt: int,
+                 mig_name: str, limits: DrainLimits, bound: Any) -> _Outcome:
     """Create (or adopt) this attempt's VMIM and follow it to an end.
 
     If anything interrupts us once the VMIM may exist (the worker stops, the API or Redis fails), the slot is
@@ -519,12 +536,12 @@ async def _drive(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec: Reco
         raise
 
 
-async def _drive_inner(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec: Record, attempt: int,
-                       mig_name: str, limits: Record, bound: Any, touched: list[bool]) -> _Outcome:
+async def _drive_inner(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec: VmRecord, attempt: int,
+                       mig_name: str, limits: DrainLimits, bound: Any, touched: list[bool]) -> _Outcome:
     kube, view, clock = ctx["kube"], ctx["view"], ctx["clock"]
     ns, name = split_vmi_key(vmi)
     key = f"{ns}/{mig_name}"
-    source = str(rec["node"])
+    source = rec.node
     obj = view.vmims.get(key) or await kube.find(k.VMIMS, mig_name, ns)
     if obj is not None:
         touched.append(True)
@@ -533,8 +550,8 @@ async def _drive_inner(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec
         # Re-read what may have changed while we waited for the slot: a cancel, or a newer attempt.
         fresh = await ctx["store"].vm(drain_id, vmi)
         drain = await ctx["store"].get(drain_id)
-        if fresh is None or fresh["phase"] in FINAL_VM or int(fresh["attempt"]) != attempt or \
-                drain["phase"] in FINAL_DRAIN or drain["phase"] == DrainPhase.CANCELLING.value:
+        if fresh is None or fresh.phase.is_final or fresh.attempt != attempt or \
+                drain.phase.is_final or drain.phase is DrainPhase.CANCELLING:
             return _Outcome(VmPhase.CANCELLED, target=None, reason="the drain was cancelled",
                             failure=FailureClass.ABORTED)
         vmi_obj = await kube.find(k.VMIS, name, ns)
@@ -544,7 +561,7 @@ async def _drive_inner(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec
         now_node = (vmi_obj.get("status") or {}).get("nodeName")
         if now_node and now_node != source:
             return _Outcome(VmPhase.SUCCEEDED, target=now_node, reason=f"already running on {now_node}")
-        choice = _choose(ctx, vmi_obj, source, rec, limits, quarantined=set(drain.get("quarantined") or {}))
+        choice = _choose(ctx, vmi_obj, source, rec, limits, quarantined=set(drain.quarantined))
         if choice.target is None:
             return _Outcome(VmPhase.FAILED, target=None, reason=choice.reason, failure=FailureClass.UNSCHEDULABLE)
         target = choice.target
@@ -556,7 +573,7 @@ async def _drive_inner(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec
                          "annotations": {"drainctl.io/fencing-token": str(slot.lease.token),
                                          "drainctl.io/source-node": source,
                                          "kubevirt.io/migrationUnschedulablePodTimeoutSeconds":
-                                             str(int(float(limits.get("pending_timeout_s") or 300)))}},
+                                             str(int(limits.pending_timeout_s))}},
             "spec": {"vmiName": name, "addedNodeSelector": {"kubernetes.io/hostname": target}},
         }
         touched.append(True)  # from here on the VMIM may exist even if the call below fails
@@ -578,8 +595,8 @@ async def _drive_inner(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec
         view.observe(obj)
         await _update_vm(ctx, drain_id, vmi, phase=VmPhase.MIGRATING, target=target, vmim=mig_name,
                          message=f"migrating to {target} ({choice.reason})", started_at=time.time(),
-                         attempt_entry={"attempt": attempt, "vmim": mig_name, "target": target,
-                                        "started_at": time.time()})
+                         attempt_entry=AttemptRecord(attempt=attempt, vmim=mig_name, target=target,
+                                                     started_at=time.time()))
         await ctx["store"].emit(drain_id, "migration.created", vmi=vmi, attempt=attempt, vmim=mig_name,
                                 source=source, target=target)
         bound.info("migration.created", vmim=mig_name, target=target)
@@ -587,16 +604,16 @@ async def _drive_inner(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec
         target = ((obj.get("spec") or {}).get("addedNodeSelector") or {}).get("kubernetes.io/hostname")
         view.observe(obj)
         bound.info("migration.adopted", vmim=mig_name, target=target, phase=(obj.get("status") or {}).get("phase"))
-        if rec["phase"] != VmPhase.MIGRATING.value:
+        if rec.phase is not VmPhase.MIGRATING:
             await _update_vm(ctx, drain_id, vmi, phase=VmPhase.MIGRATING, target=target, vmim=mig_name,
                              message=f"migrating to {target} (adopted)")
     return await _follow(ctx, slot, drain_id=drain_id, vmi=vmi, key=key, target=target, rec=rec,
                          limits=limits, bound=bound)
 
 
-def _choose(ctx: Ctx, vmi_obj: Record, source: str, rec: Record, limits: Record, *,
+def _choose(ctx: Ctx, vmi_obj: Obj, source: str, rec: VmRecord, limits: DrainLimits, *,
             quarantined: set[str]) -> Any:
-    view, settings = ctx["view"], ctx["settings"]
+    view = ctx["view"]
     vmi = parse_vmi(vmi_obj)
     nodes = view.parsed_nodes()
     by_name: dict[str, Any] = {n.name: n for n in nodes}
@@ -604,23 +621,23 @@ def _choose(ctx: Ctx, vmi_obj: Record, source: str, rec: Record, limits: Record,
     inbound = view.inbound_counts()
     need = vmi.memory_request_bytes + launcher_overhead(vmi.memory_request_bytes)
     return choose_target(vmi, source=by_name.get(source), nodes=nodes, free=free, inbound=inbound,
-                         exclude=set(rec.get("failed_targets") or []) | quarantined, need_bytes=need,
-                         max_inbound=int(limits.get("inbound") or settings.limits.max_inbound_per_node))
+                         exclude=set(rec.failed_targets) | quarantined, need_bytes=need,
+                         max_inbound=limits.inbound)
 
 
 async def _follow(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, key: str, target: str | None,
-                  rec: Record, limits: Record, bound: Any) -> _Outcome:
+                  rec: VmRecord, limits: DrainLimits, bound: Any) -> _Outcome:
     """Follow the VMIM through the shared watch; enforce our pending and completion timeouts; abort on a
     cancel; return when it is final (or gone)."""
     kube, view, clock, store = ctx["kube"], ctx["view"], ctx["clock"], ctx["store"]
     ns, mig_name = key.split("/", 1)
     started = clock.now()
     running_since: float | None = None
-    pending_timeout = float(limits.get("pending_timeout_s") or 300.0)
-    progress_timeout = float(limits.get("progress_timeout_s") or 150.0)
+    pending_timeout = limits.pending_timeout_s
+    progress_timeout = limits.progress_timeout_s
     last_change = started
-    memory = int(rec.get("memory_bytes") or 0)
-    per_gib = float(limits.get("completion_timeout_per_gib") or 150)
+    memory = rec.memory_bytes
+    per_gib = limits.completion_timeout_per_gib
     # KubeVirt's own budget (per GB of migration data, decimal, rounded up) plus a margin: KubeVirt
     # normally aborts first; ours is the backstop for a migration that stalls where KubeVirt does not look.
     completion_budget = per_gib * max(1, math.ceil(memory / 1e9)) + 60.0
@@ -677,8 +694,7 @@ async def _follow(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, key: str
             last_cancel_check = time.monotonic()
             cancel_seen = cancel_seen or view.cancel_requested(drain_id)
             drain = await store.get(drain_id)
-            if drain["phase"] == DrainPhase.CANCELLING.value and \
-                    (drain.get("cancel") or {}).get("mode", "abort") == "abort":
+            if drain.phase is DrainPhase.CANCELLING and (drain.cancel is None or drain.cancel.mode == "abort"):
                 abort_reason = ("cancelled: the drain was cancelled", FailureClass.ABORTED)
         if abort_reason is not None:
             bound.warning("migration.abort", vmim=mig_name, reason=abort_reason[0])
@@ -686,16 +702,16 @@ async def _follow(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, key: str
             await kube.delete(k.VMIMS, mig_name, ns, uid=obj["metadata"].get("uid"))
 
 
-def _phase_changed(last: str | None, view: ClusterView, drain_id: str | None) -> Callable[[Record | None], bool]:
+def _phase_changed(last: str | None, view: ClusterView, drain_id: str | None) -> Callable[[Obj | None], bool]:
     """Wake on a phase change, the VMIM vanishing, or (until we acted on it) a cancel of `drain_id`."""
-    def changed(obj: Record | None) -> bool:
+    def changed(obj: Obj | None) -> bool:
         if obj is None or (obj.get("status") or {}).get("phase") != last:
             return True
         return drain_id is not None and view.cancel_requested(drain_id)
     return changed
 
 
-def _failed_condition(obj: Record) -> str:
+def _failed_condition(obj: Obj) -> str:
     for cond in (obj.get("status") or {}).get("conditions") or []:
         if cond.get("type") == "migrationAbortRequested":
             return "Migration failed due to being canceled"
@@ -704,22 +720,20 @@ def _failed_condition(obj: Record) -> str:
 
 async def _update_vm(ctx: Ctx, drain_id: str, vmi: str, *, phase: VmPhase | None = None,
                      target: str | None = None, vmim: str | None = None, message: str | None = None,
-                     started_at: float | None = None, attempt_entry: Record | None = None) -> Record:
-    def apply(vm: Record) -> None:
+                     started_at: float | None = None, attempt_entry: AttemptRecord | None = None) -> VmRecord:
+    def apply(vm: VmRecord) -> None:
         if phase is not None:
-            vm["phase"] = phase.value
+            vm.phase = phase
         if target is not None:
-            vm["target"] = target
+            vm.target = target
         if vmim is not None:
-            vm["vmim"] = vmim
+            vm.vmim = vmim
         if message is not None:
-            vm["message"] = message
-        if started_at is not None and vm.get("started_at") is None:
-            vm["started_at"] = started_at
+            vm.message = message
+        if started_at is not None and vm.started_at is None:
+            vm.started_at = started_at
         if attempt_entry is not None:
-            entries = [e for e in vm.get("attempts") or [] if e.get("attempt") != attempt_entry["attempt"]]
-            entries.append(attempt_entry)
-            vm["attempts"] = entries
+            vm.put_attempt(attempt_entry.model_copy())
 
     return await ctx["store"].update_vm(drain_id, vmi, apply)
 
@@ -727,51 +741,44 @@ async def _update_vm(ctx: Ctx, drain_id: str, vmi: str, *, phase: VmPhase | None
 async def _record_outcome(ctx: Ctx, drain_id: str, vmi: str, attempt: int, outcome: _Outcome, bound: Any) -> None:
     store = ctx["store"]
     drain = await store.get(drain_id)
-    max_attempts = int((drain.get("limits") or {}).get("max_attempts") or ctx["settings"].retry.max_attempts)
+    max_attempts = _limits(ctx, drain).max_attempts
     cancelled = outcome.phase is VmPhase.CANCELLED or (
-        outcome.failure is FailureClass.ABORTED and drain["phase"] in (DrainPhase.CANCELLING.value,
-                                                                       DrainPhase.CANCELLED.value))
+        outcome.failure is FailureClass.ABORTED and drain.phase in (DrainPhase.CANCELLING, DrainPhase.CANCELLED))
     retry = (outcome.phase is VmPhase.FAILED and not cancelled and outcome.failure in RETRYABLE
              and attempt < max_attempts)
     now = time.time()
     backoff = ctx["settings"].timeouts.backoff(attempt + 1)
 
-    def apply(vm: Record) -> bool | None:
-        if vm["phase"] in FINAL_VM or int(vm["attempt"]) != attempt:
+    def apply(vm: VmRecord) -> bool | None:
+        if vm.phase.is_final or vm.attempt != attempt:
             return False
-        entries = [e for e in vm.get("attempts") or [] if e.get("attempt") != attempt]
-        entry: Record = next((e for e in vm.get("attempts") or [] if e.get("attempt") == attempt),
-                             {"attempt": attempt})
-        entry.update(finished_at=now, outcome=outcome.phase.value, reason=outcome.reason,
-                     failure_class=outcome.failure.value if outcome.failure else None,
-                     target=outcome.target, vmim=outcome.vmim or entry.get("vmim"))
-        entries.append(entry)
-        vm["attempts"] = sorted(entries, key=lambda e: int(e["attempt"]))
+        entry = (vm.attempt_entry(attempt) or AttemptRecord(attempt=attempt)).model_copy()
+        entry.finished_at, entry.outcome, entry.reason = now, outcome.phase, outcome.reason
+        entry.failure_class, entry.target = outcome.failure, outcome.target
+        entry.vmim = outcome.vmim or entry.vmim
+        vm.put_attempt(entry)
         # Never retry onto the node that just failed this VM (a cancel is not the node's fault).
         if outcome.target and outcome.phase is VmPhase.FAILED and outcome.failure is not FailureClass.ABORTED:
-            vm["failed_targets"] = sorted(set(vm.get("failed_targets") or []) | {outcome.target})
+            vm.failed_targets = sorted(set(vm.failed_targets) | {outcome.target})
         if outcome.phase is VmPhase.SUCCEEDED:
-            vm.update(phase=VmPhase.SUCCEEDED.value, target=outcome.target, message=outcome.reason,
-                      finished_at=now, failure_class=None)
+            vm.phase, vm.target, vm.message = VmPhase.SUCCEEDED, outcome.target, outcome.reason
+            vm.finished_at, vm.failure_class = now, None
         elif cancelled:
-            vm.update(phase=VmPhase.CANCELLED.value, message=f"cancelled in flight: {outcome.reason}",
-                      finished_at=now)
+            vm.phase, vm.message, vm.finished_at = VmPhase.CANCELLED, f"cancelled in flight: {outcome.reason}", now
         elif retry:
-            vm.update(phase=VmPhase.QUEUED.value, attempt=attempt + 1, enqueued=attempt + 1,
-                      failure_class=outcome.failure.value
-                      if outcome.failure else None, not_before_s=now + ctx["settings"].to_wall(backoff),
-                      message=f"attempt {attempt} failed ({outcome.reason}); retrying on another node in "
-                              f"{backoff:.0f} s")
+            vm.phase, vm.attempt, vm.enqueued = VmPhase.QUEUED, attempt + 1, attempt + 1
+            vm.failure_class = outcome.failure
+            vm.not_before_s = now + ctx["settings"].to_wall(backoff)
+            vm.message = f"attempt {attempt} failed ({outcome.reason}); retrying on another node in {backoff:.0f} s"
         else:
-            vm.update(phase=VmPhase.FAILED.value, finished_at=now,
-                      failure_class=outcome.failure.value if outcome.failure else None,
-                      message=f"failed after {attempt} attempt(s): {outcome.reason}")
+            vm.phase, vm.finished_at, vm.failure_class = VmPhase.FAILED, now, outcome.failure
+            vm.message = f"failed after {attempt} attempt(s): {outcome.reason}"
         return None
 
     rec = await store.update_vm(drain_id, vmi, apply)
     if outcome.phase is VmPhase.FAILED and outcome.target and outcome.failure in QUARANTINE_CLASSES:
         await _note_target_failure(ctx, drain_id, outcome.target, vmi, outcome.reason)
-    await store.emit(drain_id, f"vm.{rec['phase'].lower()}", vmi=vmi, attempt=attempt, target=outcome.target,
+    await store.emit(drain_id, f"vm.{rec.phase.value.lower()}", vmi=vmi, attempt=attempt, target=outcome.target,
                      reason=outcome.reason, failure_class=outcome.failure.value if outcome.failure else None)
     bound.info("migration.finished", phase=outcome.phase.value, reason=outcome.reason,
                failure_class=outcome.failure.value if outcome.failure else None)
@@ -780,7 +787,7 @@ async def _record_outcome(ctx: Ctx, drain_id: str, vmi: str, attempt: int, outco
         await ctx["kube"].event(involved=vmi_obj, reason="DrainMigration" + outcome.phase.value,
                                 message=f"drainctl drain {drain_id} attempt {attempt}: {outcome.reason}",
                                 warning=outcome.phase is not VmPhase.SUCCEEDED, now_iso=_now_iso())
-    if rec["phase"] == VmPhase.QUEUED.value and int(rec["attempt"]) == attempt + 1:
+    if rec.phase is VmPhase.QUEUED and rec.attempt == attempt + 1:
         await enqueue_migrate(ctx, drain_id, vmi, attempt + 1, delay_s=backoff)
 
 
@@ -789,15 +796,13 @@ async def _note_target_failure(ctx: Ctx, drain_id: str, node: str, vmi: str, rea
     goes there any more. KubeVirt has no such memory: its scheduler picks the same broken node again."""
     newly: list[str] = []
 
-    def note(d: Record) -> None:
+    def note(d: DrainRecord) -> None:
         newly.clear()
-        failures = d.setdefault("target_failures", {})
-        seen = set(failures.get(node) or [])
+        seen = set(d.target_failures.get(node) or [])
         seen.add(vmi)
-        failures[node] = sorted(seen)
-        quarantined = d.setdefault("quarantined", {})
-        if len(seen) >= QUARANTINE_AFTER and node not in quarantined:
-            quarantined[node] = f"{len(seen)} VMs failed there; last: {reason}"
+        d.target_failures[node] = sorted(seen)
+        if len(seen) >= QUARANTINE_AFTER and node not in d.quarantined:
+            d.quarantined[node] = f"{len(seen)} VMs failed there; last: {reason}"
             newly.append(node)
 
     await ctx["store"].update(drain_id, note)
@@ -814,23 +819,22 @@ async def finish_job(ctx: Ctx, drain_id: str, node: str) -> str:
 async def _finish_node(ctx: Ctx, drain_id: str, node: str) -> str:
     store, kube, clock = ctx["store"], ctx["kube"], ctx["clock"]
     rec = await store.node(drain_id, node)
-    if rec["phase"] in FINAL_NODE:
-        return str(rec["phase"])
+    if rec.phase.is_final:
+        return rec.phase.value
     drain = await store.get(drain_id)
-    vms = [v for v in (await store.vms(drain_id)).values() if v["node"] == node]
-    if any(v["phase"] not in FINAL_VM for v in vms):
+    vms = [v for v in (await store.vms(drain_id)).values() if v.node == node]
+    if any(not v.phase.is_final for v in vms):
         await advance_drain(ctx, drain_id)
         return "not ready"
-    if drain["phase"] == DrainPhase.CANCELLING.value:
-        await store.update_node(drain_id, node, lambda n: n.update(phase=NodePhase.CANCELLED.value,
-                                                                   message="drain cancelled", finished_at=time.time()))
+    if drain.phase is DrainPhase.CANCELLING:
+        await store.update_node(drain_id, node, _set(phase=NodePhase.CANCELLED, message="drain cancelled",
+                                                     finished_at=time.time()))
         await advance_drain(ctx, drain_id)
         return NodePhase.CANCELLED.value
-    left = [v for v in vms if v["phase"] != VmPhase.SUCCEEDED.value]
-    failed = any(v["phase"] == VmPhase.FAILED.value for v in left)
-    staying = {v["vmi"].split("/", 1)[1] for v in left}
-    await store.update_node(drain_id, node, lambda n: n.update(phase=NodePhase.EVICTING.value,
-                                                               message="evicting the remaining pods"))
+    left = [v for v in vms if v.phase is not VmPhase.SUCCEEDED]
+    failed = any(v.phase is VmPhase.FAILED for v in left)
+    staying = {v.name for v in left}
+    await store.update_node(drain_id, node, _set(phase=NodePhase.EVICTING, message="evicting the remaining pods"))
     deadline = clock.now() + 600.0
     evicted = 0
     while True:
@@ -855,7 +859,7 @@ async def _finish_node(ctx: Ctx, drain_id: str, node: str) -> str:
         if clock.now() > deadline:
             names = ", ".join(f"{p['metadata']['namespace']}/{p['metadata']['name']}" for p in pending[:5])
             stuck = f"pods still on the node after 600 s of evictions: {names}"
-            await store.update_node(drain_id, node, _set(phase=NodePhase.FAILED.value, finished_at=time.time(),
+            await store.update_node(drain_id, node, _set(phase=NodePhase.FAILED, finished_at=time.time(),
                                                          message=stuck))
             await advance_drain(ctx, drain_id)
             return NodePhase.FAILED.value
@@ -874,19 +878,19 @@ async def _finish_node(ctx: Ctx, drain_id: str, node: str) -> str:
         await clock.sleep(5.0)
     node_obj = await kube.find(k.NODES, node)
     if left:
-        names = ", ".join(f"{v['vmi']} ({v['phase']}: {v['message']})" for v in left[:5])
+        names = ", ".join(f"{v.vmi} ({v.phase.value}: {v.message})" for v in left[:5])
         message = f"{len(left)} VM(s) could not be moved and stay on the node: {names}"
         final = NodePhase.FAILED if failed else NodePhase.INCOMPLETE
-        await store.update_node(drain_id, node, lambda n: n.update(phase=final.value, message=message,
-                                                                   finished_at=time.time(), evicted=evicted))
+        await store.update_node(drain_id, node, _set(phase=final, message=message, finished_at=time.time(),
+                                                     evicted=evicted))
         if node_obj is not None:
             await kube.event(involved=node_obj, reason="DrainFailed", message=message, warning=True,
                              now_iso=_now_iso())
         await store.emit(drain_id, "node.failed", node=node, message=message)
     else:
         await kube.annotate(k.NODES, node, {DRAINED_ANNOTATION: _now_iso(), NODE_ANNOTATION: drain_id})
-        await store.update_node(drain_id, node, lambda n: n.update(
-            phase=NodePhase.DRAINED.value, message="drained", finished_at=time.time(), evicted=evicted))
+        await store.update_node(drain_id, node, _set(phase=NodePhase.DRAINED, message="drained",
+                                                     finished_at=time.time(), evicted=evicted))
         if node_obj is not None:
             await kube.event(involved=node_obj, reason="NodeDrained",
                              message=f"drainctl drain {drain_id}: every VM migrated, {evicted} pod(s) evicted",
@@ -904,7 +908,7 @@ async def reconcile_job(ctx: Ctx) -> str:
     opened = 0
     for drain_id in await store.ids():
         drain = await store.find(drain_id)
-        if drain is None or drain["phase"] in FINAL_DRAIN:
+        if drain is None or drain.phase.is_final:
             continue
         opened += 1
         await advance_drain(ctx, drain_id, ensure=True)
@@ -924,7 +928,7 @@ async def reconcile_job(ctx: Ctx) -> str:
         m_drain, m_vmi, m_attempt = meta.get("drain_id"), meta.get("vmi"), meta.get("attempt")
         if m_drain and m_vmi and m_attempt:
             rec = await store.vm(m_drain, m_vmi)
-            if rec is not None and rec["phase"] not in FINAL_VM and int(rec["attempt"]) == int(m_attempt):
+            if rec is not None and not rec.phase.is_final and rec.attempt == int(m_attempt):
                 await enqueue_migrate(ctx, m_drain, m_vmi, int(m_attempt))
     if adopted or released:
         log.info("reconcile.leases", adopted=adopted, released=released)

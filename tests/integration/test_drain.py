@@ -182,12 +182,12 @@ async def test_worker_killed_mid_migration(cluster_env: EnvFactory) -> None:
         victim = env.workers[0]
         os.killpg(victim.pid, signal.SIGKILL)
         victim.wait(10)
-        view = await service.wait(record["id"], timeout_s=240)
-        assert view.drain["phase"] == "Succeeded", view.drain
+        view = await service.wait(record.id, timeout_s=240)
+        assert view.drain.phase == "Succeeded", view.drain
         assert vmis_on(env, node) == []
         stats = env.stats()
         assert_limits(stats)
-        ours = [m for m in stats["migrations"] if m["labels"].get("drainctl.io/drain-id") == record["id"]]
+        ours = [m for m in stats["migrations"] if m["labels"].get("drainctl.io/drain-id") == record.id]
         succeeded = [m["vmi"] for m in ours if m["phase"] == "Succeeded"]
         assert len(succeeded) == len(set(succeeded)) == 15
         # No migration forgotten: every VMIM we created is final.
@@ -207,13 +207,13 @@ async def test_cancel_in_the_middle(cluster_env: EnvFactory) -> None:
         record, _ = await service.submit(DrainRequest.from_json({"nodes": [node]}))
         await wait_for(lambda: any(m.phase == "Running" for m in env.cluster.kubevirt.active.values()),
                        within_s=60, what="a running migration")
-        result = await env.adrainctl("cancel", record["id"], "--uncordon", "-o", "json")
+        result = await env.adrainctl("cancel", record.id, "--uncordon", "-o", "json")
         assert result.returncode == 0, result.stderr
         cancelled_at = env.cluster.clock.elapsed()
-        view = await service.wait(record["id"], timeout_s=120)
-        assert view.drain["phase"] == "Cancelled", env.worker_logs()
+        view = await service.wait(record.id, timeout_s=120)
+        assert view.drain.phase == "Cancelled", env.worker_logs()
         stats = env.stats()
-        ours = [m for m in stats["migrations"] if m["labels"].get("drainctl.io/drain-id") == record["id"]]
+        ours = [m for m in stats["migrations"] if m["labels"].get("drainctl.io/drain-id") == record.id]
         aborted = [m for m in ours if m["phase"] == "Failed"]
         assert aborted and all("abort" in (m["failure_reason"] or "").lower() or "cancel" in
                                (m["failure_reason"] or "").lower() for m in aborted)
@@ -224,15 +224,15 @@ async def test_cancel_in_the_middle(cluster_env: EnvFactory) -> None:
         n_vmims = len(ours)
         await asyncio.sleep(1.0)
         assert len([m for m in env.stats()["migrations"]
-                    if m["labels"].get("drainctl.io/drain-id") == record["id"]]) == n_vmims, "work started after cancel"
-        states = {vm["phase"] for vm in view.vms.values()}
+                    if m["labels"].get("drainctl.io/drain-id") == record.id]) == n_vmims, "work started after cancel"
+        states = {vm.phase for vm in view.vms.values()}
         assert states <= {"Succeeded", "Cancelled"}, states
         assert "Cancelled" in states
-        assert all("cancel" in vm["message"] for vm in view.vms.values() if vm["phase"] == "Cancelled")
+        assert all("cancel" in vm.message for vm in view.vms.values() if vm.phase == "Cancelled")
         assert not env.cluster.store.get(NODES, None, node)["spec"].get("unschedulable")
         assert await semaphore_empty(env) == {}
         print(f"\ncancel: {len(aborted)} aborted, {n_vmims - len(aborted)} finished, "
-              f"{sum(1 for vm in view.vms.values() if vm['phase'] == 'Cancelled')} VMs cancelled")
+              f"{sum(1 for vm in view.vms.values() if vm.phase == 'Cancelled')} VMs cancelled")
 
 
 async def test_drain_survives_api_errors_and_dropped_watches(cluster_env: EnvFactory) -> None:
@@ -267,16 +267,16 @@ async def test_cancel_letting_in_flight_migrations_finish(cluster_env: EnvFactor
         record, _ = await service.submit(DrainRequest.from_json({"nodes": [node], "uncordon_on_cancel": False}))
         await wait_for(lambda: any(m.phase == "Running" for m in env.cluster.kubevirt.active.values()),
                        within_s=60, what="a running migration")
-        result = await env.adrainctl("cancel", record["id"], "--let-finish", "-o", "json")
+        result = await env.adrainctl("cancel", record.id, "--let-finish", "-o", "json")
         assert result.returncode == 0, result.stderr
         in_flight = {m.vmi for m in env.cluster.kubevirt.active.values()}
-        view = await service.wait(record["id"], timeout_s=180)
-        assert view.drain["phase"] == "Cancelled", view.drain
+        view = await service.wait(record.id, timeout_s=180)
+        assert view.drain.phase == "Cancelled", view.drain
         stats = env.stats()
-        ours = [m for m in stats["migrations"] if m["labels"].get("drainctl.io/drain-id") == record["id"]]
+        ours = [m for m in stats["migrations"] if m["labels"].get("drainctl.io/drain-id") == record.id]
         assert ours and all(m["phase"] == "Succeeded" for m in ours), ours
         assert {m["vmi"].split("/", 1)[1] for m in ours} >= in_flight
-        assert {vm["phase"] for vm in view.vms.values()} == {"Succeeded", "Cancelled"}
+        assert {vm.phase for vm in view.vms.values()} == {"Succeeded", "Cancelled"}
         # The request said not to uncordon on cancel.
         assert env.cluster.store.get(NODES, None, node)["spec"]["unschedulable"] is True
         assert await semaphore_empty(env) == {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import signal
 import time
@@ -25,6 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import kube as k
 from orchestrator.api import build_app, openapi_document, read_token
+from orchestrator.model import REQUEST_BOUNDS, DrainPhase, DrainRequest, NodeName
+from orchestrator.records import DrainRecord
 from orchestrator.service import DrainService
 from orchestrator.settings import Settings
 from simulator import scenarios
@@ -57,6 +60,10 @@ class Env:
         resp = await self.client.session.get(f"{self.sim.url}/sim/v1/stats", headers=AUTH, ssl=False)
         data: dict[str, Any] = await resp.json()
         return data
+
+    async def faults(self, body: dict[str, Any]) -> None:
+        resp = await self.client.session.post(f"{self.sim.url}/sim/v1/faults", json=body, headers=AUTH, ssl=False)
+        assert resp.status == 200, await resp.text()
 
 
 async def _stop_worker(worker: Any, task: asyncio.Task[None], pool: ArqRedis) -> None:
@@ -240,6 +247,135 @@ async def test_unknown_route_and_drain_are_json_404(env: Env) -> None:
     assert (await _error(resp))["code"] == "not_found"
 
 
+# ============================================================================================ bad input
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+@pytest.mark.parametrize("drain_id", ["a%0Ab", "a%0A", "-starts-with-dash", "x" * 65, "a%20b", "%C3%A9t%C3%A9"])
+async def test_a_malformed_drain_id_is_a_json_400(env: Env, method: str, drain_id: str) -> None:
+    for path in (f"/v1/drains/{drain_id}", f"/v1/drains/{drain_id}/events"):
+        if method == "DELETE" and path.endswith("/events"):
+            continue
+        resp = await env.client.request(method, path, headers=AUTH)
+        assert resp.status == 400, (method, path)
+        error = await _error(resp)
+        assert error["code"] == "bad_drain_id" and "is not a drain id" in error["message"], error
+
+
+@pytest.mark.parametrize(("content_type", "data"), [
+    ("text/plain", json.dumps({"nodes": [DRAIN_NODE]})),
+    ("application/x-www-form-urlencoded", "nodes=worker-01"),
+    ("multipart/form-data; boundary=x", "--x\r\nContent-Disposition: form-data; name=nodes\r\n\r\nworker-01\r\n--x--"),
+    (None, json.dumps({"nodes": [DRAIN_NODE]})),
+])
+async def test_a_body_that_is_not_sent_as_json_is_415(env: Env, content_type: str | None, data: str) -> None:
+    headers = dict(AUTH) if content_type is None else {**AUTH, "Content-Type": content_type}
+    for path in ("/v1/drains", "/v1/plans"):
+        resp = await env.client.post(path, data=data.encode(), headers=headers,
+                                     skip_auto_headers=["Content-Type"] if content_type is None else ())
+        assert resp.status == 415, (path, content_type)
+        assert resp.headers["Accept-Post"] == "application/json"
+        error = await _error(resp)
+        assert error["code"] == "unsupported_media_type"
+        assert "application/json" in error["message"]
+    assert await _drain_ids(env) == []
+    # A charset parameter is still JSON.
+    ok = await env.client.post("/v1/plans", data=json.dumps({"nodes": [DRAIN_NODE]}),
+                               headers={**AUTH, "Content-Type": "application/json; charset=utf-8"})
+    assert ok.status == 200
+
+
+@pytest.mark.parametrize(("field", "value", "words"), [
+    ("pending_timeout_s", 1e300, "less than or equal to 86400"),
+    ("pending_timeout_s", 0.5, "greater than or equal to 1"),
+    ("progress_timeout_s", 86_400.5, "less than or equal to 86400"),
+    ("progress_timeout_s", -1, "greater than or equal to 1"),
+    ("completion_timeout_per_gib", 3601, "less than or equal to 3600"),
+    ("completion_timeout_per_gib", 10**30, "less than or equal to 3600"),
+    ("max_parallel_nodes", 10_001, "less than or equal to 10000"),
+    ("max_attempts", 101, "less than or equal to 100"),
+    ("max_attempts", 2.5, "integer"),
+])
+async def test_numbers_outside_their_documented_range_are_422(env: Env, field: str, value: Any, words: str) -> None:
+    for path in ("/v1/drains", "/v1/plans"):
+        resp = await env.client.post(path, json={"nodes": [DRAIN_NODE], field: value}, headers=AUTH)
+        assert resp.status == 422, (path, field, value)
+        error = await _error(resp)
+        assert error["message"].startswith(f"{field}: ") and words in error["message"], error
+    assert await _drain_ids(env) == []
+    # The limits are the ones the schema documents (and the CLI and DrainRequest enforce).
+    bound = REQUEST_BOUNDS[field]
+    schema = openapi_document()["components"]["schemas"]["DrainRequestBody"]["properties"][field]
+    (number,) = [option for option in schema.get("anyOf", [schema]) if option["type"] != "null"]
+    assert number["maximum"] == bound.high
+    assert number["minimum"] == bound.low
+
+
+async def test_numbers_at_their_limits_are_accepted(env: Env) -> None:
+    body = {"nodes": [DRAIN_NODE], "pending_timeout_s": 86_400, "progress_timeout_s": 1,
+            "completion_timeout_per_gib": 3600, "max_attempts": 100, "max_parallel_nodes": 1}
+    resp = await env.client.post("/v1/drains", json=body, headers=AUTH)
+    assert resp.status == 202, await resp.text()
+    drain_id = (await resp.json())["id"]
+    assert (await env.service.store.get(drain_id)).request["pending_timeout_s"] == 86_400
+
+
+@pytest.mark.parametrize("raw", [b'{"nodes": ["worker-01"], "pending_timeout_s": NaN}',
+                                 b'{"nodes": ["worker-01"], "pending_timeout_s": Infinity}',
+                                 b'{"nodes": ["worker-01"], "pending_timeout_s": 1e999}'])
+async def test_non_finite_numbers_are_refused(env: Env, raw: bytes) -> None:
+    resp = await env.client.post("/v1/drains", data=raw, headers={**AUTH, "Content-Type": "application/json"})
+    assert resp.status in (400, 422), await resp.text()
+    await _error(resp)
+    assert await _drain_ids(env) == []
+
+
+def test_drain_request_refuses_out_of_range_numbers_whoever_builds_it() -> None:
+    # The CLI and the DrainRequest controller build DrainRequest directly; the bounds hold there too.
+    for field, bound in REQUEST_BOUNDS.items():
+        with pytest.raises(ValueError, match=f"{field}: .* is out of range"):
+            DrainRequest(nodes=(NodeName(DRAIN_NODE),), **{field: bound.high + 1})
+        DrainRequest(nodes=(NodeName(DRAIN_NODE),), **{field: bound.high})
+
+
+@pytest.mark.parametrize(("method", "path", "allowed"), [
+    ("PUT", "/v1/drains", {"GET", "HEAD", "POST"}),
+    ("DELETE", "/v1/drains", {"GET", "HEAD", "POST"}),
+    ("POST", "/v1/drains/abc", {"DELETE", "GET", "HEAD"}),
+    ("PATCH", "/v1/drains/abc", {"DELETE", "GET", "HEAD"}),
+    ("DELETE", "/v1/drains/abc/events", {"GET", "HEAD"}),
+    ("GET", "/v1/plans", {"POST"}),
+    ("POST", "/healthz", {"GET", "HEAD"}),
+])
+async def test_a_wrong_method_is_405_with_allow(env: Env, method: str, path: str, allowed: set[str]) -> None:
+    resp = await env.client.request(method, path, headers=AUTH)
+    assert resp.status == 405
+    assert {m.strip() for m in resp.headers["Allow"].split(",")} == allowed
+    error = await _error(resp)
+    assert error["code"] == "method_not_allowed" and method in error["message"]
+
+
+async def test_a_body_over_the_size_limit_is_a_json_413(env: Env) -> None:
+    nodes = [f"node-{i:07d}" for i in range(120_000)]  # about 1.8 MB, over aiohttp's 1 MiB default
+    raw = io.BytesIO(json.dumps({"nodes": nodes}).encode())
+    resp = await env.client.post("/v1/drains", data=raw, headers={**AUTH, "Content-Type": "application/json"})
+    assert resp.status == 413
+    assert (await _error(resp))["code"] == "too_large"
+    assert await _drain_ids(env) == []
+
+
+async def test_a_retry_while_the_first_request_is_in_progress_is_409_with_retry_after(env: Env) -> None:
+    # The first request with this key claimed it and is still planning: no drain record exists yet.
+    key = "hook-in-progress"
+    assert await env.service.store.claim_idempotency(key, "inflight0001") is None
+    resp = await env.client.post("/v1/drains", json={"nodes": [DRAIN_NODE]},
+                                 headers={**AUTH, "Idempotency-Key": key})
+    assert resp.status == 409
+    assert int(resp.headers["Retry-After"]) >= 1
+    error = await _error(resp)
+    assert error["code"] == "idempotency_in_progress"
+    assert error["details"]["drain"] == "inflight0001" and error["details"]["retry_after_s"] >= 1
+    assert await _drain_ids(env) == []
+
+
 # ==================================================================================================== plans
 async def test_plan_is_a_dry_run(env: Env) -> None:
     resp = await env.client.post("/v1/plans", json={"nodes": [DRAIN_NODE], "max_attempts": 2}, headers=AUTH)
@@ -359,12 +495,12 @@ async def test_cancel_validates_its_query(env: Env) -> None:
     assert bad_mode.status == 422 and (await _error(bad_mode))["message"].startswith("mode: ")
     bad_flag = await env.client.delete(f"/v1/drains/{drain_id}?uncordon=maybe", headers=AUTH)
     assert bad_flag.status == 422 and (await _error(bad_flag))["message"].startswith("uncordon: ")
-    assert (await env.service.store.get(drain_id))["phase"] == "Pending"
+    assert (await env.service.store.get(drain_id)).phase == "Pending"
     ok = await env.client.delete(f"/v1/drains/{drain_id}?mode=finish&uncordon=false", headers=AUTH)
     assert ok.status == 202
     assert (await ok.json())["phase"] == "Cancelling"
     record = await env.service.store.get(drain_id)
-    assert record["cancel"]["mode"] == "finish" and record["cancel"]["uncordon"] is False
+    assert record.cancel is not None and record.cancel.mode == "finish" and record.cancel.uncordon is False
     reasons = [reason for reason, _ in await _node_events(env, DRAIN_NODE)]
     assert reasons.count("DrainCancelRequested") == 1
 
@@ -388,8 +524,8 @@ async def test_events_of_an_open_drain_stay_open_with_keep_alives(env: Env) -> N
 
 async def test_events_of_a_long_finished_drain_without_its_finish_event_end(env: Env) -> None:
     old = time.time() - 3600
-    await env.service.store.create({"id": "old0drain", "phase": "Succeeded", "created_at": old - 60,
-                                    "finished_at": old, "request": {"nodes": [DRAIN_NODE]}}, nodes={}, vms={})
+    await env.service.store.create(DrainRecord(id="old0drain", phase=DrainPhase.SUCCEEDED, created_at=old - 60,
+                                               finished_at=old, request={"nodes": [DRAIN_NODE]}), nodes={}, vms={})
     stream = await env.client.get("/v1/drains/old0drain/events", headers=AUTH)
     assert stream.status == 200
     async with asyncio.timeout(10):
@@ -526,9 +662,10 @@ async def test_events_stream_until_finished_and_metrics_after(tmp_path: Path) ->
         assert samples[("drainctl_drains", (("phase", "Succeeded"),))] == 1
         assert samples[("drainctl_drains", (("phase", "Running"),))] == 0
         assert samples[("drainctl_migration_duration_seconds_count", (("outcome", "Succeeded"),))] == 15
-        # Migrations in the simulator last at least their setup time (several cluster seconds).
+        # Migrations in the simulator last at least their setup time (several cluster seconds); no upper bound:
+        # cluster time runs with the wall clock, and a busy machine stretches it.
         total_s = samples[("drainctl_migration_duration_seconds_sum", (("outcome", "Succeeded"),))]
-        assert 15 * 1.0 < total_s < 15 * 600.0
+        assert total_s > 15 * 1.0
         assert samples[("drainctl_vm_migration_attempts_count", ())] == 15
         assert samples[("drainctl_semaphore_waiters", ())] == 0
         assert not any(name == "drainctl_semaphore_slots_in_use" and value > 0

@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from orchestrator.model import DrainPhase, NodePhase, VmPhase
+from orchestrator.records import DrainRecord, NodeRecord, VmRecord
 from orchestrator.store import DrainStore
 from simulator import scenarios
 from simulator.cluster import RunningCluster, running_cluster
@@ -68,16 +70,9 @@ def one_line_error(done: subprocess.CompletedProcess[str], code: int, *needles: 
 async def drain_ids(url: str) -> list[str]:
     redis = Redis.from_url(url)
     try:
-        return [d["id"] async for d in _drains(DrainStore(redis))]
+        return await DrainStore(redis).ids(limit=100)
     finally:
         await redis.aclose()
-
-
-async def _drains(store: DrainStore) -> AsyncIterator[dict[str, Any]]:
-    for drain_id in await store.ids(limit=100):
-        found = await store.find(drain_id)
-        if found is not None:
-            yield found
 
 
 def vmis_on(cluster: Any, node: str) -> list[str]:
@@ -90,10 +85,11 @@ async def test_status_and_list_read_redis_without_a_cluster(tmp_path: Path) -> N
     async with claimed_db() as url:
         redis = Redis.from_url(url)
         store = DrainStore(redis)
-        await store.create({"id": "abc123", "phase": "Succeeded", "message": "nodes: 1 Drained",
-                            "created_at": 1.0, "request": {"nodes": ["worker-01"]}},
-                           nodes={"worker-01": {"node": "worker-01", "phase": "Drained", "index": 0}},
-                           vms={"ns/vm": {"vmi": "ns/vm", "node": "worker-01", "phase": "Succeeded", "attempt": 1}})
+        await store.create(DrainRecord(id="abc123", phase=DrainPhase.SUCCEEDED, message="nodes: 1 Drained",
+                                       created_at=1.0, request={"nodes": ["worker-01"]}),
+                           nodes={"worker-01": NodeRecord(node="worker-01", phase=NodePhase.DRAINED, index=0)},
+                           vms={"ns/vm": VmRecord(vmi="ns/vm", node="worker-01", phase=VmPhase.SUCCEEDED,
+                                                  attempt=1)})
         await redis.aclose()
         env = clean_env(tmp_path, DRAIN_REDIS_URL=url)
         listed = await arun("list", "-o", "json", env=env)
@@ -115,8 +111,8 @@ async def test_global_flags_work_after_the_subcommand(tmp_path: Path) -> None:
     """kubectl habits: --redis-url, -o, --log-level and --time-scale after the subcommand (and before)."""
     async with claimed_db() as url:
         redis = Redis.from_url(url)
-        await DrainStore(redis).create({"id": "flags1", "phase": "Succeeded", "created_at": 1.0,
-                                        "request": {"nodes": ["worker-01"]}}, nodes={}, vms={})
+        await DrainStore(redis).create(DrainRecord(id="flags1", phase=DrainPhase.SUCCEEDED, created_at=1.0,
+                                                   request={"nodes": ["worker-01"]}), nodes={}, vms={})
         await redis.aclose()
         env = clean_env(tmp_path)
         for args in (("list", "--redis-url", url, "-o", "json"), ("--redis-url", url, "list", "--output=json"),

@@ -119,7 +119,7 @@ async def eventually(check: Callable[[], Awaitable[bool]], *, timeout_s: float) 
 
 
 async def phase_is(e: Env, drain_id: str, phase: str) -> bool:
-    return bool((await e.service.get(drain_id)).drain["phase"] == phase)
+    return bool((await e.service.get(drain_id)).drain.phase == phase)
 
 
 async def holder_is(e: Env, identity: str) -> bool:
@@ -135,7 +135,7 @@ async def clear_stale_node_locks(redis: ArqRedis, nodes: list[str], *, older_tha
         if owner is None:
             continue
         drain = await store.find(owner)
-        if drain is None or drain.get("created_at", 0) < time.time() - older_than_s:
+        if drain is None or (drain.created_at or 0) < time.time() - older_than_s:
             await store.unlock_nodes(owner, [node])
 
 
@@ -222,8 +222,8 @@ async def env(tmp_path: Path, redis_base: str) -> AsyncIterator[Callable[..., Aw
         # locked for a later run that picks the same database.
         for drain_id in await e.service.store.ids():
             drain = await e.service.store.find(drain_id)
-            if drain is not None and drain.get("created_at", 0) >= started:
-                await e.service.store.unlock_nodes(drain_id, list(drain["request"]["nodes"]))
+            if drain is not None and (drain.created_at or 0) >= started:
+                await e.service.store.unlock_nodes(drain_id, drain.nodes)
     for pool in pools:
         await pool.aclose()
     await stack.aclose()
@@ -243,8 +243,8 @@ async def test_drainrequest_drives_a_drain_to_succeeded(env: Callable[..., Await
     assert FINALIZER in obj["metadata"]["finalizers"]
     # The drain is the ordinary one, recorded with its origin and the object's uid as idempotency key.
     view = await e.service.get(status["drainId"])
-    assert view.drain["source"] == "drainrequest" and view.drain["phase"] == "Succeeded"
-    assert view.drain["request"]["max_attempts"] == 3
+    assert view.drain.source == "drainrequest" and view.drain.phase == "Succeeded"
+    assert view.drain.request["max_attempts"] == 3
     truth = e.rc.cluster.stats()
     ours = [m for m in truth["migrations"] if m["labels"].get("drainctl.io/drain-id") == status["drainId"]]
     assert len(ours) >= 15 and truth["max_in_flight_cluster"] <= 5
@@ -268,8 +268,8 @@ async def test_deleting_a_drainrequest_cancels_its_drain(env: Callable[..., Awai
     assert await e.get("to-cancel") is None  # the finalizer was removed after the cancel
     await eventually(lambda: phase_is(e, drain_id, "Cancelled"), timeout_s=60)
     view = await e.service.get(drain_id)
-    assert view.drain["cancel"]["mode"] == "abort"
-    assert any(vm["phase"] == "Cancelled" for vm in view.vms.values())
+    assert view.drain.cancel is not None and view.drain.cancel.mode == "abort"
+    assert any(vm.phase == "Cancelled" for vm in view.vms.values())
 
 
 async def test_only_the_leader_acts_and_a_standby_takes_over(env: Callable[..., Awaitable[Env]]) -> None:

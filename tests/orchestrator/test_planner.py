@@ -4,25 +4,19 @@ limits, estimate and the refusals. Snapshots come from KubeVirt-shaped JSON (fac
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from bench.speed import large_snapshot
 from orchestrator.model import (
-    ClusterSnapshot,
     DrainId,
     DrainPlan,
     DrainRequest,
-    EvictionStrategy,
-    MigrationConfig,
-    Node,
     NodeName,
     NodeOrder,
     NonMigratablePolicy,
-    Pod,
-    Vmi,
     VmVerdict,
 )
 from orchestrator.planner import PlanError, plan_drain
@@ -502,14 +496,8 @@ def test_node_order_and_waves(order: NodeOrder, parallel: int, waves: list[list[
         ((), {}, "no nodes to drain"),
         (("n1", "ghost", "phantom"), {}, "unknown node(s): ghost, phantom"),
         (("n1", "n2", "n1"), {}, "duplicate node(s) in the request: n1"),
-        (
-            ("n1",),
-            {"max_parallel_nodes": 0},
-            "max_parallel_nodes 0 must be between 1 and the number of nodes to drain (1)",
-        ),
         (("n1", "n2"), {"max_parallel_nodes": 3}, "max_parallel_nodes 3 must be between 1"),
         (("n1", "n2", "n3"), {}, "the request drains every schedulable node (n1, n2, n3); no node would remain"),
-        (("n1",), {"max_attempts": 0}, "max_attempts 0 must be at least 1"),
     ],
 )
 def test_refusals(nodes: tuple[str, ...], kwargs: dict[str, Any], message: str) -> None:
@@ -696,6 +684,10 @@ def test_planning_is_deterministic() -> None:
         ({"nodes": ["n1"], "progress_timeout_s": "fast"}, "progress_timeout_s: expected a number of seconds"),
         ({"nodes": ["n1"], "uncordon_on_cancel": "yes"}, "uncordon_on_cancel: expected true or false"),
         ({"nodes": ["n1"], "force": True}, "unknown field(s) force"),
+        # The numeric ranges are DrainRequest's own (REQUEST_BOUNDS), whoever builds one.
+        ({"nodes": ["n1"], "max_parallel_nodes": 0}, "max_parallel_nodes: 0 is out of range (1..10000)"),
+        ({"nodes": ["n1"], "max_attempts": 0}, "max_attempts: 0 is out of range (1..100)"),
+        ({"nodes": ["n1"], "pending_timeout_s": 1e300}, "pending_timeout_s: 1e+300 is out of range (1..86400)"),
     ],
 )
 def test_drain_request_from_json_rejects(body: dict[str, Any], message: str) -> None:
@@ -712,76 +704,19 @@ def test_drain_request_json_round_trip() -> None:
 # --- scale ---------------------------------------------------------------------------------------------
 
 
-def large_snapshot(nodes: int, vms_per_node: int) -> ClusterSnapshot:
-    """Model objects built directly (parsing is tested elsewhere): two CPU generations, three VM sizes."""
-    node_objs = []
-    vmis = []
-    pods = []
-    for n in range(nodes):
-        model = "Skylake" if n % 4 else "Cascadelake"
-        name = NodeName(f"node-{n:04d}")
-        node_objs.append(
-            Node(
-                name=name,
-                allocatable_memory_bytes=768 * GI,
-                allocatable_cpu_millis=96_000,
-                host_model_cpus=frozenset({model}),
-                cpu_vendor="Intel",
-                labels={
-                    f"host-model-cpu.node.kubevirt.io/{model}": "true",
-                    "cpu-vendor.node.kubevirt.io/Intel": "true",
-                },
-            )
-        )
-        for v in range(vms_per_node):
-            memory = (4, 8, 16)[(n + v) % 3] * GI
-            vmis.append(
-                Vmi(
-                    namespace=f"ns{v % 7}",
-                    name=f"vm-{n}-{v}",
-                    uid="",
-                    node=name,
-                    phase="Running",
-                    memory_request_bytes=memory,
-                    guest_memory_bytes=memory,
-                    eviction_strategy=EvictionStrategy.LIVE_MIGRATE,
-                    eviction_strategy_source="vmi",
-                    live_migratable="True",
-                )
-            )
-            pods.append(
-                Pod(
-                    namespace=f"ns{v % 7}",
-                    name=f"virt-launcher-vm-{n}-{v}",
-                    node=name,
-                    phase="Running",
-                    memory_request_bytes=memory,
-                    owner_kind="VirtualMachineInstance",
-                    owner_name=f"vm-{n}-{v}",
-                    is_virt_launcher=True,
-                    vmi_name=f"vm-{n}-{v}",
-                )
-            )
-    return ClusterSnapshot(
-        nodes=tuple(node_objs), vmis=tuple(vmis), pods=tuple(pods), migrations=(), migration_config=MigrationConfig()
-    )
-
-
-def test_large_cluster_plans_quickly() -> None:
+def test_large_cluster_plans_every_vm() -> None:
+    # How long this takes is measured by `python -m bench.speed`, not asserted here.
     snapshot = large_snapshot(1000, 30)
     drain = tuple(NodeName(f"node-{n:04d}") for n in range(100))
-    started = time.perf_counter()
     result = plan_drain(
         snapshot, DrainRequest(nodes=drain, max_parallel_nodes=10, order=NodeOrder.PLANNER), Settings(), now=NOW
     )
-    elapsed = time.perf_counter() - started
     assert result.capacity.ok and result.capacity.placed_vms == 3000
     assert len(result.waves) == 10
     # Host-model VMs from Cascadelake nodes land on Cascadelake nodes only.
     cascadelake = {f"node-{n:04d}" for n in range(0, 1000, 4)}
     for job in result.jobs():
         assert (job.source_node in cascadelake) == (job.proposed_target in cascadelake)
-    assert elapsed < 20, f"planning took {elapsed:.1f} s"
 
 
 def test_drain_request_accepts_plain_strings() -> None:

@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 from rich.console import Console
 
+from orchestrator.model import DrainPhase
 from orchestrator.progress import follow, print_summary
+from orchestrator.records import DrainRecord, NodeRecord, VmRecord
 from orchestrator.report import attempt_rows, drain_summary, format_seconds, render_html
 from orchestrator.settings import Settings
 from orchestrator.store import DrainView
@@ -59,7 +61,8 @@ def make_view(*, phase: str = "Failed") -> DrainView:
         "ns/c": vm("n2", "Skipped", [], message="evictionStrategy None", verdict="Skip"),
         "ns/d": vm("n1", "Migrating", [attempt(1, target="n5", start=25, end=None, outcome=None)]),
     }
-    return DrainView(drain, nodes, vms)
+    return DrainView(DrainRecord.model_validate(drain), {k: NodeRecord.model_validate(v) for k, v in nodes.items()},
+                     {k: VmRecord.model_validate({"vmi": k, **v}) for k, v in vms.items()})
 
 
 class Page(HTMLParser):
@@ -187,7 +190,7 @@ async def test_live_progress_draws_bars_on_a_terminal() -> None:
     console = Console(file=buffer, width=200, force_terminal=True)
     followed = await follow(StubService([make_view(phase="Running"), make_view()]), "x",  # type: ignore[arg-type]
                             console=console, notice=print, poll_s=0)
-    assert followed.view.drain["phase"] == "Failed"
+    assert followed.view.drain.phase == "Failed"
     text = buffer.getvalue()
     assert "drain abc123def456 [Failed]" in text and "n1 [Drained]" in text
 
@@ -204,9 +207,8 @@ def test_a_cancelled_drain_shows_no_ratio_to_the_estimate() -> None:
 
 
 def test_summary_of_an_unstarted_drain_says_so() -> None:
-    drain = {"id": "pending12345", "phase": "Pending", "message": "waiting for a worker", "created_at": T0,
-             "started_at": None, "finished_at": None, "estimate_s": 200.0, "time_scale": SCALE,
-             "request": {"nodes": ["n1", "n2"]}}
+    drain = DrainRecord(id="pending12345", phase="Pending", message="waiting for a worker", created_at=T0,
+                        estimate_s=200.0, time_scale=SCALE, request={"nodes": ["n1", "n2"]})
     console = Console(record=True, width=220)
     print_summary(DrainView(drain, {}, {}), console)
     out = console.export_text()
@@ -218,10 +220,11 @@ def test_summary_of_an_unstarted_drain_says_so() -> None:
 async def test_progress_stamps_never_go_backwards_when_the_drain_starts() -> None:
     """Stamps count from submission, so the line printed when planning ends is not earlier than the one
     before it."""
-    queued = make_view(phase="Running")
-    queued.drain.update(phase="Pending", started_at=None, created_at=time.time() - 5)
-    started = make_view(phase="Running")
-    started.drain.update(created_at=queued.drain["created_at"], started_at=time.time())
+    running = make_view(phase="Running")
+    queued = DrainView(running.drain.model_copy(update={"phase": DrainPhase.PENDING, "started_at": None,
+                                                         "created_at": time.time() - 5}), running.nodes, running.vms)
+    started = DrainView(running.drain.model_copy(update={"created_at": queued.drain.created_at,
+                                                          "started_at": time.time()}), running.nodes, running.vms)
     buffer = io.StringIO()
     console = Console(file=buffer, width=200, force_terminal=False)
     await follow(StubService([queued, started, make_view()]), "x", console=console,  # type: ignore[arg-type]

