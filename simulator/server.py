@@ -963,8 +963,11 @@ def build_app(cluster: ClusterLike) -> web.Application:
 
     async def cluster_date(_request: web.Request, response: web.StreamResponse) -> None:
         # An API server's Date header is its own clock; here that is cluster time (it runs at the time scale),
-        # which is how clients can tell the time scale they face.
+        # which is how clients can tell the time scale they face. Like kube-apiserver (WithCacheControl in
+        # k8s.io/apiserver/pkg/endpoints/filters/cachecontrol.go) every answer says "no-cache, private": with
+        # a Date ahead of the client's clock, kubectl's HTTP cache would otherwise keep stale discovery.
         response.headers["Date"] = formatdate(cluster.clock.now(), usegmt=True)
+        response.headers.setdefault("Cache-Control", "no-cache, private")
 
     app.on_response_prepare.append(cluster_date)
 
