@@ -31,7 +31,6 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -428,13 +427,12 @@ class _Api:
 
     async def _node_events(self, nodes: list[Obj], *, reason: str, message: str) -> None:
         """Tell `kubectl describe node` readers who asked for what; a lost Event is logged, never fatal."""
-        now_iso = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         kube = self.service.kube
         async with asyncio.TaskGroup() as group:
             for node in nodes:
                 # Items of a list response carry no kind or apiVersion; the Event's involvedObject needs both.
                 involved = {**node, "kind": "Node", "apiVersion": "v1"}
-                group.create_task(kube.event(involved=involved, reason=reason, message=message, now_iso=now_iso),
+                group.create_task(kube.event(involved=involved, reason=reason, message=message),
                                   name=f"event:{reason}:{(node.get('metadata') or {}).get('name')}")
 
     # ------------------------------------------------------------------------------------------ drains

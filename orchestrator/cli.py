@@ -145,8 +145,8 @@ class Globals:
     time_scale: float | None
     output: str
     prometheus_url: str | None = None
-    submitted: list[str] = field(default_factory=list)
-    """Drains this invocation submitted (for the Ctrl-C message)."""
+    following: list[str] = field(default_factory=list)
+    """Drains this invocation submitted or follows (for the Ctrl-C message)."""
 
     def settings(self) -> Settings:
         try:
@@ -211,10 +211,10 @@ def _run(g: Globals, coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except KeyboardInterrupt:
-        for drain_id in g.submitted:
+        for drain_id in g.following:
             note(f"interrupted: drain {drain_id} goes on in the workers; follow it with "
                  f"`drainctl status {drain_id} --wait`, stop it with `drainctl cancel {drain_id}`")
-        if not g.submitted:
+        if not g.following:
             note("interrupted")
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
@@ -451,7 +451,7 @@ def drain(ctx: typer.Context, nodes: NodesArg, max_parallel_nodes: ParallelOpt =
         except IdempotencyInProgress as exc:
             fail(EXIT_CONFLICT, f"{exc}; retry in a few seconds")
         drain_id = record.id
-        g.submitted.append(drain_id)
+        g.following.append(drain_id)
         if not wait:
             if out == "json":
                 print(json.dumps({"id": drain_id, "created": created, "phase": record.phase.value}))
@@ -527,6 +527,7 @@ def status(ctx: typer.Context, drain_id: Annotated[str | None, typer.Argument(he
         except DrainNotFound as exc:
             fail(EXIT_USAGE, f"{exc} (drainctl list shows the drains)")
         if wait:
+            ctx.obj.following.append(drain_id)
             return await _follow(service, drain_id, out=out, timeout_s=timeout)
         if out == "json":
             print(json.dumps(view.to_json(), indent=2, default=str))

@@ -161,6 +161,8 @@ class Kube:
     def __init__(self, api: client.ApiClient) -> None:
         self.api = api
         self.requests = 0
+        self._server_clock: tuple[float, float] | None = None
+        """(the API server's clock from the last Date header, our wall clock when it arrived)."""
 
     @classmethod
     async def connect(cls, *, kubeconfig: str | Path | None = None, context: str | None = None) -> Kube:
@@ -193,26 +195,11 @@ class Kube:
 
     async def server_date(self) -> tuple[float, float]:
         """(the API server's clock from the `Date` header of GET /version, our wall clock at the answer)."""
-        from email.utils import parsedate_to_datetime
-
-        self.requests += 1
-        try:
-            resp = await self.api.call_api("/version", "GET", header_params={"Accept": "application/json"},
-                                           auth_settings=["BearerToken"], _preload_content=False,
-                                           _return_http_data_only=True)
-            received = time.time()
-            try:
-                await resp.read()
-            finally:
-                resp.release()
-        except ApiException as exc:
-            raise _map(exc) from exc
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise Unavailable(0, "Unavailable", f"GET /version: {exc}") from exc
-        date = resp.headers.get("Date")
-        if not date:
-            raise Unavailable(0, "NoDate", "the API server sent no Date header")
-        return parsedate_to_datetime(date).timestamp(), received
+        self._server_clock = None
+        await self._call("GET", "/version")
+        if self._server_clock is None:
+            raise Unavailable(0, "NoDate", "the API server sent no usable Date header")
+        return self._server_clock
 
     # ------------------------------------------------------------------------------------------ raw
     async def _call(self, method: str, path: str, *, query: list[tuple[str, str]] | None = None,
@@ -231,10 +218,28 @@ class Kube:
             raise _map(exc) from exc
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise Unavailable(0, "Unavailable", f"{method} {path}: {exc}") from exc
+        self._note_date(resp.headers.get("Date"))
         if not 200 <= resp.status <= 299:
             raise _from_body(resp.status, raw)
         data: Obj = json.loads(raw) if raw else {}
         return data
+
+    def _note_date(self, date: str | None) -> None:
+        from email.utils import parsedate_to_datetime
+
+        if date:
+            with contextlib.suppress(TypeError, ValueError):
+                self._server_clock = (parsedate_to_datetime(date).timestamp(), time.time())
+
+    async def server_now(self, *, max_age_s: float = 0.1) -> float:
+        """The API server's clock now (its Date header, one-second resolution). Cluster time, which runs at the
+        time scale: Events we write must carry it, not our wall clock, or their ages disagree with the
+        cluster's own. Asks GET /version when no answer arrived in the last `max_age_s` wall seconds."""
+        if self._server_clock is None or time.time() - self._server_clock[1] > max_age_s:
+            await self.server_date()
+        assert self._server_clock is not None
+        date, seen = self._server_clock
+        return date + (time.time() - seen)
 
     async def get(self, kind: Kind, name: str, namespace: str | None = None) -> Obj:
         return await self._call("GET", kind.path(namespace, name))
@@ -301,8 +306,15 @@ class Kube:
         await self._call("POST", PODS.path(namespace, name, "eviction"), body=body)
 
     async def event(self, *, involved: Obj, reason: str, message: str, warning: bool = False,
-                    component: str = "drainctl", now_iso: str) -> None:
-        """Record a Kubernetes Event; losing one is never fatal, so errors are logged, not raised."""
+                    component: str = "drainctl", now_iso: str | None = None) -> None:
+        """Record a Kubernetes Event stamped with the API server's clock (`now_iso` overrides it); losing one is
+        never fatal, so errors are logged, not raised."""
+        if now_iso is None:
+            try:
+                stamp = await self.server_now()
+            except KubeError:
+                stamp = time.time()
+            now_iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
         meta = involved.get("metadata") or {}
         ns = meta.get("namespace") or "default"
         body = {

@@ -169,7 +169,7 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
         await advance_drain(ctx, drain_id)
         return drain.phase.value
     if drain.phase is DrainPhase.PENDING:
-        await store.update(drain_id, _set(phase=DrainPhase.PLANNING))
+        await store.update(drain_id, _set(phase=DrainPhase.PLANNING, message="planning"))
     request = DrainRequest.from_json(drain.request)
     snapshot = await ctx["kube"].snapshot()
     try:
@@ -198,6 +198,7 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
 
     def running(d: DrainRecord) -> None:
         d.phase = DrainPhase.RUNNING
+        d.message = f"draining {', '.join(plan.drain_nodes)}"
         d.plan = plan.to_json()
         d.started_at = time.time()
         d.limits = DrainLimits(cluster=int(limits.in_flight_cluster.effective),
@@ -216,7 +217,7 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
         node_obj = await ctx["kube"].find(k.NODES, node)
         if node_obj is not None:
             await ctx["kube"].event(involved=node_obj, reason="DrainStarted",
-                                    message=f"drainctl drain {drain_id}: node cordoned", now_iso=_now_iso())
+                                    message=f"drainctl drain {drain_id}: node cordoned")
     await store.update(drain_id, running)
     await store.emit(drain_id, "drain.planned", nodes=list(plan.drain_nodes), vms=len(vms),
                      migrate=sum(1 for v in vms.values() if v.phase is VmPhase.QUEUED),
@@ -416,7 +417,7 @@ def _summary(nodes: dict[str, NodeRecord], vms: dict[str, VmRecord]) -> str:
         node_counts[n.phase.value] = node_counts.get(n.phase.value, 0) + 1
     parts = ", ".join(f"{v} {p}" for p, v in sorted(node_counts.items()))
     vm_parts = ", ".join(f"{v} {p}" for p, v in sorted(counts.items()))
-    return f"nodes: {parts}; VMs: {vm_parts}"
+    return f"nodes: {parts}; VMs: {vm_parts or 'none'}"
 
 
 async def _close_drain(ctx: Ctx, drain_id: str, phase: DrainPhase, message: str) -> None:
@@ -695,7 +696,7 @@ async def _follow(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, key: str
             cancel_seen = cancel_seen or view.cancel_requested(drain_id)
             drain = await store.get(drain_id)
             if drain.phase is DrainPhase.CANCELLING and (drain.cancel is None or drain.cancel.mode == "abort"):
-                abort_reason = ("cancelled: the drain was cancelled", FailureClass.ABORTED)
+                abort_reason = ("the drain was cancelled", FailureClass.ABORTED)
         if abort_reason is not None:
             bound.warning("migration.abort", vmim=mig_name, reason=abort_reason[0])
             await store.emit(drain_id, "migration.abort", vmi=vmi, vmim=mig_name, reason=abort_reason[0])
@@ -764,7 +765,7 @@ async def _record_outcome(ctx: Ctx, drain_id: str, vmi: str, attempt: int, outco
             vm.phase, vm.target, vm.message = VmPhase.SUCCEEDED, outcome.target, outcome.reason
             vm.finished_at, vm.failure_class = now, None
         elif cancelled:
-            vm.phase, vm.message, vm.finished_at = VmPhase.CANCELLED, f"cancelled in flight: {outcome.reason}", now
+            vm.phase, vm.message, vm.finished_at = VmPhase.CANCELLED, f"aborted in flight: {outcome.reason}", now
         elif retry:
             vm.phase, vm.attempt, vm.enqueued = VmPhase.QUEUED, attempt + 1, attempt + 1
             vm.failure_class = outcome.failure
@@ -786,7 +787,7 @@ async def _record_outcome(ctx: Ctx, drain_id: str, vmi: str, attempt: int, outco
     if vmi_obj is not None:
         await ctx["kube"].event(involved=vmi_obj, reason="DrainMigration" + outcome.phase.value,
                                 message=f"drainctl drain {drain_id} attempt {attempt}: {outcome.reason}",
-                                warning=outcome.phase is not VmPhase.SUCCEEDED, now_iso=_now_iso())
+                                warning=outcome.phase is not VmPhase.SUCCEEDED)
     if rec.phase is VmPhase.QUEUED and rec.attempt == attempt + 1:
         await enqueue_migrate(ctx, drain_id, vmi, attempt + 1, delay_s=backoff)
 
@@ -884,8 +885,7 @@ async def _finish_node(ctx: Ctx, drain_id: str, node: str) -> str:
         await store.update_node(drain_id, node, _set(phase=final, message=message, finished_at=time.time(),
                                                      evicted=evicted))
         if node_obj is not None:
-            await kube.event(involved=node_obj, reason="DrainFailed", message=message, warning=True,
-                             now_iso=_now_iso())
+            await kube.event(involved=node_obj, reason="DrainFailed", message=message, warning=True)
         await store.emit(drain_id, "node.failed", node=node, message=message)
     else:
         await kube.annotate(k.NODES, node, {DRAINED_ANNOTATION: _now_iso(), NODE_ANNOTATION: drain_id})
@@ -893,8 +893,7 @@ async def _finish_node(ctx: Ctx, drain_id: str, node: str) -> str:
                                                      finished_at=time.time(), evicted=evicted))
         if node_obj is not None:
             await kube.event(involved=node_obj, reason="NodeDrained",
-                             message=f"drainctl drain {drain_id}: every VM migrated, {evicted} pod(s) evicted",
-                             now_iso=_now_iso())
+                             message=f"drainctl drain {drain_id}: every VM migrated, {evicted} pod(s) evicted")
         await store.emit(drain_id, "node.drained", node=node, evicted=evicted)
     log.info("node.finished", drain_id=drain_id, node=node, left=len(left), evicted=evicted)
     await advance_drain(ctx, drain_id)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from orchestrator.store import DrainStore
 from simulator import scenarios
 from simulator.cluster import RunningCluster, running_cluster
 from simulator.faults import ErrorRule, FaultsBody
-from simulator.resources import VMIS
+from simulator.resources import EVENTS, VMIS
 from tests.integration.conftest import EnvFactory, cluster_env
 from tests.redis_db import claimed_db, own_redis_server, requires_redis
 
@@ -200,6 +201,7 @@ async def test_plan_and_drain_with_flags_after_and_an_api_error_on_the_way(clust
         on_node = vmis_on(e.cluster, "worker-01")
         assert on_node
         e.start_workers(2)
+        submitted_cluster_s = e.cluster.clock.now()
         drained = await arun("drain", "worker-01", "--wait", "--timeout", "180", "--kubeconfig", kubeconfig, env=env,
                              wall_s=200)
         assert drained.returncode == 0, drained.stdout[-3000:] + drained.stderr[-3000:]
@@ -209,6 +211,13 @@ async def test_plan_and_drain_with_flags_after_and_an_api_error_on_the_way(clust
         for vmi in on_node:
             assert vmi in drained.stdout
         assert "…" not in drained.stdout
+        assert re.search(r"drain [0-9a-f]{12}: Running draining worker-01", drained.stdout)  # not "queued"
+        # Events drainctl wrote carry the cluster's clock (40x ahead here), as KubeVirt's own do.
+        ours = [ev for ev in e.cluster.store.iter(EVENTS) if (ev.get("source") or {}).get("component") == "drainctl"]
+        assert {ev["reason"] for ev in ours} >= {"DrainStarted", "NodeDrained", "DrainMigrationSucceeded"}
+        for ev in ours:
+            stamp = datetime.fromisoformat(ev["lastTimestamp"].replace("Z", "+00:00")).timestamp()
+            assert submitted_cluster_s - 5 <= stamp <= e.cluster.clock.now() + 5, (ev["reason"], stamp)
 
 
 async def test_wait_without_a_worker_says_so_and_keeps_the_summary_true(cluster_env: EnvFactory) -> None:
