@@ -34,6 +34,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from simulator import scenarios
+from simulator.admin import SimAdmin
 from simulator.cluster import RunningCluster, running_cluster
 
 KUBECTL = os.environ.get("KUBECTL", "kubectl")
@@ -47,6 +48,12 @@ def _off_node_makespan(stats: dict[str, Any], drain: list[str], t0: float,
     end = max((m["finished_s"] for m in moved), default=None)
     done = len({m["vmi"] for m in moved}) >= movable
     return (None if end is None or not done else end - t0), len(moved), len(failed)
+
+
+def failed_slot_seconds(stats: dict[str, Any], drain: list[str]) -> float:
+    """Cluster seconds that attempts which failed held a migration slot (VMIM created to final), out of `drain`."""
+    return sum(float(m["finished_s"]) - float(m["created_s"]) for m in stats["migrations"]
+               if m["source"] in drain and m["phase"] == "Failed" and m["finished_s"] is not None)
 
 
 def remigrated(stats: dict[str, Any]) -> int:
@@ -63,11 +70,9 @@ def movable_vms(sc: scenarios.Scenario) -> int:
                and vm.eviction_strategy in ("LiveMigrate", "LiveMigrateIfPossible"))
 
 
-def _faults(rc: RunningCluster, fail_nodes: list[str]) -> None:
+async def _faults(admin: SimAdmin, fail_nodes: list[str]) -> None:
     if fail_nodes:
-        from simulator.faults import FaultsBody
-
-        rc.cluster.apply_faults(FaultsBody.model_validate({"fail_migrations_to": fail_nodes}))
+        await admin.faults({"fail_migrations_to": fail_nodes})
 
 
 def pick_fail_node(sc: scenarios.Scenario) -> str:
@@ -86,28 +91,28 @@ async def run_drainctl(sc: scenarios.Scenario, *, time_scale: float, workers: in
     drain = list(sc.drain_hint)
     kubeconfig = tmp / "drainctl.kubeconfig"
     async with running_cluster(sc, time_scale=time_scale, token=secrets.token_hex(8),
-                               kubeconfig_out=kubeconfig) as rc:
+                               kubeconfig_out=kubeconfig) as rc, rc.admin() as admin:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DRAIN_")}
         env.update(KUBECONFIG=str(kubeconfig), DRAIN_REDIS_URL=redis_url, DRAIN_TIME_SCALE=str(time_scale),
                    DRAIN_QUEUE_NAME=f"bench-{secrets.token_hex(3)}", **(extra_env or {}))
         drainctl = str(Path(sys.executable).with_name("drainctl"))
-        _faults(rc, fail_nodes)
+        await _faults(admin, fail_nodes)
         procs = [subprocess.Popen([drainctl, "worker"], env=env, stdout=subprocess.DEVNULL,  # noqa: ASYNC220
                                   stderr=subprocess.DEVNULL, start_new_session=True) for _ in range(workers)]
         try:
             await asyncio.sleep(3.0)  # workers connect and list the cluster
-            api_before = rc.cluster.stats()["api_requests_total"]
+            before = await admin.stats()
+            api_before, t0 = before["api_requests_total"], before["sim_time_s"]
             redis_before = int((await plain.info("stats"))["total_commands_processed"])
-            t0 = rc.cluster.clock.elapsed()
             wall0 = time.monotonic()
             proc = await asyncio.create_subprocess_exec(
                 drainctl, "drain", *drain, "--max-parallel-nodes", str(sc.parallel_hint), "--wait", "-o", "json",
                 "--non-migratable", non_migratable,
                 env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
             out, errout = await proc.communicate()
-            exit_s = rc.cluster.clock.elapsed() - t0
             wall = time.monotonic() - wall0
-            stats = rc.cluster.stats()
+            stats = await admin.stats()
+            exit_s = stats["sim_time_s"] - t0
             redis_after = int((await plain.info("stats"))["total_commands_processed"])
         finally:
             for p in procs:
@@ -125,7 +130,7 @@ async def run_drainctl(sc: scenarios.Scenario, *, time_scale: float, workers: in
             "api_per_migration": (stats["api_requests_total"] - api_before) / migrations,
             "redis_per_migration": (redis_after - redis_before) / migrations,
             "restarts": len(stats["vm_restarts"]), "remigrated": remigrated(stats),
-            "stderr": errout.decode()[-300:]}
+            "failed_slot_s": failed_slot_seconds(stats, drain), "stderr": errout.decode()[-300:]}
 
 
 async def run_kubectl(sc: scenarios.Scenario, *, time_scale: float, tmp: Path, fail_nodes: list[str],
@@ -134,10 +139,10 @@ async def run_kubectl(sc: scenarios.Scenario, *, time_scale: float, tmp: Path, f
     kubeconfig = tmp / "kubectl.kubeconfig"
     rc: RunningCluster
     async with running_cluster(sc, time_scale=time_scale, token=secrets.token_hex(8),
-                               kubeconfig_out=kubeconfig) as rc:
-        _faults(rc, fail_nodes)
-        api_before = rc.cluster.stats()["api_requests_total"]
-        t0 = rc.cluster.clock.elapsed()
+                               kubeconfig_out=kubeconfig) as rc, rc.admin() as admin:
+        await _faults(admin, fail_nodes)
+        before = await admin.stats()
+        api_before, t0 = before["api_requests_total"], before["sim_time_s"]
         wall0 = time.monotonic()
         wall_timeout = max(30, int(timeout_s / time_scale))
         # kubectl drains the nodes it is given one after the other: one process per node when the drain is
@@ -148,9 +153,9 @@ async def run_kubectl(sc: scenarios.Scenario, *, time_scale: float, tmp: Path, f
             *group, "--ignore-daemonsets", "--delete-emptydir-data", f"--timeout={wall_timeout}s",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL) for group in groups]
         codes = [await p.wait() for p in procs]
-        exit_s = rc.cluster.clock.elapsed() - t0
         wall = time.monotonic() - wall0
-        stats = rc.cluster.stats()
+        stats = await admin.stats()
+        exit_s = stats["sim_time_s"] - t0
     makespan, moved, failed = _off_node_makespan(stats, drain, t0, movable_vms(sc))
     migrations = max(1, moved + failed)
     return {"tool": "kubectl drain", "exit_code": max(codes), "phase": "Succeeded" if not any(codes) else "Failed",
@@ -159,7 +164,7 @@ async def run_kubectl(sc: scenarios.Scenario, *, time_scale: float, tmp: Path, f
             "max_per_node": max(stats["max_in_flight_per_node"].values(), default=0),
             "api_per_migration": (stats["api_requests_total"] - api_before) / migrations,
             "redis_per_migration": 0.0, "restarts": len(stats["vm_restarts"]), "remigrated": remigrated(stats),
-            "stderr": ""}
+            "failed_slot_s": failed_slot_seconds(stats, drain), "stderr": ""}
 
 
 async def amain(args: argparse.Namespace) -> int:
@@ -179,12 +184,13 @@ async def amain(args: argparse.Namespace) -> int:
           + (f", node {fail_nodes[0]} fails every migration it receives" if fail_nodes else ""))
     print(f"lower bound (migration-model.md 3.3): physical {lb.phys:.1f} s, pre-copy {lb.precopy:.1f} s "
           f"(busiest source {lb.busiest_source}, {lb.non_converging} VM(s) cannot converge by pre-copy)")
-    print(f"{'tool':<14} {'exit':>4} {'moved':>5} {'failed':>6} {'VMs off s':>9} {'/LB phys':>8} "
+    print(f"{'tool':<14} {'exit':>4} {'moved':>5} {'failed':>6} {'failed s':>8} {'VMs off s':>9} {'/LB phys':>8} "
           f"{'command s':>9} {'max infl':>8} {'API/mig':>7} {'Redis/mig':>9} {'restarts':>8} {'moved 2x':>8}")
     for r in (ours, theirs):
         ratio = (r["makespan_s"] / lb.phys) if r["makespan_s"] and lb.phys else float("nan")
         ms = f"{r['makespan_s']:.1f}" if r["makespan_s"] is not None else "-"
-        print(f"{r['tool']:<14} {r['exit_code']:>4} {r['moved']:>5} {r['failed']:>6} {ms:>9} {ratio:>8.2f} "
+        print(f"{r['tool']:<14} {r['exit_code']:>4} {r['moved']:>5} {r['failed']:>6} {r['failed_slot_s']:>8.0f} "
+              f"{ms:>9} {ratio:>8.2f} "
               f"{r['command_s']:>9.1f} {r['max_in_flight']:>8} {r['api_per_migration']:>7.1f} "
               f"{r['redis_per_migration']:>9.1f} {r['restarts']:>8} {r['remigrated']:>8}")
     if ours["makespan_s"] and theirs["makespan_s"]:

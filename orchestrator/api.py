@@ -36,7 +36,16 @@ from typing import Annotated, Any
 
 import structlog
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 from redis.exceptions import RedisError
 
 from orchestrator import keys
@@ -84,32 +93,54 @@ FINISHED_GRACE_S = 60.0
 NodeNameStr = Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=NODE_NAME_PATTERN)]
 
 
-def _bounded(name: str, description: str, *, default: int | None = None) -> Any:
-    """A numeric request field limited by ``REQUEST_BOUNDS`` (model.py), the ranges the CLI and the
-    DrainRequest type enforce too; the limits show up in the OpenAPI document."""
+def _integral(value: Any) -> Any:
+    """JSON has one number type: 403.0 is the integer 403 (JSON Schema says so too); 403.5 stays a float and is
+    refused by the strict integer field."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _range(name: str) -> Any:
+    """The bounds of a numeric request field from ``REQUEST_BOUNDS`` (model.py), the ranges the CLI and the
+    DrainRequest type enforce too; they show up in the OpenAPI document."""
     bound = REQUEST_BOUNDS[name]
-    return Field(default, ge=bound.low, le=bound.high, allow_inf_nan=False,
-                 description=f"{description} Range: {bound}.")
+    return Field(ge=bound.low, le=bound.high, allow_inf_nan=False)
+
+
+def _described(name: str, description: str, *, default: int | None = None) -> Any:
+    return Field(default, description=f"{description} Range: {REQUEST_BOUNDS[name]}.")
+
+
+ParallelNodes = Annotated[int, _range("max_parallel_nodes"), BeforeValidator(_integral)]
+CompletionPerGib = Annotated[int, _range("completion_timeout_per_gib"), BeforeValidator(_integral)]
+ProgressSeconds = Annotated[float, _range("progress_timeout_s")]
+PendingSeconds = Annotated[float, _range("pending_timeout_s")]
+Attempts = Annotated[int, _range("max_attempts"), BeforeValidator(_integral)]
 
 
 class DrainRequestBody(BaseModel):
     """A drain (or dry-run plan) request. Semantic checks (unknown nodes, capacity) come after the schema."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra={"examples": [
+        {"nodes": ["worker-01"]},
+        {"nodes": ["worker-02", "worker-03"], "max_parallel_nodes": 2, "order": "planner", "max_attempts": 5,
+         "pending_timeout_s": 300, "progress_timeout_s": 150, "completion_timeout_per_gib": 150}]})
 
-    nodes: list[NodeNameStr] = Field(min_length=1, max_length=MAX_REQUEST_NODES, description="Nodes to drain.")
-    max_parallel_nodes: int = _bounded("max_parallel_nodes", "Nodes drained at the same time.",
+    nodes: list[NodeNameStr] = Field(min_length=1, max_length=MAX_REQUEST_NODES, description="Nodes to drain.",
+                                     json_schema_extra={"uniqueItems": True})
+    max_parallel_nodes: ParallelNodes = _described("max_parallel_nodes", "Nodes drained at the same time.",
                                        default=1)
     order: NodeOrder = Field(NodeOrder.GIVEN, description="given: as listed; planner: least work first.")
     non_migratable: NonMigratablePolicy = Field(
         NonMigratablePolicy.BLOCK, description="block: refuse the drain if a VM cannot move; skip: leave it.")
-    completion_timeout_per_gib: int | None = _bounded(
+    completion_timeout_per_gib: CompletionPerGib | None = _described(
         "completion_timeout_per_gib", "Abort a migration after this many seconds per GiB of migration data.")
-    progress_timeout_s: float | None = _bounded(
+    progress_timeout_s: ProgressSeconds | None = _described(
         "progress_timeout_s", "Abort a migration that made no progress for this many seconds.")
-    pending_timeout_s: float | None = _bounded(
+    pending_timeout_s: PendingSeconds | None = _described(
         "pending_timeout_s", "Abort a migration still pending (target not scheduled) after this many seconds.")
-    max_attempts: int | None = _bounded("max_attempts", "Attempts per VM, the first included.")
+    max_attempts: Attempts | None = _described("max_attempts", "Attempts per VM, the first included.")
     uncordon_on_cancel: bool = Field(True, description="Uncordon the nodes when the drain is cancelled.")
 
     @field_validator("nodes")
@@ -398,6 +429,24 @@ class _Api:
                            headers={"WWW-Authenticate": 'Bearer realm="drainctl"'})
         if not hmac.compare_digest(given.strip().encode(), self._token):
             raise ApiError(403, "forbidden", "the bearer token is not valid for this API")
+        return await handler(request)
+
+    @web.middleware
+    async def known_query(self, request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """A query parameter the operation does not document is refused (422), not silently ignored: a typo
+        such as ``?uncordn=false`` must not cancel with the default."""
+        resource = request.match_info.route.resource
+        operation = self.openapi["paths"].get(resource.canonical if resource else "", {}).get(request.method.lower())
+        if operation is not None:
+            known = {p["name"] for p in operation.get("parameters", []) if p["in"] == "query"}
+            unknown = sorted(set(request.query) - known)
+            if unknown:
+                expected = ", ".join(sorted(known)) or "none"
+                raise ApiError(422, "invalid",
+                               f"unknown query parameter(s): {', '.join(unknown)} (expected: {expected})",
+                               {"problems": [{"field": name, "message": "unknown query parameter"}
+                                             for name in unknown]})
         return await handler(request)
 
     # --------------------------------------------------------------------------------------------- body
@@ -713,7 +762,7 @@ def build_app(service_factory: ServiceFactory, *, token: str, sse_block_ms: int 
     tests pass one that yields a service over their own Redis and simulated cluster."""
     api = _Api(service_factory, token=token, sse_block_ms=sse_block_ms, readiness_timeout_s=readiness_timeout_s)
     api.run_controller = controller
-    app = web.Application(middlewares=[api.errors, api.auth])
+    app = web.Application(middlewares=[api.errors, api.auth, api.known_query])
     app.cleanup_ctx.append(api.lifespan)
     app.on_shutdown.append(api.close_streams)
     app.router.add_post("/v1/drains", api.submit)
@@ -776,12 +825,15 @@ def openapi_document() -> dict[str, Any]:
                 "413": error("The body is larger than the server accepts (code too_large)."),
                 "415": error("The body is not sent as application/json (code unsupported_media_type; see "
                              "Accept-Post)."),
-                "422": error("Schema errors (code invalid, details.problems with field names) or an infeasible "
-                             "drain (code infeasible, details.problems from the planner)."),
+                "422": error("Schema errors or an unknown query parameter (code invalid, details.problems with "
+                             "field names) or an infeasible drain (code infeasible, details.problems from the "
+                             "planner)."),
                 **cluster_errors}
 
     def bad_query(names: str) -> dict[str, Any]:
-        return {"422": error(f"A bad {names} query parameter (code invalid, details.problems).")}
+        return {"422": error(f"A bad {names} query parameter or an unknown one (code invalid, details.problems).")}
+
+    unknown_query = {"422": error("An unknown query parameter (code invalid, details.problems).")}
 
     bearer: list[dict[str, list[str]]] = [{"bearerAuth": []}]
     paths: dict[str, Any] = {
@@ -847,7 +899,7 @@ def openapi_document() -> dict[str, Any]:
                                       "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                               "400": error("The drain id is malformed (code bad_drain_id) or Last-Event-ID / "
                                            "after is not an event id (code bad_header)."),
-                              **no_drain, **auth_errors, **unavailable},
+                              **no_drain, **unknown_query, **auth_errors, **unavailable},
             },
         },
         "/v1/plans": {
@@ -859,17 +911,20 @@ def openapi_document() -> dict[str, Any]:
             },
         },
         "/healthz": {"get": {"operationId": "healthz", "summary": "The process is up.",
-                             "responses": {"200": {"description": "Up.", "content": content("Health")}}}},
+                             "responses": {"200": {"description": "Up.", "content": content("Health")},
+                                           **unknown_query}}},
         "/readyz": {"get": {"operationId": "readyz", "summary": "Redis answers and the cluster is reachable.",
                             "responses": {"200": {"description": "Ready.", "content": content("Health")},
-                                          "503": {"description": "Not ready.", "content": content("Health")}}}},
+                                          "503": {"description": "Not ready.", "content": content("Health")},
+                                          **unknown_query}}},
         "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus metrics, read from Redis.",
                              "responses": {"200": {"description": "Prometheus text format.",
                                                    "content": {"text/plain": {"schema": {"type": "string"}}}},
-                                           **unavailable}}},
+                                           **unknown_query, **unavailable}}},
         "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document.",
                                   "responses": {"200": {"description": "OpenAPI 3.1.",
-                                                        "content": {"application/json": {"schema": {}}}}}}},
+                                                        "content": {"application/json": {"schema": {}}}},
+                                                  **unknown_query}}},
     }
     return {
         "openapi": "3.1.0",

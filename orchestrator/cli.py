@@ -672,6 +672,8 @@ def sim_serve(
     time_scale: Annotated[float, typer.Option(help="cluster seconds per wall second")] = 1.0,
     kubeconfig_out: Annotated[Path | None, typer.Option(help="write a kubeconfig for kubectl and drainctl")]
     = None,
+    admin_kubeconfig_out: Annotated[Path | None, typer.Option(
+        help="write a kubeconfig whose token alone may read the ground truth (/sim/v1/*)")] = None,
     token: Annotated[str | None, typer.Option(help="bearer token (default: a random one, written to the "
                                                    "kubeconfig)")] = None,
     prometheus_port: Annotated[int | None, typer.Option(
@@ -696,13 +698,16 @@ def sim_serve(
     async def serve() -> None:
         try:
             async with running_cluster(loaded, time_scale=time_scale, token=bearer, host=host, port=port,
-                                       kubeconfig_out=kubeconfig_out, prometheus_port=prometheus_port) as rc:
+                                       kubeconfig_out=kubeconfig_out, admin_kubeconfig_out=admin_kubeconfig_out,
+                                       prometheus_port=prometheus_port) as rc:
                 summary = loaded.summary()
                 print(f"simulated cluster {loaded.name} (seed {loaded.seed}) at {rc.url}, time scale "
                       f"{time_scale:g}: {summary.get('nodes')} nodes, {summary.get('vms')} VMs", flush=True)
                 if kubeconfig_out:
                     print(f"kubeconfig: {kubeconfig_out}  (kubectl --kubeconfig {kubeconfig_out} get nodes)",
                           flush=True)
+                if admin_kubeconfig_out:
+                    print(f"admin kubeconfig (ground truth, /sim/v1/*): {admin_kubeconfig_out}", flush=True)
                 if rc.prometheus_url:
                     print(f"prometheus: {rc.prometheus_url}  (bearer: the kubeconfig's token)", flush=True)
                 await asyncio.Event().wait()

@@ -156,7 +156,8 @@ async def run_demo(*, scenario: str = "small", seed: int | None = None, time_sca
                 if report is not None:
                     await asyncio.to_thread(report.write_text, render_html(view), encoding="utf-8")
                     say(f"report written to {report}")
-                truth = rc.cluster.stats()
+                async with rc.admin() as admin:  # the ground truth needs the simulator's admin token
+                    truth = await admin.stats()
                 if console is not None:
                     _print_truth(console, truth, view)
             finally:

@@ -4,6 +4,11 @@ What it promises:
 - `MigrationMetricsReader.read(namespace=None)` returns one `VMIMigrationMetrics` per VMI whose migration
   Prometheus reports now (KubeVirt's virt-handler exports the series only while a transfer runs), keyed by
   `(namespace, name)`. One instant query per call (`/api/v1/query`, a regex on the five metric names).
+- `MigrationMetricsReader.guest_dirty_rates(namespace=None)` returns each running VMI's guest dirty rate outside
+  migrations (`kubevirt_vmi_dirty_rate_bytes_per_second`), what a plan can use to expect hard VMs.
+- `MigrationMetricsReader.history(namespace, name, end=..., window_s=...)` returns one VMI's samples over the
+  window before `end` (Prometheus time: take `VMIMigrationMetrics.at`), one range query
+  (`/api/v1/query_range`), so a stateless job can judge a trend without keeping samples itself.
 - It works without Prometheus: with no URL configured it returns `{}` without any I/O; when Prometheus is
   unreachable, refuses the token or answers an error it returns `{}` too, logs `prometheus.unavailable`
   once (warning) and `prometheus.recovered` once when it answers again, never an error per call.
@@ -24,9 +29,10 @@ from typing import Any
 import aiohttp
 import structlog
 
+from orchestrator.convergence import Sample
 from orchestrator.settings import Settings
 
-__all__ = ["METRICS", "MigrationMetricsReader", "VMIMigrationMetrics"]
+__all__ = ["METRICS", "MigrationHistory", "MigrationMetricsReader", "VMIMigrationMetrics"]
 
 log = structlog.get_logger("orchestrator.prometheus")
 
@@ -39,6 +45,8 @@ METRICS: Mapping[str, str] = {
     "kubevirt_vmi_migration_dirty_memory_rate_bytes": "dirty_rate_bytes_per_s",
 }
 _NAME_REGEX = "|".join(re.escape(name) for name in METRICS)
+GUEST_DIRTY_RATE = "kubevirt_vmi_dirty_rate_bytes_per_second"
+"""The guest's dirty rate outside migrations (virt-handler domainstats/dirty_rate_metrics.go)."""
 
 
 @dataclass(frozen=True)
@@ -102,12 +110,49 @@ class MigrationMetricsReader:
             return {}
         return parse_vector(body)
 
-    async def _query(self, query: str) -> dict[str, Any] | None:
+    async def guest_dirty_rates(self, *, namespace: str | None = None) -> dict[tuple[str, str], float]:
+        """Each running VMI's guest dirty rate in bytes/s (`kubevirt_vmi_dirty_rate_bytes_per_second`, exported by
+        virt-handler for VMIs that are not migrating); `{}` when there are none or Prometheus cannot be read."""
+        if self.url is None:
+            return {}
+        query = GUEST_DIRTY_RATE if namespace is None else f'{GUEST_DIRTY_RATE}{{namespace="{_quote(namespace)}"}}'
+        body = await self._query(query)
+        if body is None or (body.get("data") or {}).get("resultType") != "vector":
+            return {}
+        out: dict[tuple[str, str], float] = {}
+        for item in body["data"].get("result") or []:
+            metric = item.get("metric") or {}
+            try:
+                value = float((item.get("value") or [0, "nan"])[1])
+            except (TypeError, ValueError):
+                continue
+            if metric.get("namespace") and metric.get("name") and math.isfinite(value):
+                out[(metric["namespace"], metric["name"])] = value
+        return out
+
+    async def history(self, namespace: str, name: str, *, end: float, window_s: float = 60.0,
+                      step_s: float = 5.0) -> MigrationHistory | None:
+        """One VMI's migration samples in [end - window_s, end], every step_s; None when there are none or
+        Prometheus cannot be read."""
+        if self.url is None:
+            return None
+        if not (window_s > 0 and step_s > 0):
+            raise ValueError(f"window_s and step_s must be > 0, got {window_s} and {step_s}")
+        query = f'{{__name__=~"{_NAME_REGEX}",namespace="{_quote(namespace)}",name="{_quote(name)}"}}'
+        body = await self._query(query, path="query_range",
+                                 extra={"start": f"{end - window_s:.3f}", "end": f"{end:.3f}", "step": f"{step_s:g}"})
+        if body is None:
+            return None
+        return parse_matrix(body, namespace, name)
+
+    async def _query(self, query: str, *, path: str = "query",
+                     extra: Mapping[str, str] | None = None) -> dict[str, Any] | None:
         assert self.url is not None
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
+        params = {"query": query, **(extra or {})}
         try:
-            async with self._session.get(f"{self.url}/api/v1/query", params={"query": query}) as resp:
+            async with self._session.get(f"{self.url}/api/v1/{path}", params=params) as resp:
                 if resp.status != 200:
                     text = (await resp.text())[:300]
                     self._failed(f"HTTP {resp.status}: {text.strip()}")
@@ -130,6 +175,51 @@ class MigrationMetricsReader:
             log.warning("prometheus.unavailable", url=self.url, reason=reason,
                         effect="migration metrics are not used until Prometheus answers again")
         return None
+
+
+@dataclass(frozen=True)
+class MigrationHistory:
+    """One VMI's migration samples from a range query: (Prometheus time, value) per metric, oldest first."""
+
+    namespace: str
+    name: str
+    data_total_bytes: tuple[tuple[float, float], ...] = ()
+    data_processed_bytes: tuple[tuple[float, float], ...] = ()
+    data_remaining_bytes: tuple[tuple[float, float], ...] = ()
+    transfer_rate_bytes_per_s: tuple[tuple[float, float], ...] = ()
+    dirty_rate_bytes_per_s: tuple[tuple[float, float], ...] = ()
+
+    def samples(self) -> list[Sample]:
+        """The instants where remaining bytes, transfer rate and dirty rate are all known, for `judge`."""
+        transfer = dict(self.transfer_rate_bytes_per_s)
+        dirty = dict(self.dirty_rate_bytes_per_s)
+        return [Sample(t=t, remaining_bytes=v, transfer_rate=transfer[t], dirty_rate=dirty[t])
+                for t, v in self.data_remaining_bytes if t in transfer and t in dirty]
+
+
+def parse_matrix(body: Mapping[str, Any], namespace: str, name: str) -> MigrationHistory | None:
+    """Prometheus's range-query JSON for one VMI -> its history; None when no series came back."""
+    data = body.get("data") or {}
+    if data.get("resultType") != "matrix":
+        return None
+    fields: dict[str, tuple[tuple[float, float], ...]] = {}
+    for item in data.get("result") or []:
+        metric = item.get("metric") or {}
+        attr = METRICS.get(metric.get("__name__", ""))
+        if attr is None or metric.get("namespace") != namespace or metric.get("name") != name:
+            continue
+        points = []
+        for pair in item.get("values") or []:
+            try:
+                t, v = float(pair[0]), float(pair[1])
+            except (TypeError, ValueError, IndexError):
+                continue
+            if math.isfinite(v):
+                points.append((t, v))
+        fields[attr] = tuple(sorted(points))
+    if not fields:
+        return None
+    return MigrationHistory(namespace=namespace, name=name, **fields)
 
 
 def _quote(value: str) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import secrets
 import tempfile
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -15,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simulator import objects
+from simulator import objects, policies
+from simulator.admin import SimAdmin
 from simulator.clock import SimClock
 from simulator.errors import ApiError
 from simulator.faults import Faults, FaultsBody
 from simulator.kubevirt import DEFAULT_MIGRATIONS, KubeVirtSim, NetworkModel, VMInfo, vmi_key
 from simulator.physics import VMPhysics
+from simulator.policies import MIGRATION_POLICIES
 from simulator.prometheus import MigrationMetrics, serve_prometheus
 from simulator.resources import (
     DAEMONSETS,
@@ -41,13 +45,20 @@ class SimCluster:
     """A whole simulated cluster. Call `run()` (or use `running_cluster`) to let time pass."""
 
     def __init__(self, scenario: Scenario, *, time_scale: float = 1.0, token: str | None = None,
-                 history: int = 100_000, tick_s: float = 0.02, clock: SimClock | None = None) -> None:
+                 admin_token: str | None = None, history: int = 100_000, tick_s: float = 0.02,
+                 clock: SimClock | None = None) -> None:
         self.scenario = scenario
         self.clock = clock or SimClock(time_scale)
         self.registry = Registry()
+        self.registry.add(MIGRATION_POLICIES)
         self.store = Store(self.registry, now=self.clock.now, history=history, seed=scenario.seed)
+        self.store.add_admission(functools.partial(policies.admit, self.store))
         self.faults = Faults()
         self.token = token
+        # /sim/v1/* (ground truth, physics, faults) answers this token only; never the cluster token.
+        self.admin_token = admin_token or secrets.token_hex(16)
+        if self.admin_token == token:
+            raise ValueError("the admin token must differ from the cluster token")
         self.tick_s = tick_s
         self.api_requests: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.ips = objects.IpAllocator()
@@ -211,39 +222,55 @@ class RunningCluster:
     kubeconfig: Path | None
     prometheus_url: str | None = None
     """The Prometheus HTTP API with KubeVirt's migration metrics, when asked for (plain HTTP, same token)."""
+    admin_kubeconfig: Path | None = None
+    ca_data: bytes | None = None
+
+    def admin(self) -> SimAdmin:
+        """A client for `/sim/v1/*` with the admin token (close it, or use it with `async with`)."""
+        return SimAdmin(self.url, self.cluster.admin_token, ca_data=self.ca_data)
+
+    async def stats(self) -> dict[str, Any]:
+        """GET /sim/v1/stats over HTTP with the admin token."""
+        async with self.admin() as admin:
+            return await admin.stats()
 
 
 @contextlib.asynccontextmanager
 async def running_cluster(scenario: Scenario, *, time_scale: float = 1.0, token: str | None = None,
                           host: str = "127.0.0.1", port: int = 0, kubeconfig_out: Path | None = None,
+                          admin_kubeconfig_out: Path | None = None, admin_token: str | None = None,
                           tls: bool | None = None, prometheus_port: int | None = None
                           ) -> AsyncIterator[RunningCluster]:
     """Serve `scenario` and run its controllers for the duration of the block.
 
     With a token the server speaks HTTPS with a self-signed certificate (written into the kubeconfig):
-    kubectl never sends a bearer token over plain HTTP."""
+    kubectl never sends a bearer token over plain HTTP. `admin_kubeconfig_out` gets a second kubeconfig whose
+    token alone may read the ground truth (`/sim/v1/*`); `RunningCluster.admin()` is its client."""
     from simulator import server  # the server sees this module's types only through its Protocol
 
     use_tls = token is not None if tls is None else tls
-    cluster = SimCluster(scenario, time_scale=time_scale, token=token)
+    cluster = SimCluster(scenario, time_scale=time_scale, token=token, admin_token=admin_token)
     with tempfile.TemporaryDirectory(prefix="drainctl-sim-") as tmp:
         files = server.self_signed_tls(tmp, hosts=(host, "localhost")) if use_tls else None
         runner, bound = await server.serve(cluster, host=host, port=port,
                                            ssl_context=files.ssl_context() if files else None)
         url = f"{'https' if files else 'http'}://{host}:{bound}"
+        ca_data = files.ca_data() if files else None
         if kubeconfig_out is not None:
-            server.write_kubeconfig(kubeconfig_out, server_url=url, token=token,
-                                    ca_data=files.ca_data() if files else None)
+            server.write_kubeconfig(kubeconfig_out, server_url=url, token=token, ca_data=ca_data)
+        if admin_kubeconfig_out is not None:
+            server.write_kubeconfig(admin_kubeconfig_out, server_url=url, token=cluster.admin_token,
+                                    ca_data=ca_data, name="drainctl-sim-admin")
         prom_runner = None
         prom_url = None
         if prometheus_port is not None:
             prom_runner, prom_bound = await serve_prometheus(
                 cluster.metrics.series, now=cluster.clock.now, host=host, port=prometheus_port,
-                tokens=lambda: (cluster.token, getattr(cluster, "admin_token", None)))
+                tokens=lambda: (cluster.token, cluster.admin_token))
             prom_url = f"http://{host}:{prom_bound}"
         task = asyncio.create_task(cluster.run(), name="sim-controllers")
         try:
-            yield RunningCluster(cluster, url, bound, kubeconfig_out, prom_url)
+            yield RunningCluster(cluster, url, bound, kubeconfig_out, prom_url, admin_kubeconfig_out, ca_data)
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -34,6 +34,7 @@ from simulator.clock import SimClock
 from simulator.errors import ApiError
 from simulator.faults import Faults
 from simulator.physics import Flow, MonitorConfig, Transfer, VMPhysics, fair_share
+from simulator.policies import resolve_migration_config, vmim_options
 from simulator.quantity import to_bytes
 from simulator.resources import EVENTS, KUBEVIRTS, NODES, PDBS, PODS, VMIMS, VMIS, VMS, ResourceType
 from simulator.scenarios import default_migrations
@@ -130,6 +131,8 @@ class Migration:
     record: dict[str, Any] = field(default_factory=dict)
     rate: float = 0.0
     """Bytes/s the transfer got in the last step (libvirt's memory transfer rate)."""
+    options: dict[str, Any] | None = None
+    """The effective migration configuration fixed at hand-off (cluster config + matched MigrationPolicy)."""
 
     @property
     def key(self) -> str:
@@ -498,7 +501,7 @@ class KubeVirtSim:
             "labels": dict(meta.get("labels") or {}),
             "source": None, "target": None, "created_s": self._rel(now), "started_s": None,
             "finished_s": None, "phase": "Pending", "failure_reason": None, "bytes_sent": 0,
-            "downtime_s": None, "mode": None,
+            "downtime_s": None, "mode": None, "migration_policy": None,
         }
         self.records.append(mig.record)
         self._by_name[mig.key] = mig
@@ -559,7 +562,9 @@ class KubeVirtSim:
             running = [m for m in self.active.values() if m.transfer is not None and m.complete_at is None
                        and m.transfer.phase in ("precopy", "postcopy", "paused")]
             shares = self._bandwidth(running)
-            horizon = min(t1, self._next_deadline(now), *(p.next_at for p in self.probes))
+            horizon = min(t1, self._next_deadline(now))
+            if running:  # probes sample transfers: stop at their instants only while one runs
+                horizon = min([horizon, *(p.next_at for p in self.probes)])
             for mig, bw in zip(running, shares, strict=True):
                 assert mig.transfer is not None
                 horizon = min(horizon, now + max(mig.transfer.next_event_in(bw), 1e-6))
@@ -605,8 +610,9 @@ class KubeVirtSim:
             assert mig.source is not None and mig.target is not None
             info = self.vm_info(vmi_key(mig.namespace, mig.vmi))
             cap = math.inf
-            if cap_cfg > 0:
-                cap = float(cap_cfg)
+            own = cap_cfg if mig.options is None else to_bytes(mig.options.get("bandwidthPerMigration") or 0)
+            if own > 0:
+                cap = float(own)
             if not info.multifd:
                 cap = min(cap, self.network.single_stream_bytes_per_s)
             flows.append(Flow(source=mig.source, target=mig.target, cap=cap))
@@ -882,6 +888,12 @@ class KubeVirtSim:
         if target_pod is None:
             self._finish(mig, now, "Failed", "Migration target pod was removed during active migration.")
             return
+        vmi = self.store.get(VMIS, mig.namespace, mig.vmi)
+        policy: str | None = None
+        mig.options = vmim_options(cfg)
+        if vmi is not None:
+            mig.options, policy = resolve_migration_config(self.store, vmi, cfg, target_node=mig.target)
+        mig.record["migration_policy"] = policy
         state = {
             "migrationUid": mig.uid,
             "sourceNode": mig.source,
@@ -889,12 +901,11 @@ class KubeVirtSim:
             "targetNode": mig.target,
             "targetPod": mig.target_pod,
             "targetNodeDomainDetected": False,
-            "migrationConfiguration": {k: cfg[k] for k in (
-                "allowAutoConverge", "allowPostCopy", "bandwidthPerMigration", "completionTimeoutPerGiB",
-                "progressTimeout", "parallelMigrationsPerCluster", "parallelOutboundMigrationsPerNode",
-                "nodeDrainTaintKey", "unsafeMigrationOverride") if k in cfg},
+            "migrationConfiguration": dict(mig.options),
             "migrationNetworkType": "Migration" if cfg.get("network") else "Pod",
         }
+        if policy is not None:
+            state["migrationPolicyName"] = policy
         uid = target_pod["metadata"]["uid"]
 
         def apply(o: Obj) -> None:
@@ -908,8 +919,8 @@ class KubeVirtSim:
         self._event(self.store.get(VMIMS, mig.namespace, mig.name), "SuccessfulHandOver",
                     "Migration target pod is ready for preparation by virt-handler.")
 
-    def _monitor_config(self) -> MonitorConfig:
-        cfg = self.config()
+    def _monitor_config(self, mig: Migration) -> MonitorConfig:
+        cfg = mig.options if mig.options is not None else self.config()
         workload = cfg.get("allowWorkloadDisruption")
         return MonitorConfig(
             downtime_s=float(cfg.get("maxDowntimeMs") or 300) / 1000.0,
@@ -925,7 +936,7 @@ class KubeVirtSim:
 
     def _start_transfer(self, mig: Migration, now: float) -> None:
         info = self.vm_info(vmi_key(mig.namespace, mig.vmi))
-        mig.transfer = Transfer(info.physics, self._monitor_config(), started_at=now)
+        mig.transfer = Transfer(info.physics, self._monitor_config(mig), started_at=now)
         mig.record["started_s"] = self._rel(now)
         mig.record["mode"] = "PreCopy"
 

@@ -12,6 +12,9 @@ What it promises:
   Scrape-target labels are added as the ServiceMonitor virt-operator installs would add them with
   `honorLabels: true` (`container`, `endpoint`, `instance`, `job`, `pod`, `service`). A series ends when its
   migration's transfer ends: Prometheus marks it stale and an instant query no longer returns it.
+- `kubevirt_vmi_dirty_rate_bytes_per_second` (domainstats/dirty_rate_collector.go, dirty_rate_metrics.go): the
+  guest dirty rate of every Running VMI that is not migrating, libvirt's 1-second calculation in whole MiB/s,
+  read from the cluster's state at query time (a range query repeats the current value).
 - `PrometheusApi` serves `/api/v1/query` (instant) and `/api/v1/query_range` (GET or form POST) for instant
   vector selectors: a metric name and/or label matchers `=`, `!=`, `=~`, `!~` (regexes fully anchored, as
   Prometheus anchors them), answering Prometheus's JSON exactly (`{"status":"success","data":{"resultType":
@@ -41,7 +44,7 @@ import structlog
 from aiohttp import web
 
 from simulator.kubevirt import KubeVirtSim, Migration, vmi_key
-from simulator.resources import PODS
+from simulator.resources import PODS, VMIS
 from simulator.store import Store
 
 __all__ = [
@@ -72,6 +75,9 @@ DATA_REMAINING = "kubevirt_vmi_migration_data_remaining_bytes"
 TRANSFER_RATE = "kubevirt_vmi_migration_memory_transfer_rate_bytes"
 DIRTY_RATE = "kubevirt_vmi_migration_dirty_memory_rate_bytes"
 METRIC_NAMES = (DATA_TOTAL, DATA_PROCESSED, DATA_REMAINING, TRANSFER_RATE, DIRTY_RATE)
+GUEST_DIRTY_RATE = "kubevirt_vmi_dirty_rate_bytes_per_second"
+"""The guest's dirty rate outside migrations (domainstats/dirty_rate_metrics.go), libvirt's 1 s calculation."""
+_MIB = 1024 * 1024
 
 # What the ServiceMonitor virt-operator installs (components/prometheus.go) adds to each series.
 _SERVICE = "kubevirt-prometheus-metrics"
@@ -95,6 +101,24 @@ class SeriesStore:
     def __init__(self, *, retention_s: float = RETENTION_S) -> None:
         self.retention_s = retention_s
         self._series: dict[LabelSet, Series] = {}
+        self._live: dict[str, Callable[[], Iterable[tuple[dict[str, str], float]]]] = {}
+
+    def add_live(self, name: str, provider: Callable[[], Iterable[tuple[dict[str, str], float]]]) -> None:
+        """A metric family read from the cluster's current state when queried instead of stored: for gauges
+        of many series whose value only changes with the state (a query for a past time gets the current
+        state)."""
+        self._live[name] = provider
+
+    def _live_rows(self, selector: Selector) -> list[tuple[dict[str, str], float]]:
+        rows = []
+        for name, provider in self._live.items():
+            if not selector.may_match_name(name):
+                continue
+            for labels, value in provider():
+                full = dict(sorted({"__name__": name, **labels}.items()))
+                if selector.matches(full):
+                    rows.append((full, value))
+        return rows
 
     def append(self, labels: Mapping[str, str], t: float, value: float) -> None:
         key = tuple(sorted(labels.items()))
@@ -128,6 +152,7 @@ class SeriesStore:
             value = _value_at(series, at)
             if value is not None:
                 out.append((series.labels, value))
+        out.extend(self._live_rows(selector))
         out.sort(key=lambda item: sorted(item[0].items()))
         return out
 
@@ -146,6 +171,8 @@ class SeriesStore:
                     points.append((t, value))
             if points:
                 out.append((series.labels, points))
+        out.extend((labels, [(start + i * step, value) for i in range(n)])
+                   for labels, value in self._live_rows(selector))
         out.sort(key=lambda item: sorted(item[0].items()))
         return out
 
@@ -181,14 +208,17 @@ class MigrationMetrics:
         self.series = SeriesStore(retention_s=retention_s)
         self.next_at = start
         self.polls = 0
+        self._labels_of: dict[str, dict[str, str]] = {}  # migration uid -> its series' labels
+        self.series.add_live(GUEST_DIRTY_RATE, self._guest_dirty_rates)
 
     def observe(self, now: float) -> None:
         keep: set[LabelSet] = set()
+        labels_of: dict[str, dict[str, str]] = {}
         for mig in list(self.kubevirt.active.values()):
             tr = mig.transfer
             if tr is None or tr.finished or mig.complete_at is not None:
                 continue
-            base = self._labels(mig)
+            base = labels_of[mig.uid] = self._labels_of.get(mig.uid) or self._labels(mig)
             physics = self.kubevirt.vm_info(vmi_key(mig.namespace, mig.vmi)).physics
             values = {
                 DATA_TOTAL: float(physics.memory_bytes),
@@ -201,6 +231,7 @@ class MigrationMetrics:
                 labels = {"__name__": name, **base}
                 self.series.append(labels, now, value)
                 keep.add(SeriesStore.key(labels))
+        self._labels_of = labels_of
         self.series.mark_stale(keep, now)
         self.polls += 1
         # the next poll instant strictly after now, on the fixed grid
@@ -208,14 +239,39 @@ class MigrationMetrics:
         self.next_at += max(1, steps) * self.interval_s
 
     def _labels(self, mig: Migration) -> dict[str, str]:
-        node = mig.source or ""
-        labels = {"namespace": mig.namespace, "name": mig.vmi, "node": node,
+        return self._vmi_labels(mig.namespace, mig.vmi, mig.source or "", {})
+
+    def _vmi_labels(self, namespace: str, name: str, node: str,
+                    handlers: dict[str, tuple[str, str] | None]) -> dict[str, str]:
+        labels = {"namespace": namespace, "name": name, "node": node,
                   "container": "virt-handler", "endpoint": "metrics", "job": _SERVICE, "service": _SERVICE}
-        handler = self._virt_handler(node)
+        if node not in handlers:
+            handlers[node] = self._virt_handler(node)
+        handler = handlers[node]
         if handler is not None:
             labels["pod"] = handler[0]
             labels["instance"] = f"{handler[1]}:{_METRICS_PORT}"
         return labels
+
+    def _guest_dirty_rates(self) -> list[tuple[dict[str, str], float]]:
+        """kubevirt_vmi_dirty_rate_bytes_per_second for every Running VMI not in a started migration
+        (dirty_rate_collector.go filterDirtyRateEligible): libvirt counts the distinct pages dirtied in a 1 s
+        calculation, reported in whole MiB/s."""
+        rows = []
+        handlers: dict[str, tuple[str, str] | None] = {}
+        for vmi in self.store.iter(VMIS):
+            status = vmi.get("status") or {}
+            state = status.get("migrationState") or {}
+            if status.get("phase") != "Running" or (state.get("startTimestamp") and not state.get("completed")
+                                                     and not state.get("failed")):
+                continue
+            meta = vmi["metadata"]
+            physics = self.kubevirt.vm_info(vmi_key(meta["namespace"], meta["name"]), vmi).physics
+            per_second = min(physics.dirty_bytes_per_s, float(physics.wws_bytes))
+            value = float(int(per_second // _MIB) * _MIB)
+            rows.append((self._vmi_labels(meta["namespace"], meta["name"], status.get("nodeName") or "", handlers),
+                         value))
+        return rows
 
     def _virt_handler(self, node: str) -> tuple[str, str] | None:
         for pod in self.store.on_node(PODS, node):
@@ -258,6 +314,11 @@ class Selector:
 
     def matches(self, labels: Mapping[str, str]) -> bool:
         return all(m.matches(labels) for m in self.matchers)
+
+    def may_match_name(self, name: str) -> bool:
+        """Whether the metric-name matchers allow `name` (the other labels are not looked at)."""
+        probe = {"__name__": name}
+        return all(m.matches(probe) for m in self.matchers if m.name == "__name__")
 
 
 _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")

@@ -3,6 +3,9 @@
 Promises, so that the real `kubectl` v1.32 and the real kubernetes-asyncio client work unchanged:
 - bearer-token authentication on every path except /healthz, /livez, /readyz and /version (401 Status
   otherwise); /version reports v1.32 (the installed kubectl is a dispatcher that picks its build from it);
+- the simulator's own endpoints (`/sim/v1/*`: ground truth, hidden physics, faults) answer only the admin
+  token (`ClusterLike.admin_token`); the cluster token, or none, gets 403 there, as a real cluster shows no
+  such thing to anyone;
 - discovery from the registry: /api, /apis, /apis/<g>, /api/v1, /apis/<g>/<v> as legacy lists (subresources
   such as pods/eviction and */status included), and aggregated discovery (apidiscovery.k8s.io/v2 or v2beta1)
   when the Accept header asks for it; /openapi/* answer 404 (so kubectl needs --validate=false);
@@ -74,6 +77,9 @@ KUBE_VERSION: Obj = {
     "compiler": "gc",
     "platform": "linux/amd64",
 }
+ADMIN = "sim:admin"
+CLUSTER_USER = "sim:cluster-admin"
+ANONYMOUS = "system:anonymous"
 UNAUTHENTICATED_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/version"})
 BOOKMARK_INTERVAL_S = 1.0
 _IDLE_TICK_S = 1.0
@@ -96,6 +102,10 @@ class ClusterLike(Protocol):
     clock: SimClock
     faults: Faults
     token: str | None
+
+    @property
+    def admin_token(self) -> str | None:
+        """The token that alone may use /sim/v1/* (None: nobody may)."""
 
     def record_request(self, verb: str, resource: str) -> None:
         """Ground truth: one API request, by verb (get/list/watch/create/update/patch/delete/
@@ -211,8 +221,11 @@ class ApiServer:
                 if path == "/version":
                     return json_response(KUBE_VERSION)
                 return web.Response(text="ok", content_type="text/plain")
-            self._authenticate(request)
+            principal = self._authenticate(request)
             if path == "/sim" or path.startswith("/sim/"):
+                if principal != ADMIN:
+                    raise ApiError(403, f'forbidden: User "{principal}" cannot use the simulator\'s ground truth '
+                                        "(/sim/v1/*): it needs the admin kubeconfig", details={})
                 return await self._sim(request)
             return await self._api(request)
         except ApiError as exc:
@@ -226,14 +239,20 @@ class ApiServer:
         for watcher in list(self._watchers):
             self.cluster.store.unwatch(watcher)
 
-    def _authenticate(self, request: web.Request) -> None:
-        token = self.cluster.token
-        if token is None:
-            return
+    def _authenticate(self, request: web.Request) -> str:
+        """The user a request speaks for: ADMIN, CLUSTER_USER or ANONYMOUS; 401 for an unknown token."""
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or given.strip() != token:
+        given = given.strip() if scheme.lower() == "bearer" else ""
+        admin = self.cluster.admin_token
+        if admin is not None and given == admin:
+            return ADMIN
+        token = self.cluster.token
+        if token is None:
+            return ANONYMOUS
+        if given != token:
             raise ApiError(401, "Unauthorized")
+        return CLUSTER_USER
 
     # ------------------------------------------------------------------------------------------ /sim/v1
     async def _sim(self, request: web.Request) -> web.Response:
@@ -1029,10 +1048,9 @@ def self_signed_tls(directory: str | os.PathLike[str], *,
 
 
 def write_kubeconfig(path: str | os.PathLike[str], *, server_url: str, token: str | None,
-                     namespace: str = "default", ca_data: bytes | None = None) -> None:
+                     namespace: str = "default", ca_data: bytes | None = None, name: str = "drainctl-sim") -> None:
     """Write a kubeconfig that points kubectl and kubernetes-asyncio at `server_url`; `ca_data` (PEM) is
-    the certificate authority to trust for an https URL."""
-    name = "drainctl-sim"
+    the certificate authority to trust for an https URL; `name` names its cluster, user and context."""
     cluster: Obj = {"server": server_url}
     if ca_data is not None:
         cluster["certificate-authority-data"] = base64.b64encode(ca_data).decode()

@@ -2,7 +2,8 @@
 
 Each test gets its own Redis database flushed first (`tests.redis_db`, `DRAIN_TEST_REDIS_URL`), its own queue name,
 and a simulated cluster served from the test's event loop; worker processes talk to it over HTTP exactly as
-they would to a real cluster. Assertions read the simulator's ground truth (`cluster.stats()`).
+they would to a real cluster. Assertions read the simulator's ground truth over HTTP with the admin kubeconfig
+(`await env.stats()`); the workers only ever get the cluster kubeconfig, which gets 403 on `/sim/v1/*`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from orchestrator.kube import Kube
 from orchestrator.service import DrainService
 from orchestrator.settings import Settings
 from simulator import scenarios
+from simulator.admin import SimAdmin
 from simulator.cluster import RunningCluster, running_cluster
 from tests import redis_db
 from tests.redis_db import claimed_db
@@ -43,6 +45,7 @@ class Env:
 
     rc: RunningCluster
     kubeconfig: Path
+    admin_kubeconfig: Path
     settings: Settings
     env: dict[str, str]
     redis: ArqRedis
@@ -55,8 +58,15 @@ class Env:
     def cluster(self) -> Any:
         return self.rc.cluster
 
-    def stats(self) -> dict[str, Any]:
-        return dict(self.rc.cluster.stats())
+    async def stats(self) -> dict[str, Any]:
+        """GET /sim/v1/stats with the admin credentials."""
+        async with SimAdmin.from_kubeconfig(self.admin_kubeconfig) as admin:
+            return await admin.stats()
+
+    async def faults(self, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """POST /sim/v1/faults `body` (GET the faults in force when None) with the admin credentials."""
+        async with SimAdmin.from_kubeconfig(self.admin_kubeconfig) as admin:
+            return await admin.faults(body)
 
     def start_workers(self, n: int) -> list[subprocess.Popen[bytes]]:
         started = []
@@ -121,16 +131,17 @@ def cluster_env(tmp_path: Path) -> EnvFactory:
                    extra_env: dict[str, str] | None) -> AsyncIterator[Env]:
         sc = scenarios.builtin(scenario) if isinstance(scenario, str) else scenario
         kubeconfig = tmp_path / "kubeconfig.yaml"
+        admin_kubeconfig = tmp_path / "admin-kubeconfig.yaml"
         queue = f"drainctl-test-{secrets.token_hex(4)}"
         async with running_cluster(sc, time_scale=time_scale, token=secrets.token_hex(8),
-                                   kubeconfig_out=kubeconfig) as rc:
+                                   kubeconfig_out=kubeconfig, admin_kubeconfig_out=admin_kubeconfig) as rc:
             env = {k: v for k, v in os.environ.items() if not k.startswith("DRAIN_")}
             env.update(KUBECONFIG=str(kubeconfig), DRAIN_REDIS_URL=redis_url, DRAIN_TIME_SCALE=str(time_scale),
                        DRAIN_QUEUE_NAME=queue, HOME=str(tmp_path), PYTHONUNBUFFERED="1")
             env.update(extra_env or {})
             settings = Settings.from_env(env)
             redis = await create_pool(RedisSettings.from_dsn(redis_url))
-            e = Env(rc, kubeconfig, settings, env, redis, tmp_path)
+            e = Env(rc, kubeconfig, admin_kubeconfig, settings, env, redis, tmp_path)
             try:
                 if workers:
                     e.start_workers(workers)

@@ -59,7 +59,7 @@ async def test_drain_one_node_empties_it_within_limits(cluster_env: EnvFactory) 
         view = json.loads(result.stdout)
         assert view["phase"] == "Succeeded"
         assert vmis_on(env, node) == []
-        stats = env.stats()
+        stats = await env.stats()
         assert_limits(stats)
         ours = [m for m in stats["migrations"] if m["labels"].get("drainctl.io/drain-id") == view["id"]]
         assert {m["vmi"] for m in ours if m["phase"] == "Succeeded"} == set(before)
@@ -87,7 +87,7 @@ async def test_three_nodes_two_in_parallel(cluster_env: EnvFactory) -> None:
         assert all(n["phase"] == "Drained" for n in view["nodes"].values())
         for node in nodes:
             assert vmis_on(env, node) == []
-        stats = env.stats()
+        stats = await env.stats()
         assert_limits(stats)
         # Nodes of the drain never receive VMs of the drain (they were all cordoned up front).
         assert not [m for m in stats["migrations"] if m["target"] in nodes]
@@ -103,10 +103,10 @@ async def test_failing_target_is_never_retried(cluster_env: EnvFactory) -> None:
         sc = env.cluster.scenario
         node = sc.drain_hint[0]
         bad = [n.name for n in sc.nodes if not n.control_plane and n.name != node][:2]
-        env.cluster.apply_faults(_faults({"fail_migrations_to": bad}))
+        await env.faults({"fail_migrations_to": bad})
         result = await env.adrainctl("drain", node, "--wait", "-o", "json", timeout_s=280)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:] + env.worker_logs()
-        stats = env.stats()
+        stats = await env.stats()
         failed = [m for m in stats["migrations"] if m["phase"] == "Failed"]
         assert failed, "the faulty nodes were never tried: the test proves nothing"
         assert all(m["target"] in bad for m in failed)
@@ -128,12 +128,6 @@ async def test_failing_target_is_never_retried(cluster_env: EnvFactory) -> None:
             assert attempts[-1]["phase"] == "Succeeded"
             assert attempts[-1]["target"] not in bad
         assert_limits(stats)
-
-
-def _faults(body: dict[str, Any]) -> Any:
-    from simulator.faults import FaultsBody
-
-    return FaultsBody(**body)
 
 
 def _with_hot_vm(sc: scenarios.Scenario) -> tuple[scenarios.Scenario, str]:
@@ -162,7 +156,7 @@ async def test_non_converging_vm_is_retried_then_reported(cluster_env: EnvFactor
         assert len(vm["attempts"]) == 3
         assert len({a["target"] for a in vm["attempts"]}) == 3
         assert "has been aborted" in vm["message"]
-        stats = env.stats()
+        stats = await env.stats()
         hot_migrations = [m for m in stats["migrations"] if m["vmi"] == hot]
         assert len(hot_migrations) == 3 and all(m["phase"] == "Failed" for m in hot_migrations)
         # The rest of the node moved.
@@ -185,7 +179,7 @@ async def test_worker_killed_mid_migration(cluster_env: EnvFactory) -> None:
         view = await service.wait(record.id, timeout_s=240)
         assert view.drain.phase == "Succeeded", view.drain
         assert vmis_on(env, node) == []
-        stats = env.stats()
+        stats = await env.stats()
         assert_limits(stats)
         ours = [m for m in stats["migrations"] if m["labels"].get("drainctl.io/drain-id") == record.id]
         succeeded = [m["vmi"] for m in ours if m["phase"] == "Succeeded"]
@@ -212,18 +206,18 @@ async def test_cancel_in_the_middle(cluster_env: EnvFactory) -> None:
         cancelled_at = env.cluster.clock.elapsed()
         view = await service.wait(record.id, timeout_s=120)
         assert view.drain.phase == "Cancelled", env.worker_logs()
-        stats = env.stats()
+        stats = await env.stats()
         ours = [m for m in stats["migrations"] if m["labels"].get("drainctl.io/drain-id") == record.id]
         aborted = [m for m in ours if m["phase"] == "Failed"]
         assert aborted and all("abort" in (m["failure_reason"] or "").lower() or "cancel" in
                                (m["failure_reason"] or "").lower() for m in aborted)
         assert all(m["phase"] in ("Succeeded", "Failed") for m in ours)
-        assert env.cluster.kubevirt.active == {} and env.cluster.kubevirt.pending == {}
+        assert stats["in_flight"] == 0 and stats["pending"] == 0
         late = [m for m in ours if m["created_s"] > cancelled_at]
         assert late == [], f"{len(late)} migrations started after the cancel"
         n_vmims = len(ours)
         await asyncio.sleep(1.0)
-        assert len([m for m in env.stats()["migrations"]
+        assert len([m for m in (await env.stats())["migrations"]
                     if m["labels"].get("drainctl.io/drain-id") == record.id]) == n_vmims, "work started after cancel"
         states = {vm.phase for vm in view.vms.values()}
         assert states <= {"Succeeded", "Cancelled"}, states
@@ -238,22 +232,23 @@ async def test_cancel_in_the_middle(cluster_env: EnvFactory) -> None:
 async def test_drain_survives_api_errors_and_dropped_watches(cluster_env: EnvFactory) -> None:
     async with cluster_env("small", time_scale=20, workers=2) as env:
         node = env.cluster.scenario.drain_hint[0]
-        env.cluster.apply_faults(_faults({
+        await env.faults({
             "errors": [
                 {"verb": "create", "resource": "virtualmachineinstancemigrations", "rate": 0.3, "code": 500},
                 {"verb": "get", "resource": "virtualmachineinstances", "rate": 0.2, "code": 503},
                 {"verb": "patch", "resource": "nodes", "rate": 0.3, "code": 500},
             ],
             "drop_watches_every_s": 2.0,
-        }))
+        })
         result = await env.adrainctl("drain", node, "--wait", "-o", "json", timeout_s=280)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:] + env.worker_logs()
-        stats = env.stats()
-        assert env.cluster.faults.injected > 0, "no fault fired: the test proves nothing"
+        stats = await env.stats()
+        injected = (await env.faults())["injected"]
+        assert injected > 0, "no fault fired: the test proves nothing"
         assert vmis_on(env, node) == []
         assert_limits(stats)
         assert await semaphore_empty(env) == {}
-        print(f"\nfaults injected: {env.cluster.faults.injected}")
+        print(f"\nfaults injected: {injected}")
 
 
 async def test_cancel_letting_in_flight_migrations_finish(cluster_env: EnvFactory) -> None:
@@ -272,7 +267,7 @@ async def test_cancel_letting_in_flight_migrations_finish(cluster_env: EnvFactor
         in_flight = {m.vmi for m in env.cluster.kubevirt.active.values()}
         view = await service.wait(record.id, timeout_s=180)
         assert view.drain.phase == "Cancelled", view.drain
-        stats = env.stats()
+        stats = await env.stats()
         ours = [m for m in stats["migrations"] if m["labels"].get("drainctl.io/drain-id") == record.id]
         assert ours and all(m["phase"] == "Succeeded" for m in ours), ours
         assert {m["vmi"].split("/", 1)[1] for m in ours} >= in_flight

@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import signal
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -56,14 +57,13 @@ class Env:
     start_worker: Callable[[], Awaitable[None]]
 
     async def stats(self) -> dict[str, Any]:
-        # The simulator serves a self-signed certificate when it has a token.
-        resp = await self.client.session.get(f"{self.sim.url}/sim/v1/stats", headers=AUTH, ssl=False)
-        data: dict[str, Any] = await resp.json()
-        return data
+        # The ground truth answers the simulator's admin token only.
+        async with self.sim.admin() as admin:
+            return await admin.stats()
 
     async def faults(self, body: dict[str, Any]) -> None:
-        resp = await self.client.session.post(f"{self.sim.url}/sim/v1/faults", json=body, headers=AUTH, ssl=False)
-        assert resp.status == 200, await resp.text()
+        async with self.sim.admin() as admin:
+            await admin.faults(body)
 
 
 async def _stop_worker(worker: Any, task: asyncio.Task[None], pool: ArqRedis) -> None:
@@ -374,6 +374,101 @@ async def test_a_retry_while_the_first_request_is_in_progress_is_409_with_retry_
     assert error["code"] == "idempotency_in_progress"
     assert error["details"]["drain"] == "inflight0001" and error["details"]["retry_after_s"] >= 1
     assert await _drain_ids(env) == []
+
+
+async def test_every_documented_status_is_real(env: Env) -> None:
+    """Each status the OpenAPI document lists for an operation is one this test makes the API answer, and it
+    answers no status the document does not list (schemathesis checks the shapes: test_api_schema.py)."""
+    seen: dict[tuple[str, str], set[str]] = {}
+
+    async def call(client: TestClient[web.Request, web.Application], method: str, route: str, path: str,
+                   **kwargs: Any) -> ClientResponse:
+        resp = await client.request(method, path, **kwargs)
+        seen.setdefault((route, method.lower()), set()).add(str(resp.status))
+        if resp.status >= 400 and not (route == "/readyz" and resp.status == 503):  # /readyz: its checks
+            await _error(resp)
+        else:
+            await resp.read()
+        return resp
+
+    c = env.client
+    drains, one, events = "/v1/drains", "/v1/drains/{drain_id}", "/v1/drains/{drain_id}/events"
+    json_headers = {**AUTH, "Content-Type": "application/json"}
+    big = io.BytesIO(json.dumps({"nodes": [f"node-{i:07d}" for i in range(120_000)]}).encode())
+    for route, method, body in ((drains, "POST", {"nodes": [DRAIN_NODE]}), ("/v1/plans", "POST", None)):
+        plan_body = {"nodes": ["worker-02"]}
+        await call(c, method, route, route, json=body or plan_body)
+        await call(c, method, route, route, json=body or plan_body, headers={**AUTH, "Idempotency-Key": "k1"})
+        await call(c, method, route, route, json=body or plan_body, headers={**AUTH, "Idempotency-Key": "k1"})
+        await call(c, method, route, route, data=b"{", headers=json_headers)
+        await call(c, method, route, route, json=body or plan_body, headers=AUTH)
+        await call(c, method, route, route, json={"nodes": ["ghost"]}, headers=AUTH)
+        await call(c, method, route, route, json={"nodes": []}, headers=AUTH)
+        await call(c, method, route, route, data="x", headers={**AUTH, "Content-Type": "text/plain"})
+        big.seek(0)
+        await call(c, method, route, route, data=big, headers=json_headers)
+        await env.faults({"errors": [{"verb": "list", "resource": "nodes", "code": 403}]})
+        await call(c, method, route, route, json={"nodes": ["worker-03"]}, headers=AUTH)
+        await env.faults({"errors": [{"verb": "list", "resource": "nodes", "code": 503}]})
+        await call(c, method, route, route, json={"nodes": ["worker-03"]}, headers=AUTH)
+        await env.faults({"clear": True})
+        await call(c, method, route, route, json={"nodes": ["worker-03"]}, headers={"Authorization": "Bearer x"})
+    drain_id = (await env.service.store.ids())[0]
+    await env.service.store.create(DrainRecord(id="old0drain", phase=DrainPhase.SUCCEEDED,
+                                               created_at=time.time() - 3660, finished_at=time.time() - 3600,
+                                               request={"nodes": [DRAIN_NODE]}), nodes={}, vms={})
+    for route, method, good in ((drains, "GET", drains), (one, "GET", f"{drains}/{drain_id}"),
+                                (one, "DELETE", f"{drains}/{drain_id}"), (one, "DELETE", f"{drains}/old0drain"),
+                                (events, "GET", f"{drains}/old0drain/events")):
+        await call(c, method, route, good, headers=AUTH)
+        await call(c, method, route, good)
+        await call(c, method, route, good, headers={"Authorization": "Bearer x"})
+        await call(c, method, route, good + "?nonsense=1", headers=AUTH)
+        if route != drains:
+            await call(c, method, route, good.replace(drain_id, "a%0Ab").replace("old0drain", "a%0Ab"),
+                       headers=AUTH)
+            await call(c, method, route, good.replace(drain_id, "nope").replace("old0drain", "nope"),
+                       headers=AUTH)
+    await call(c, "GET", events, f"{drains}/old0drain/events", headers={**AUTH, "Last-Event-ID": "x"})
+    for route in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+        await call(c, "GET", route, route)
+        await call(c, "GET", route, route + "?nonsense=1")
+
+    # Redis down (a port nothing listens on): every call that needs it is a 503.
+    dead = DrainService(redis=ArqRedis(host="127.0.0.1", port=_free_port(), socket_connect_timeout=2),
+                        settings=env.settings, kube=env.service.kube)
+
+    @contextlib.asynccontextmanager
+    async def dead_factory() -> AsyncIterator[DrainService]:
+        yield dead
+
+    dead_client: TestClient[web.Request, web.Application] = TestClient(TestServer(build_app(dead_factory,
+                                                                                           token=TOKEN)))
+    await dead_client.start_server()
+    try:
+        await call(dead_client, "POST", drains, drains, json={"nodes": ["worker-04"]}, headers=AUTH)
+        for route, method, path in ((drains, "GET", drains), (one, "GET", f"{drains}/{drain_id}"),
+                                    (one, "DELETE", f"{drains}/{drain_id}"),
+                                    (events, "GET", f"{drains}/{drain_id}/events")):
+            await call(dead_client, method, route, path, headers=AUTH)
+        for route in ("/readyz", "/metrics"):
+            await call(dead_client, "GET", route, route)
+    finally:
+        await dead_client.close()
+        await dead.redis.aclose()
+
+    documented = {(route, method): set(operation["responses"])
+                  for route, item in openapi_document()["paths"].items() for method, operation in item.items()}
+    assert set(seen) == set(documented)
+    for key, statuses in documented.items():
+        assert sorted(seen[key]) == sorted(statuses), key
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 # ==================================================================================================== plans

@@ -245,7 +245,8 @@ async def test_drainrequest_drives_a_drain_to_succeeded(env: Callable[..., Await
     view = await e.service.get(status["drainId"])
     assert view.drain.source == "drainrequest" and view.drain.phase == "Succeeded"
     assert view.drain.request["max_attempts"] == 3
-    truth = e.rc.cluster.stats()
+    async with e.rc.admin() as admin:
+        truth = await admin.stats()
     ours = [m for m in truth["migrations"] if m["labels"].get("drainctl.io/drain-id") == status["drainId"]]
     assert len(ours) >= 15 and truth["max_in_flight_cluster"] <= 5
     # kubectl shows it through the CRD's printer columns.

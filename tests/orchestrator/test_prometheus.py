@@ -92,6 +92,17 @@ async def test_reads_live_migration_metrics_from_the_simulated_cluster() -> None
                     break  # the converging VM finished: KubeVirt no longer reports it
                 await asyncio.sleep(0.1)
             assert await reader.read(namespace="web") == {}
+            # the same story from one range query each, as a stateless job would ask for it
+            end = samples[-1][HOT].at
+            hot_history = await reader.history(*HOT, end=end, window_s=120)
+            db_history = await reader.history(*DB, end=end, window_s=120)
+            assert await reader.history("web", "web-00001", end=end) is None
+        assert hot_history is not None and db_history is not None
+        assert len(hot_history.data_remaining_bytes) >= 10
+        assert min(v for _, v in hot_history.data_remaining_bytes) >= 0.99 * wws["/".join(HOT)]
+        db_remaining = [v for _, v in db_history.data_remaining_bytes]
+        assert len(db_remaining) >= 3 and db_remaining[-1] < db_remaining[0] / 2
+        assert db_history.data_processed_bytes[-1][1] > db_history.data_processed_bytes[0][1]
         hot = [s[HOT] for s in samples]
         db = [s[DB] for s in samples if DB in s]
         assert len(db) >= 3, "too few samples while the converging VM migrated"
@@ -106,7 +117,13 @@ async def test_reads_live_migration_metrics_from_the_simulated_cluster() -> None
         last = [s[HOT] for s in samples if DB in s][-1]
         assert last.dirty_rate_bytes_per_s is not None and last.transfer_rate_bytes_per_s is not None
         assert last.dirty_rate_bytes_per_s >= 0.99 * last.transfer_rate_bytes_per_s > 0
-        phases = {m["vmi"]: m["phase"] for m in rc.cluster.stats()["migrations"]}
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 30
+        while True:  # the series ends with the transfer; the VMIM succeeds after KubeVirt's cleanup
+            phases = {m["vmi"]: m["phase"] for m in (await rc.stats())["migrations"]}
+            if phases["/".join(DB)] == "Succeeded" or loop.time() > end:
+                break
+            await asyncio.sleep(0.05)
         assert phases["/".join(DB)] == "Succeeded" and phases["/".join(HOT)] == "Running"
 
 
@@ -121,3 +138,25 @@ async def test_a_wrong_token_reads_nothing_and_says_so_once() -> None:
         assert "HTTP 401" in logs[0]["reason"]
         async with MigrationMetricsReader(rc.prometheus_url, token=TOKEN) as reader:
             assert await reader.read() == {}  # nothing migrates: no series, no error
+
+
+async def test_guest_dirty_rates_of_vms_that_are_not_migrating() -> None:
+    async with running_cluster(scenarios.builtin("hostile"), time_scale=100.0, token=TOKEN, tls=False,
+                               prometheus_port=0) as rc:
+        physics = {vm["vmi"]: vm for vm in rc.cluster.scenario_json()["vms"]}
+        async with MigrationMetricsReader(rc.prometheus_url, token=TOKEN) as reader:
+            rates = await reader.guest_dirty_rates(namespace="analytics")
+            assert rates and all(ns == "analytics" for ns, _ in rates)
+            hot = physics["/".join(HOT)]
+            assert rates[HOT] <= hot["dirty_bytes_per_s"] < rates[HOT] + 2**20  # whole MiB/s, as libvirt counts
+            assert len(await reader.guest_dirty_rates()) == sum(1 for vm in physics.values() if vm["node"])
+            rc.cluster.store.create(VMIMS, {"metadata": {"namespace": HOT[0], "name": "mig"},
+                                            "spec": {"vmiName": HOT[1]}})
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 30
+            while HOT in await reader.guest_dirty_rates(namespace="analytics"):  # migrating: not exported
+                assert loop.time() < end
+                await asyncio.sleep(0.05)
+            while HOT not in await reader.read(namespace="analytics"):  # the migration's own metrics take over
+                assert loop.time() < end
+                await asyncio.sleep(0.05)

@@ -34,6 +34,7 @@ from simulator.server import TlsFiles, self_signed_tls, serve, write_kubeconfig
 from simulator.store import Store
 
 TOKEN = "sim-token-for-tests"
+ADMIN_TOKEN = "sim-admin-token-for-tests"
 KUBECTL = "/usr/bin/kubectl"
 Obj = dict[str, Any]
 
@@ -48,6 +49,7 @@ class FakeCluster:
     clock: SimClock
     faults: Faults
     token: str | None
+    admin_token: str | None
     requests: Counter[tuple[str, str]] = field(default_factory=Counter)
     subresource_calls: list[tuple[str, str | None, str, str, str, Obj | None]] = field(default_factory=list)
 
@@ -87,7 +89,8 @@ def make_cluster(*, history: int = 50_000, token: str | None = TOKEN) -> FakeClu
     clock = SimClock(1.0)
     registry = Registry()
     store = Store(registry, now=clock.now, history=history)
-    cluster = FakeCluster(registry=registry, store=store, clock=clock, faults=Faults(), token=token)
+    cluster = FakeCluster(registry=registry, store=store, clock=clock, faults=Faults(), token=token,
+                          admin_token=ADMIN_TOKEN)
     seed(cluster)
     return cluster
 

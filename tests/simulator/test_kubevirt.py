@@ -19,7 +19,6 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from simulator import scenarios
 from simulator.cluster import RunningCluster, running_cluster
-from simulator.faults import FaultsBody
 from simulator.resources import EVENTS, NODES, PODS, VMIMS, VMIS
 
 KUBECTL = "/usr/bin/kubectl"
@@ -44,6 +43,15 @@ class Sim:
     @property
     def cluster(self) -> Any:
         return self.rc.cluster
+
+    async def stats(self) -> Obj:
+        """The ground truth, over HTTP with the admin token."""
+        async with self.rc.admin() as admin:
+            return await admin.stats()
+
+    async def faults(self, body: Obj) -> Obj:
+        async with self.rc.admin() as admin:
+            return await admin.faults(body)
 
     async def migrate(self, ns: str, vmi: str, *, name: str | None = None, target: str | None = None,
                       annotations: dict[str, str] | None = None) -> Obj:
@@ -145,7 +153,7 @@ async def test_migration_walks_kubevirts_phases_and_moves_the_vmi(sim_factory: A
             if p["metadata"]["annotations"].get("kubevirt.io/domain") == name}
     assert sorted(p["status"]["phase"] for p in pods.values()) == ["Running", "Succeeded"]
     assert pods[state["targetPod"]]["spec"]["nodeName"] == target
-    record = next(m for m in sim.cluster.stats()["migrations"] if m["name"] == created["metadata"]["name"])
+    record = next(m for m in (await sim.stats())["migrations"] if m["name"] == created["metadata"]["name"])
     assert record["bytes_sent"] >= sim.cluster.kubevirt.vm_info(f"{ns}/{name}").physics.resident_bytes
     assert record["started_s"] is not None and record["finished_s"] >= record["started_s"]
 
@@ -189,7 +197,7 @@ async def test_limits_hold_and_over_limit_migrations_wait_in_pending(sim_factory
     assert len(pending) == len(names) - 5
     for ns, name in names:
         await sim.final(ns, name, within_s=120)
-    stats = sim.cluster.stats()
+    stats = await sim.stats()
     assert stats["max_in_flight_cluster"] == 5
     assert max(stats["max_in_flight_per_node"].values()) == 2
     assert all(m["phase"] == "Succeeded" for m in stats["migrations"])
@@ -231,7 +239,7 @@ async def test_deleting_a_running_migration_aborts_it(sim_factory: Any) -> None:
     assert state["abortRequested"] is True and state["abortStatus"] == "Succeeded"
     assert state["failed"] is True and state["failureReason"] == "Live migration aborted "
     assert vmi["status"]["nodeName"] == source
-    record = next(m for m in sim.cluster.stats()["migrations"] if m["name"] == mig)
+    record = next(m for m in (await sim.stats())["migrations"] if m["name"] == mig)
     assert record["phase"] == "Failed"
     assert sim.cluster.kubevirt.active == {}
 
@@ -250,7 +258,7 @@ async def test_a_vm_that_cannot_converge_is_aborted_at_the_completion_timeout(si
     assert done["status"]["phase"] == "Failed"
     reason = done["status"]["migrationState"]["failureReason"]
     assert reason == "Live migration is not completed after 750 seconds and has been aborted"
-    record = next(m for m in sim.cluster.stats()["migrations"] if m["name"] == created["metadata"]["name"])
+    record = next(m for m in (await sim.stats())["migrations"] if m["name"] == created["metadata"]["name"])
     assert record["finished_s"] - record["started_s"] == pytest.approx(750, abs=2)
     assert record["bytes_sent"] > hot.resident_bytes  # it kept sending, never converged
     vmi = await sim.vmi(hot.namespace, hot.name)
@@ -269,7 +277,7 @@ async def test_post_copy_completes_a_vm_that_cannot_converge(sim_factory: Any) -
     created = await sim.migrate(hot.namespace, hot.name)
     done = await sim.final(hot.namespace, created["metadata"]["name"], within_s=60)
     assert done["status"]["phase"] == "Succeeded"
-    record = next(m for m in sim.cluster.stats()["migrations"] if m["name"] == created["metadata"]["name"])
+    record = next(m for m in (await sim.stats())["migrations"] if m["name"] == created["metadata"]["name"])
     assert record["mode"] == "PostCopy"
 
 
@@ -302,7 +310,7 @@ async def test_eviction_of_a_launcher_starts_an_evacuation(sim_factory: Any) -> 
         return bool(vmi["status"]["nodeName"] != source and not vmi["status"].get("evacuationNodeName"))
 
     await sim.wait(moved, within_s=60, what="evacuated")
-    evacuations = [m for m in sim.cluster.stats()["migrations"] if m["origin"] == "evacuation"]
+    evacuations = [m for m in (await sim.stats())["migrations"] if m["origin"] == "evacuation"]
     assert len(evacuations) == 1 and evacuations[0]["name"].startswith("kubevirt-evacuation-")
     # The completed source pod now evicts like any finished pod.
     await sim.core.create_namespaced_pod_eviction(pod["metadata"]["name"], ns, body)
@@ -314,7 +322,7 @@ async def test_evacuation_retries_with_kubevirts_backoff_and_no_memory_of_failed
     sim: Sim = await sim_factory(time_scale=100.0)
     ns, name, source = first_vm(sim)
     others = [n.name for n in sim.cluster.scenario.nodes if n.name != source]
-    sim.cluster.apply_faults(FaultsBody(fail_migrations_to=others))
+    await sim.faults({"fail_migrations_to": others})
     pod = next(p for p in sim.cluster.store.on_node(PODS, source)
                if p["metadata"]["annotations"].get("kubevirt.io/domain") == name)
     with pytest.raises(ApiException):
@@ -322,28 +330,30 @@ async def test_evacuation_retries_with_kubevirts_backoff_and_no_memory_of_failed
             pod["metadata"]["name"], ns, client.V1Eviction(metadata=client.V1ObjectMeta(
                 name=pod["metadata"]["name"], namespace=ns)))
 
-    def attempts() -> list[dict[str, Any]]:
-        return sorted((m for m in sim.cluster.stats()["migrations"] if m["vmi"] == f"{ns}/{name}"),
+    async def attempts() -> list[dict[str, Any]]:
+        return sorted((m for m in (await sim.stats())["migrations"] if m["vmi"] == f"{ns}/{name}"),
                       key=lambda m: m["created_s"])
 
-    await sim.wait(lambda: len([m for m in attempts() if m["phase"] == "Failed"]) >= 3, within_s=60,
-                   what="three failed evacuation attempts")
-    failed = [m for m in attempts() if m["phase"] == "Failed"][:3]
+    async def three_failed() -> bool:
+        return len([m for m in await attempts() if m["phase"] == "Failed"]) >= 3
+
+    await sim.wait(three_failed, within_s=60, what="three failed evacuation attempts")
+    failed = [m for m in await attempts() if m["phase"] == "Failed"][:3]
     # KubeVirt keeps no memory of failed targets: the scheduler picks the same (most free) node again.
     assert len({m["target"] for m in failed}) == 1
     # 20 s doubling backoff, measured from the previous failure.
-    later = attempts()
+    later = await attempts()
     for k, before in enumerate(failed, start=1):
         after = later[later.index(before) + 1] if later.index(before) + 1 < len(later) else None
         if after is not None:
             assert after["created_s"] - before["finished_s"] >= 20 * 2 ** (k - 1) - 0.5
-    sim.cluster.apply_faults(FaultsBody(clear=True))
+    await sim.faults({"clear": True})
 
     async def moved() -> bool:
         return bool((await sim.vmi(ns, name))["status"]["nodeName"] != source)
 
     await sim.wait(moved, within_s=60, what="evacuated once the fault is gone")
-    assert attempts()[-1]["phase"] == "Succeeded"
+    assert (await attempts())[-1]["phase"] == "Succeeded"
 
 
 async def test_kubectl_drain_completes_through_kubevirt_evacuation(sim_factory: Any, tmp_path: Path) -> None:
@@ -356,7 +366,7 @@ async def test_kubectl_drain_completes_through_kubevirt_evacuation(sim_factory: 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"node/{node} drained" in proc.stdout
     assert vms_on(sim, node) == []
-    stats = sim.cluster.stats()
+    stats = await sim.stats()
     assert stats["max_in_flight_cluster"] <= 5
     assert all(v <= 2 for v in stats["max_in_flight_per_node"].values())
     moved = {m["vmi"] for m in stats["migrations"] if m["phase"] == "Succeeded" and m["origin"] == "evacuation"}
@@ -390,8 +400,8 @@ async def test_eviction_of_a_vm_with_strategy_none_restarts_it_elsewhere(sim_fac
     # The drained node is not cordoned here, so cordon it like a drain would.
     await sim.core.patch_node(node, {"spec": {"unschedulable": True}})
     await sim.wait(restarted, within_s=60, what="VM restarted elsewhere")
-    assert [r["vmi"] for r in sim.cluster.stats()["vm_restarts"]] == [f"{vm.namespace}/{vm.name}"]
-    assert json.dumps(sim.cluster.stats()["migrations"]) == "[]"
+    assert [r["vmi"] for r in (await sim.stats())["vm_restarts"]] == [f"{vm.namespace}/{vm.name}"]
+    assert json.dumps((await sim.stats())["migrations"]) == "[]"
 
 
 async def test_typed_models_parse_every_object_before_and_after_migrations(sim_factory: Any) -> None:

@@ -15,7 +15,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from simulator import objects
 from simulator.resources import LEASES, NAMESPACES, NODES, PODS, VMIMS, VMIS
-from tests.simulator.conftest import TOKEN, Served
+from tests.simulator.conftest import ADMIN_TOKEN, TOKEN, Served
 
 KV = ("kubevirt.io", "v1")
 MERGE = "application/merge-patch+json"
@@ -429,27 +429,43 @@ async def test_table_output_for_nodes(served: Served) -> None:
 # -------------------------------------------------------------------------------------- /sim and faults
 async def test_faults_inject_errors_and_validate_their_body(served: Served, api: client.ApiClient) -> None:
     rule = {"errors": [{"verb": "list", "resource": "nodes", "code": 503, "count": 1}]}
-    status, _, body = await raw(served, "POST", "/sim/v1/faults", body=rule)
+    status, _, body = await raw(served, "POST", "/sim/v1/faults", token=ADMIN_TOKEN, body=rule)
     assert status == 200 and json.loads(body)["errors"][0]["code"] == 503
     core = client.CoreV1Api(api)
     with pytest.raises(ApiException) as err:
         await core.list_node()
     assert err.value.status == 503
     assert len((await core.list_node()).items) == 3  # count=1: only the first request fails
-    status, _, body = await raw(served, "POST", "/sim/v1/faults", body={"errors": [{"rate": 2}]})
+    status, _, body = await raw(served, "POST", "/sim/v1/faults", token=ADMIN_TOKEN, body={"errors": [{"rate": 2}]})
     assert status == 422
     assert "errors.0.rate" in json.loads(body)["message"]
-    assert (await raw(served, "POST", "/sim/v1/faults", body=b"{not json"))[0] == 400
-    status, _, body = await raw(served, "GET", "/sim/v1/faults")
+    assert (await raw(served, "POST", "/sim/v1/faults", token=ADMIN_TOKEN, body=b"{not json"))[0] == 400
+    status, _, body = await raw(served, "GET", "/sim/v1/faults", token=ADMIN_TOKEN)
     assert json.loads(body)["injected"] == 1
-    status, _, body = await raw(served, "GET", "/sim/v1/stats")
+    status, _, body = await raw(served, "GET", "/sim/v1/stats", token=ADMIN_TOKEN)
     assert json.loads(body)["api_requests"]["list nodes"] == 2
-    assert (await raw(served, "GET", "/sim/v1/scenario"))[0] == 200
-    assert (await raw(served, "GET", "/sim/v1/faults", token=None))[0] == 401
+    assert (await raw(served, "GET", "/sim/v1/scenario", token=ADMIN_TOKEN))[0] == 200
+    assert (await raw(served, "GET", "/sim/v1/faults", token="wrong"))[0] == 401
+
+
+async def test_ground_truth_answers_the_admin_token_only(served: Served) -> None:
+    for method, path in (("GET", "/sim/v1/stats"), ("GET", "/sim/v1/scenario"), ("GET", "/sim/v1/faults"),
+                         ("POST", "/sim/v1/faults")):
+        for token in (TOKEN, None):
+            status, _, body = await raw(served, method, path, token=token,
+                                        body={"latency_ms": 1} if method == "POST" else None)
+            expected = 403 if token == TOKEN else 401
+            assert status == expected, (method, path, token, body)
+            assert json.loads(body)["reason"] == ("Forbidden" if expected == 403 else "Unauthorized")
+        assert (await raw(served, method, path, token=ADMIN_TOKEN,
+                          body={"clear": True} if method == "POST" else None))[0] == 200
+    assert served.cluster.faults.latency_ms == 0.0  # the refused POST changed nothing
+    # The admin token is a cluster administrator too.
+    assert (await raw(served, "GET", "/api/v1/nodes", token=ADMIN_TOKEN))[0] == 200
 
 
 async def test_latency_fault_delays_requests(served: Served, api: client.ApiClient) -> None:
-    assert (await raw(served, "POST", "/sim/v1/faults", body={"latency_ms": 300}))[0] == 200
+    assert (await raw(served, "POST", "/sim/v1/faults", token=ADMIN_TOKEN, body={"latency_ms": 300}))[0] == 200
     started = time.monotonic()
     await client.CoreV1Api(api).read_node("node-1")
     assert time.monotonic() - started >= 0.3
@@ -461,7 +477,7 @@ async def test_dropping_watches_ends_open_streams(served: Served, api: client.Ap
 
     async def drop_later() -> None:
         await asyncio.sleep(0.3)
-        await raw(served, "POST", "/sim/v1/faults", body={"drop_watches": True})
+        await raw(served, "POST", "/sim/v1/faults", token=ADMIN_TOKEN, body={"drop_watches": True})
 
     task = asyncio.create_task(drop_later())
     # Without the drop this watch would outlive the test's timeout: ending at all is the proof.
@@ -507,7 +523,7 @@ async def test_unexpected_exception_is_a_500_status(served: Served, monkeypatch:
         raise RuntimeError("stats exploded")
 
     monkeypatch.setattr(served.cluster, "stats", broken)
-    status, _, body = await raw(served, "GET", "/sim/v1/stats")
+    status, _, body = await raw(served, "GET", "/sim/v1/stats", token=ADMIN_TOKEN)
     assert status == 500
     assert json.loads(body)["message"] == "Internal error occurred: stats exploded"
     assert b"\n" not in body
@@ -532,7 +548,8 @@ async def test_send_initial_events_ends_with_an_annotated_bookmark(served: Serve
 
 
 async def test_watches_are_dropped_periodically_when_faulted(served: Served) -> None:
-    assert (await raw(served, "POST", "/sim/v1/faults", body={"drop_watches_every_s": 0.5}))[0] == 200
+    faulted = await raw(served, "POST", "/sim/v1/faults", token=ADMIN_TOKEN, body={"drop_watches_every_s": 0.5})
+    assert faulted[0] == 200
     started = time.monotonic()
     status, _, _ = await raw(served, "GET", f"/api/v1/nodes?watch=true&resourceVersion={served.cluster.store.rv}")
     assert status == 200
