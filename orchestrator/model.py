@@ -157,12 +157,20 @@ class FailureClass(enum.StrEnum):
 
     @property
     def retryable(self) -> bool:
-        return self not in (FailureClass.ABORTED, FailureClass.REJECTED, FailureClass.VM_GONE)
+        """Whether another attempt may succeed. Not when the API refused the VMIM, the VM is gone or another
+        migration of it runs; an abort by someone else (not a cancel of the drain) is retried."""
+        return self not in (FailureClass.REJECTED, FailureClass.VM_GONE, FailureClass.CONFLICT)
 
     @property
     def avoid_target(self) -> bool:
-        """Whether a retry should exclude the target that just failed."""
-        return self in (FailureClass.UNSCHEDULABLE, FailureClass.TARGET_FAILED, FailureClass.UNKNOWN)
+        """Whether a retry of this VM excludes the target that just failed (a cancel is not the node's fault)."""
+        return self is not FailureClass.ABORTED
+
+    @property
+    def blames_target(self) -> bool:
+        """Whether the failure says something about the target node rather than the VM (counted per node per
+        drain: a node that fails several VMs gets no more VMs of that drain)."""
+        return self in (FailureClass.UNSCHEDULABLE, FailureClass.TARGET_FAILED)
 
 
 class EvictionStrategy(enum.StrEnum):

@@ -14,13 +14,7 @@ from dataclasses import dataclass
 
 from orchestrator.model import Node, Vmi, format_bytes
 from orchestrator.planner import node_fits, requirement_for
-
-MiB = 1024**2
-
-
-def launcher_overhead(memory_bytes: int, cpus: int = 1) -> int:
-    """A conservative estimate of KubeVirt's virt-launcher memory overhead (page tables, per-vCPU, QEMU)."""
-    return memory_bytes // 512 + cpus * 8 * MiB + 256 * MiB
+from orchestrator.rules import is_room
 
 
 @dataclass(frozen=True)
@@ -45,7 +39,7 @@ def choose_target(vmi: Vmi, *, source: Node | None, nodes: Sequence[Node], free:
             continue
         if node.name in exclude:
             no("excluded (failed this VM before, or draining)")
-        elif not node.schedulable:
+        elif not is_room(node, ()):
             no("cordoned, not ready or control plane")
         elif not node_fits(req, node):
             no("selector, CPU model/vendor or taints do not match")

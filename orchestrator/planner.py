@@ -55,6 +55,7 @@ from orchestrator.model import (
     VmVerdict,
     format_bytes,
 )
+from orchestrator.rules import PodAction, is_room, pod_verdict, spare_memory, vm_memory_on_target
 from orchestrator.settings import Settings
 
 _LIST_LIMIT = 5
@@ -430,19 +431,15 @@ def _pod_evictions(snapshot: ClusterSnapshot, node: NodeName) -> tuple[tuple[Pod
     for pod in snapshot.pods_on(node):
         if pod.is_final:
             continue
-        if pod.daemonset_owned or pod.is_mirror or pod.is_hotplug_disk:
+        # A launcher whose VMI exists leaves with its migration (or stays with the VM); one whose VMI runs
+        # elsewhere is a migration target/source pod that the eviction webhook refuses anyway.
+        verdict = pod_verdict(pod, vm_stays=lambda key: snapshot.vmi(key) is not None)
+        if verdict.action is PodAction.LEAVE:
             ignored.append(pod.key)
-            continue
-        if pod.is_virt_launcher:
-            vmi = snapshot.vmi(f"{pod.namespace}/{pod.vmi_name}") if pod.vmi_name else None
-            if vmi is not None:
-                # The VM's own pod leaves with its migration (or stays with the VM); a launcher whose VMI runs
-                # elsewhere is a migration target/source pod that the eviction webhook refuses anyway.
-                ignored.append(pod.key)
-                continue
-            evict.append(PodEviction(pod.key, pod.memory_request_bytes, ("virt-launcher pod without a VMI",)))
-            continue
-        evict.append(PodEviction(pod.key, pod.memory_request_bytes, _pod_notes(pod)))
+        elif pod.is_virt_launcher:
+            evict.append(PodEviction(pod.key, pod.memory_request_bytes, (verdict.reason,)))
+        else:
+            evict.append(PodEviction(pod.key, pod.memory_request_bytes, _pod_notes(pod)))
     return tuple(evict), tuple(ignored)
 
 
@@ -502,7 +499,7 @@ def plan_drain(
     """
     _validate(snapshot, request)
     drain_set = set(request.nodes)
-    targets = [n for n in snapshot.nodes if n.schedulable and n.name not in drain_set]
+    targets = [n for n in snapshot.nodes if is_room(n, drain_set)]
     if not targets:
         schedulable = [n.name for n in snapshot.nodes if n.schedulable]
         raise PlanError(
@@ -525,7 +522,7 @@ def plan_drain(
     ctx = FilterContext(snapshot=snapshot, policy=request.non_migratable, drain_id=drain_id, now=now)
 
     # 1. Verdicts per VM, node by node in request order.
-    launcher_memory: dict[VmiKey, int] = {}
+    launcher_memory: dict[VmiKey, int] = {}  # the largest live launcher pod of each VMI
     works: list[_NodeWork] = []
     for index, name in enumerate(request.nodes):
         for pod in snapshot.pods_on(name):
@@ -538,8 +535,7 @@ def plan_drain(
                 continue
             result = evaluate_vm(vmi, ctx, filters)
             if result.verdict is VmVerdict.MIGRATE:
-                # The launcher pod's request includes KubeVirt's overhead: that is what a target must hold.
-                need = max(vmi.memory_request_bytes, launcher_memory.get(vmi.key, 0))
+                need = vm_memory_on_target(vmi, launcher_pod_bytes=launcher_memory.get(vmi.key))
                 work.migrate.append((vmi, result.reason, need))
             elif result.verdict is VmVerdict.SKIP:
                 work.skipped.append(VmDecision(vmi.key, VmVerdict.SKIP, result.reason))
@@ -552,7 +548,7 @@ def plan_drain(
     for node in targets:
         used[node.name] = sum(p.memory_request_bytes for p in snapshot.pods_on(node.name) if not p.is_final)
     free: dict[str, int] = {n.name: n.allocatable_memory_bytes - used[n.name] for n in targets}
-    spare = sum(max(0, f) for f in free.values())
+    spare = spare_memory(targets, free=free, draining=drain_set)
     loads = {w.name: sum(need for _, _, need in w.migrate) for w in works}
     largest_node = max(loads, key=lambda n: (loads[n], n)) if loads else None
     largest = loads[largest_node] if largest_node is not None else 0

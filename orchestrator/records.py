@@ -140,6 +140,9 @@ class VmRecord(StoredRecord):
     """The attempt whose migrate job is in the queue (the node's feed window counts it)."""
     not_before_s: float | None = None
     """Wall time before which a retry does not start (backoff)."""
+    busy_since: float | None = None
+    """Wall time KubeVirt first refused this attempt because another migration of the VM runs (the wait for
+    it has a deadline counted from here)."""
 
     @property
     def name(self) -> str:

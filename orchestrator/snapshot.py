@@ -44,6 +44,7 @@ from orchestrator.model import (
     Vmi,
     VolumeRef,
 )
+from orchestrator.rules import pod_memory_bytes
 
 # --- quantities ----------------------------------------------------------------------------------------
 
@@ -446,8 +447,7 @@ def parse_pod(raw: Mapping[str, Any], index: int = 0) -> Pod:
     containers = _container_memory(obj, "spec.containers")
     init = _container_memory(obj, "spec.initContainers")
     overhead = obj.quantity_bytes("spec.overhead.memory") or 0
-    # Scheduler's effective request: init containers run one at a time before the app containers.
-    memory = max(sum(containers), max(init, default=0)) + overhead
+    memory = pod_memory_bytes(containers=containers, init_containers=init, overhead=overhead)
     owners = obj.items("metadata.ownerReferences")
     owner = next((o for o in owners if o.get("controller") is True), owners[0] if owners else None)
     owner_kind = owner.get("kind") if owner is not None else None

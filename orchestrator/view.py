@@ -17,7 +17,8 @@ from typing import Any
 import structlog
 
 from orchestrator import kube as k
-from orchestrator.model import Node
+from orchestrator.model import VIRT_LAUNCHER_LABEL, VIRT_LAUNCHER_LABEL_VALUE, VMI_DOMAIN_ANNOTATION, Node
+from orchestrator.rules import pod_memory_bytes
 from orchestrator.snapshot import parse_node, quantity_to_int
 
 log = structlog.get_logger("orchestrator.view")
@@ -29,15 +30,32 @@ Obj = dict[str, Any]
 FINAL = ("Succeeded", "Failed")
 
 
+def _container_memory(containers: list[Obj]) -> list[int]:
+    out = []
+    for c in containers:
+        resources = c.get("resources") or {}
+        # A container with only a limit gets request = limit (Kubernetes defaulting).
+        value = (resources.get("requests") or {}).get("memory") or (resources.get("limits") or {}).get("memory")
+        out.append(0 if value is None else quantity_to_int(value))
+    return out
+
+
 def _pod_memory(pod: Obj) -> int:
-    if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
-        return 0
-    total = 0
-    for c in (pod.get("spec") or {}).get("containers") or []:
-        req = ((c.get("resources") or {}).get("requests") or {}).get("memory")
-        if req is not None:
-            total += quantity_to_int(req)
-    return total
+    spec = pod.get("spec") or {}
+    overhead = (spec.get("overhead") or {}).get("memory")
+    return pod_memory_bytes(containers=_container_memory(spec.get("containers") or []),
+                            init_containers=_container_memory(spec.get("initContainers") or []),
+                            overhead=0 if overhead is None else quantity_to_int(overhead),
+                            final=(pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"))
+
+
+def _launcher_of(pod: Obj) -> str | None:
+    """namespace/name of the VMI whose virt-launcher this pod is, else None."""
+    meta = pod.get("metadata") or {}
+    if (meta.get("labels") or {}).get(VIRT_LAUNCHER_LABEL) != VIRT_LAUNCHER_LABEL_VALUE:
+        return None
+    name = (meta.get("annotations") or {}).get(VMI_DOMAIN_ANNOTATION)
+    return f"{meta.get('namespace')}/{name}" if name else None
 
 
 def _rv(obj: Obj) -> int:
@@ -53,6 +71,7 @@ class ClusterView:
         self.vmims: dict[str, Obj] = {}
         self.nodes: dict[str, Obj] = {}
         self._pods: dict[str, tuple[str, int]] = {}  # ns/name -> (node, memory)
+        self._launchers: dict[str, dict[str, int]] = defaultdict(dict)  # VMI ns/name -> {pod key: memory}
         self.node_used: dict[str, int] = defaultdict(int)
         self._changed = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
@@ -144,6 +163,7 @@ class ClusterView:
 
     async def _pod_list(self, items: list[Obj]) -> None:
         self._pods.clear()
+        self._launchers.clear()
         self.node_used = defaultdict(int)
         for pod in items:
             self._put_pod(pod)
@@ -155,10 +175,16 @@ class ClusterView:
         if old is not None:
             self.node_used[old[0]] -= old[1]
         node = (pod.get("spec") or {}).get("nodeName")
+        mem = _pod_memory(pod)
         if node:
-            mem = _pod_memory(pod)
             self._pods[key] = (node, mem)
             self.node_used[node] += mem
+        vmi = _launcher_of(pod)
+        if vmi is not None:
+            if mem:
+                self._launchers[vmi][key] = mem
+            else:
+                self._launchers[vmi].pop(key, None)
 
     async def _pod_event(self, etype: str, obj: Obj) -> None:
         if etype == "DELETED":
@@ -166,6 +192,9 @@ class ClusterView:
             old = self._pods.pop(key, None)
             if old is not None:
                 self.node_used[old[0]] -= old[1]
+            vmi = _launcher_of(obj)
+            if vmi is not None:
+                self._launchers[vmi].pop(key, None)
         else:
             self._put_pod(obj)
 
@@ -181,6 +210,11 @@ class ClusterView:
                 self._parsed[name] = cached
             out.append(cached[1])
         return out
+
+    def launcher_memory(self, namespace: str, name: str) -> int | None:
+        """The largest memory request among the VMI's live virt-launcher pods (None when none is seen)."""
+        pods = self._launchers.get(f"{namespace}/{name}")
+        return max(pods.values()) if pods else None
 
     def free_memory(self, node: Node) -> int:
         return node.allocatable_memory_bytes - self.node_used.get(node.name, 0)

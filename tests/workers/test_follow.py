@@ -1,4 +1,4 @@
-"""The migrate job's own backstops (jobs._follow), on a VMIM that KubeVirt leaves standing: each fires at its
+"""The migrate job's own backstops (jobs.migrate._follow), on a VMIM that KubeVirt leaves standing: each fires at its
 time, deletes the VMIM (the abort) and reports the class that decides the retry."""
 
 from __future__ import annotations
@@ -15,22 +15,28 @@ from orchestrator.model import DrainPhase, FailureClass, VmPhase
 from orchestrator.records import DrainLimits, DrainRecord, VmRecord
 from orchestrator.store import DrainStore
 from orchestrator.view import ClusterView
-from workers import jobs
+from workers.jobs import migrate
 
 NS, NAME = "ns", "drain-x-vm-1"
 KEY = f"{NS}/{NAME}"
 
 
 class SteppingClock:
-    """Cluster time that moves `step` seconds every time someone looks at it."""
+    """Time (at time scale 1) that moves `step` seconds every time someone looks at it."""
 
     def __init__(self, step: float) -> None:
-        self.t = 0.0
+        self.t = 1_000_000.0
         self.step = step
 
     def now(self) -> float:
         self.t += self.step
         return self.t
+
+    def time(self) -> float:
+        return self.now()
+
+    def since(self, wall_stamp: float) -> float:
+        return max(0.0, self.now() - wall_stamp)
 
     async def sleep(self, cluster_seconds: float) -> None:
         await asyncio.sleep(0)
@@ -80,7 +86,7 @@ async def follow(parts: tuple[Any, ...], phase: str, *, step: float, memory: int
     ctx = {"kube": kube, "view": view, "clock": SteppingClock(step), "store": store}
     limits = DrainLimits(cluster=5, per_node=2, inbound=2, max_attempts=3, pending_timeout_s=300,
                          progress_timeout_s=150, completion_timeout_per_gib=150)
-    return await jobs._follow(ctx, Slot(), drain_id="d1", vmi="ns/vm", key=KEY, target="n2",  # type: ignore[arg-type]
+    return await migrate._follow(ctx, Slot(), drain_id="d1", vmi="ns/vm", key=KEY, target="n2",  # type: ignore[arg-type]
                               rec=VmRecord(vmi="ns/vm", node="n1", memory_bytes=memory), limits=limits,
                               bound=structlog.get_logger("test"))
 

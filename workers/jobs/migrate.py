@@ -1,0 +1,475 @@
+"""The migrate job: one attempt of one VM, from semaphore slot to a final VMIM and a recorded outcome.
+
+A migration slot is held from VMIM creation until that VMIM is final or gone (rule 1): the job holds its lease
+while it follows the VMIM, aborts it on a stall or a cancel and waits for KubeVirt to report it final before
+releasing; a worker that dies keeps the slot (its lease expires) and the reconciler adopts or frees it after
+looking at the cluster. Timers run on the injected clock and count from the stamps in the attempt record, so
+a re-run of the job (a crash, an API error) continues the budgets instead of restarting them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from arq.constants import in_progress_key_prefix
+from arq.worker import Retry
+
+from orchestrator import keys
+from orchestrator import kube as k
+from orchestrator.model import DrainPhase, FailureClass, VmPhase, split_vmi_key
+from orchestrator.placement import choose_target
+from orchestrator.records import AttemptRecord, DrainLimits, DrainRecord, VmRecord
+from orchestrator.rules import vm_memory_on_target
+from orchestrator.snapshot import parse_vmi
+from orchestrator.view import ATTEMPT_LABEL, DRAIN_LABEL, VMI_LABEL, ClusterView
+from workers.jobs.advance import advance_drain
+from workers.jobs.common import (
+    FINAL_VMIM,
+    QUARANTINE_AFTER,
+    Ctx,
+    Obj,
+    assign,
+    cancel_vm_if_idle,
+    enqueue_migrate,
+    guarded,
+    limits_of,
+    log,
+    vmim_name,
+)
+from workers.jobs.decisions import (
+    Abort,
+    Settle,
+    classify,
+    completion_budget_s,
+    migration_timeout,
+    settle_attempt,
+    wait_expired,
+)
+from workers.semaphore import HeldSlot, Scope, SemaphoreLost, hold
+
+IN_FLIGHT_ELSEWHERE = "in-flight migration detected"
+"""KubeVirt's admission refusal while another migration of the VMI runs (an evacuation, a user's)."""
+CANCEL_POLL_S = 5.0
+"""Wall seconds between reads of the drain record while following (a cancel normally arrives by pub/sub)."""
+
+
+# ================================================================================================ migrate
+async def _heartbeat(ctx: Ctx) -> None:
+    """Keep arq's in-progress key short-lived but alive while this job runs, so that after a kill -9 another
+    worker re-runs the job within seconds instead of after the longest job timeout (arq #402/#407)."""
+    job_id = ctx.get("job_id")
+    if not job_id:
+        return
+    key = in_progress_key_prefix + job_id
+    while True:
+        with contextlib.suppress(Exception):
+            await ctx["redis"].pexpire(key, 6000)
+        await asyncio.sleep(2.0)
+
+
+async def migrate_job(ctx: Ctx, drain_id: str, vmi: str, attempt: int) -> str:
+    beat = asyncio.create_task(_heartbeat(ctx), name=f"heartbeat:{drain_id}:{vmi}:{attempt}")
+    try:
+        async def failed(reason: str) -> None:
+            await _record_outcome(ctx, drain_id, vmi, attempt,
+                                  Outcome(VmPhase.FAILED, target=None, reason=reason, failure=FailureClass.UNKNOWN),
+                                  log.bind(drain_id=drain_id, vmi=vmi, attempt=attempt))
+            await advance_drain(ctx, drain_id)
+
+        return await guarded(ctx, _migrate(ctx, drain_id, vmi, attempt), what=f"migrate {vmi} attempt {attempt}",
+                             on_failure=failed)
+    finally:
+        beat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beat
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one attempt ended, as this job saw it."""
+
+    phase: VmPhase
+    target: str | None
+    reason: str
+    failure: FailureClass | None = None
+    vmim: str | None = None
+
+
+@dataclass(frozen=True)
+class _Busy:
+    """KubeVirt refused the VMIM: another migration of the VMI runs. The job waits for it without a slot."""
+
+    message: str
+
+
+async def _migrate(ctx: Ctx, drain_id: str, vmi: str, attempt: int) -> str:
+    store = ctx["store"]
+    bound = log.bind(drain_id=drain_id, vmi=vmi, attempt=attempt)
+    rec = await store.vm(drain_id, vmi)
+    if rec is None:
+        return "unknown vm"
+    if rec.phase.is_final:
+        return rec.phase.value
+    if rec.attempt != attempt:
+        return "stale attempt"
+    drain = await store.get(drain_id)
+    ns, name = split_vmi_key(vmi)
+    limits = limits_of(ctx, drain)
+    holder = keys.migration_holder_id(drain_id, ns, name, attempt=attempt)
+    mig_name = vmim_name(drain_id, name, attempt)
+    if drain.phase is DrainPhase.CANCELLING and rec.phase is not VmPhase.MIGRATING:
+        await cancel_vm_if_idle(ctx, drain_id, vmi, "the drain was cancelled")
+        await ctx["semaphore"].release(holder)
+        await advance_drain(ctx, drain_id)
+        return VmPhase.CANCELLED.value
+    source = rec.node
+    scopes = [Scope(keys.CLUSTER_SCOPE, limits.cluster), Scope(keys.node_scope(source), limits.per_node)]
+    if rec.phase is VmPhase.QUEUED:
+        await store.update_vm(drain_id, vmi, assign(phase=VmPhase.WAITING, message="waiting for a migration slot"))
+    meta = {"drain_id": drain_id, "vmi": vmi, "attempt": str(attempt), "vmim": f"{ns}/{mig_name}",
+            "source": source}
+
+    async def on_wait() -> None:
+        bound.info("semaphore.waiting")
+
+    result: Outcome | _Busy | None = None
+    try:
+        async with hold(ctx["semaphore"], holder, scopes, meta=meta, on_wait=on_wait) as slot:
+            bound.info("semaphore.acquired", token=slot.lease.token)
+            result = await _drive(ctx, slot, drain_id=drain_id, vmi=vmi, rec=rec, attempt=attempt,
+                                  mig_name=mig_name, limits=limits, bound=bound)
+    except SemaphoreLost as exc:
+        # Someone adopted our lease (we stalled past it): run again and re-adopt it as its holder.
+        bound.warning("semaphore.lost", error=str(exc))
+        raise Retry(defer=1) from exc
+    assert result is not None
+    if isinstance(result, _Busy):
+        result = await _wait_elsewhere(ctx, drain_id, vmi, rec, limits, result.message)
+    await _record_outcome(ctx, drain_id, vmi, attempt, result, bound)
+    await advance_drain(ctx, drain_id)
+    return result.phase.value
+
+
+async def _wait_elsewhere(ctx: Ctx, drain_id: str, vmi: str, rec: VmRecord, limits: DrainLimits,
+                          message: str) -> Outcome:
+    """Another migration of the VMI runs (KubeVirt refused ours). Wait for its end with our slot released
+    (it already counts against KubeVirt's limits): run the job again later, until a cancel or a deadline."""
+    store, clock = ctx["store"], ctx["clock"]
+    drain = await store.get(drain_id)
+    if drain.phase is DrainPhase.CANCELLING or drain.phase.is_final:
+        return Outcome(VmPhase.CANCELLED, target=None, reason="the drain was cancelled", failure=FailureClass.ABORTED)
+    now = clock.time()
+    limit = limits.pending_timeout_s + completion_budget_s(rec.memory_bytes, limits.completion_timeout_per_gib)
+
+    def note(vm: VmRecord) -> None:
+        if vm.busy_since is None:
+            vm.busy_since = now
+        vm.message = f"waiting for another migration of the VM: {message}"
+
+    fresh = await store.update_vm(drain_id, vmi, note)
+    waited = clock.since(fresh.busy_since or now)
+    if wait_expired(waited_s=waited, limit_s=limit):
+        return Outcome(VmPhase.FAILED, target=None, failure=FailureClass.CONFLICT,
+                       reason=f"another migration of the VM was still running after {waited:.0f} s: {message}")
+    raise Retry(defer=ctx["settings"].to_wall(max(5.0, limit / 40)))
+
+
+async def _drive(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec: VmRecord, attempt: int,
+                 mig_name: str, limits: DrainLimits, bound: Any) -> Outcome | _Busy:
+    """Create (or adopt) this attempt's VMIM and follow it to an end.
+
+    If anything interrupts us once the VMIM may exist (the worker stops, the API or Redis fails), the slot is
+    kept (rule 1): the job runs again and adopts the VMIM, or the reconciler frees the slot once it is final."""
+    touched: list[bool] = []
+    try:
+        return await _drive_inner(ctx, slot, drain_id=drain_id, vmi=vmi, rec=rec, attempt=attempt,
+                                  mig_name=mig_name, limits=limits, bound=bound, touched=touched)
+    except BaseException:
+        ns, _ = split_vmi_key(vmi)
+        current = ctx["view"].vmims.get(f"{ns}/{mig_name}")
+        if touched and (current is None or (current.get("status") or {}).get("phase") not in FINAL_VMIM):
+            slot.keep()
+        raise
+
+
+async def _drive_inner(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec: VmRecord, attempt: int,
+                       mig_name: str, limits: DrainLimits, bound: Any, touched: list[bool]) -> Outcome | _Busy:
+    kube, view, clock = ctx["kube"], ctx["view"], ctx["clock"]
+    ns, name = split_vmi_key(vmi)
+    key = f"{ns}/{mig_name}"
+    source = rec.node
+    obj = view.vmims.get(key) or await kube.find(k.VMIMS, mig_name, ns)
+    if obj is not None:
+        touched.append(True)
+    target: str | None = None
+    if obj is None:
+        # Re-read what may have changed while we waited for the slot: a cancel, or a newer attempt.
+        fresh = await ctx["store"].vm(drain_id, vmi)
+        drain = await ctx["store"].get(drain_id)
+        if fresh is None or fresh.phase.is_final or fresh.attempt != attempt or \
+                drain.phase.is_final or drain.phase is DrainPhase.CANCELLING:
+            return Outcome(VmPhase.CANCELLED, target=None, reason="the drain was cancelled",
+                           failure=FailureClass.ABORTED)
+        vmi_obj = await kube.find(k.VMIS, name, ns)
+        if vmi_obj is None:
+            return Outcome(VmPhase.FAILED, target=None, reason="the VMI no longer exists",
+                           failure=FailureClass.VM_GONE)
+        now_node = (vmi_obj.get("status") or {}).get("nodeName")
+        if now_node and now_node != source:
+            return Outcome(VmPhase.SUCCEEDED, target=now_node, reason=f"already running on {now_node}")
+        choice = _choose(ctx, vmi_obj, source, rec, limits, quarantined=set(drain.quarantined))
+        if choice.target is None:
+            return Outcome(VmPhase.FAILED, target=None, reason=choice.reason, failure=FailureClass.UNSCHEDULABLE)
+        target = choice.target
+        await slot.confirm()  # fencing: never create while our lease is not ours any more
+        body = {
+            "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
+            "metadata": {"name": mig_name, "namespace": ns,
+                         "labels": {DRAIN_LABEL: drain_id, ATTEMPT_LABEL: str(attempt), VMI_LABEL: name},
+                         "annotations": {"drainctl.io/fencing-token": str(slot.lease.token),
+                                         "drainctl.io/source-node": source,
+                                         "kubevirt.io/migrationUnschedulablePodTimeoutSeconds":
+                                             str(int(limits.pending_timeout_s))}},
+            "spec": {"vmiName": name, "addedNodeSelector": {"kubernetes.io/hostname": target}},
+        }
+        touched.append(True)  # from here on the VMIM may exist even if the call below fails
+        try:
+            obj = await kube.create(k.VMIMS, body, ns)
+        except k.AlreadyExists:
+            obj = await kube.get(k.VMIMS, mig_name, ns)
+        except k.Rejected as exc:
+            if IN_FLIGHT_ELSEWHERE in exc.message:
+                return _Busy(exc.message)
+            return Outcome(VmPhase.FAILED, target=target, reason=exc.message, failure=FailureClass.REJECTED)
+        except k.NotFound:
+            return Outcome(VmPhase.FAILED, target=None, reason="the VMI no longer exists",
+                           failure=FailureClass.VM_GONE)
+        view.observe(obj)
+        now = clock.time()
+
+        def created(vm: VmRecord) -> None:
+            vm.phase, vm.target, vm.vmim, vm.busy_since = VmPhase.MIGRATING, target, mig_name, None
+            vm.message = f"migrating to {target} ({choice.reason})"
+            if vm.started_at is None:
+                vm.started_at = now
+            entry = vm.attempt_entry(attempt)
+            if entry is None or entry.vmim != mig_name:
+                vm.put_attempt(AttemptRecord(attempt=attempt, vmim=mig_name, target=target, started_at=now))
+
+        rec = await ctx["store"].update_vm(drain_id, vmi, created)
+        await ctx["store"].emit(drain_id, "migration.created", vmi=vmi, attempt=attempt, vmim=mig_name,
+                                source=source, target=target)
+        bound.info("migration.created", vmim=mig_name, target=target)
+    else:
+        target = ((obj.get("spec") or {}).get("addedNodeSelector") or {}).get("kubernetes.io/hostname")
+        view.observe(obj)
+        bound.info("migration.adopted", vmim=mig_name, target=target, phase=(obj.get("status") or {}).get("phase"))
+        created_ts = clock.time()
+
+        def adopted(vm: VmRecord) -> None:
+            if vm.phase is not VmPhase.MIGRATING:
+                vm.message = f"migrating to {target} (adopted)"
+            vm.phase, vm.target, vm.vmim = VmPhase.MIGRATING, target, mig_name
+            if vm.attempt_entry(attempt) is None:
+                vm.put_attempt(AttemptRecord(attempt=attempt, vmim=mig_name, target=target, started_at=created_ts))
+
+        rec = await ctx["store"].update_vm(drain_id, vmi, adopted)
+    return await _follow(ctx, slot, drain_id=drain_id, vmi=vmi, key=key, target=target, rec=rec,
+                         limits=limits, bound=bound)
+
+
+def _choose(ctx: Ctx, vmi_obj: Obj, source: str, rec: VmRecord, limits: DrainLimits, *,
+            quarantined: set[str]) -> Any:
+    view = ctx["view"]
+    vmi = parse_vmi(vmi_obj)
+    nodes = view.parsed_nodes()
+    by_name: dict[str, Any] = {n.name: n for n in nodes}
+    free: dict[str, int] = {n.name: view.free_memory(n) for n in nodes}
+    inbound = view.inbound_counts()
+    need = vm_memory_on_target(vmi, launcher_pod_bytes=view.launcher_memory(vmi.namespace, vmi.name))
+    return choose_target(vmi, source=by_name.get(source), nodes=nodes, free=free, inbound=inbound,
+                         exclude=set(rec.failed_targets) | quarantined, need_bytes=need,
+                         max_inbound=limits.inbound)
+
+
+async def _follow(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, key: str, target: str | None,
+                  rec: VmRecord, limits: DrainLimits, bound: Any) -> Outcome:
+    """Follow the VMIM through the shared watch; enforce our pending, progress and completion timeouts
+    (counted from the attempt record's stamps, so a re-run continues them); abort on a cancel; return when
+    it is final (or gone)."""
+    kube, view, clock, store = ctx["kube"], ctx["view"], ctx["clock"], ctx["store"]
+    ns, mig_name = key.split("/", 1)
+    entry = rec.attempt_entry(rec.attempt)
+    created_at = entry.started_at if entry is not None and entry.started_at is not None else clock.time()
+    running_at = entry.running_at if entry is not None else None
+    last_change = clock.time()
+    completion_budget = completion_budget_s(rec.memory_bytes, limits.completion_timeout_per_gib)
+    last_phase: str | None = None
+    last_cancel_check = 0.0
+    abort: Abort | None = None
+    cancel_seen = False
+    while True:
+        watch_cancel = abort is None and not cancel_seen
+        obj = await view.wait_vmim(key, _phase_changed(last_phase, view, drain_id if watch_cancel else None),
+                                   timeout_s=1.0)
+        if obj is None:
+            obj = await kube.find(k.VMIMS, mig_name, ns)
+            if obj is None:
+                return await _vanished(ctx, rec, target=target, vmim=mig_name, abort=abort)
+            view.observe(obj)
+        status = obj.get("status") or {}
+        phase = status.get("phase") or ""
+        if phase != last_phase:
+            bound.info("migration.phase", vmim=mig_name, phase=phase)
+            last_change = clock.time()
+            if phase == "Running" and running_at is None:
+                running_at = clock.time()
+                await store.update_vm(drain_id, vmi, _mark_running(rec.attempt, running_at, target))
+                await store.emit(drain_id, "migration.running", vmi=vmi, vmim=mig_name, target=target)
+            last_phase = phase
+        if phase == "Succeeded":
+            return Outcome(VmPhase.SUCCEEDED, target=target, reason=f"migrated to {target}", vmim=mig_name)
+        if phase == "Failed":
+            reason = (status.get("migrationState") or {}).get("failureReason") or _failed_condition(obj)
+            if abort is not None:
+                return Outcome(VmPhase.FAILED, target=target, reason=f"{abort.reason} ({reason})",
+                               failure=abort.failure, vmim=mig_name)
+            return Outcome(VmPhase.FAILED, target=target, reason=reason, failure=classify(reason), vmim=mig_name)
+        if slot.lost.is_set():
+            raise SemaphoreLost(f"lease of {slot.lease.holder} lost while following {mig_name}")
+        if abort is not None:
+            continue
+        abort = migration_timeout(
+            phase=phase, since_created=clock.since(created_at),
+            since_running=None if running_at is None else clock.since(running_at),
+            since_change=clock.since(last_change), pending_timeout_s=limits.pending_timeout_s,
+            progress_timeout_s=limits.progress_timeout_s, completion_budget=completion_budget)
+        if abort is None and ((view.cancel_requested(drain_id) and not cancel_seen)
+                              or clock.time() - last_cancel_check > CANCEL_POLL_S):
+            # A cancel wakes us through the shared pub/sub listener; the slow poll covers a lost message.
+            last_cancel_check = clock.time()
+            cancel_seen = cancel_seen or view.cancel_requested(drain_id)
+            drain = await store.get(drain_id)
+            if drain.phase is DrainPhase.CANCELLING and (drain.cancel is None or drain.cancel.mode == "abort"):
+                abort = Abort("the drain was cancelled", FailureClass.ABORTED)
+        if abort is not None:
+            bound.warning("migration.abort", vmim=mig_name, reason=abort.reason)
+            await store.emit(drain_id, "migration.abort", vmi=vmi, vmim=mig_name, reason=abort.reason)
+            await kube.delete(k.VMIMS, mig_name, ns, uid=obj["metadata"].get("uid"))
+
+
+def _mark_running(attempt: int, stamp: float, target: str | None) -> Callable[[VmRecord], None]:
+    """Record when the transfer began (the completion budget counts from there, across re-runs)."""
+    def running(vm: VmRecord) -> None:
+        vm.message = f"transferring to {target}"
+        current = vm.attempt_entry(attempt)
+        if current is not None and current.running_at is None:
+            vm.put_attempt(current.model_copy(update={"running_at": stamp}))
+    return running
+
+
+async def _vanished(ctx: Ctx, rec: VmRecord, *, target: str | None, vmim: str, abort: Abort | None) -> Outcome:
+    """The VMIM is gone before we saw it final (deleted: our abort, or someone else). Where the VMI runs now
+    says how it ended: an abort that lost the race leaves the VM on the target, migrated."""
+    vmi_obj = await ctx["kube"].find(k.VMIS, rec.name, rec.namespace)
+    node = ((vmi_obj or {}).get("status") or {}).get("nodeName")
+    if node and node != rec.node:
+        why = f" (the abort came too late: {abort.reason})" if abort is not None else ""
+        return Outcome(VmPhase.SUCCEEDED, target=node, reason=f"migrated to {node}{why}", vmim=vmim)
+    if abort is not None:
+        return Outcome(VmPhase.FAILED, target=target, reason=abort.reason, failure=abort.failure, vmim=vmim)
+    return Outcome(VmPhase.FAILED, target=target, reason="the VMIM disappeared before it finished",
+                   failure=FailureClass.UNKNOWN, vmim=vmim)
+
+
+def _phase_changed(last: str | None, view: ClusterView, drain_id: str | None) -> Callable[[Obj | None], bool]:
+    """Wake on a phase change, the VMIM vanishing, or (until we acted on it) a cancel of `drain_id`."""
+    def changed(obj: Obj | None) -> bool:
+        if obj is None or (obj.get("status") or {}).get("phase") != last:
+            return True
+        return drain_id is not None and view.cancel_requested(drain_id)
+    return changed
+
+
+def _failed_condition(obj: Obj) -> str:
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "migrationAbortRequested":
+            return "Migration failed due to being canceled"
+    return "the migration failed without a reason"
+
+
+async def _record_outcome(ctx: Ctx, drain_id: str, vmi: str, attempt: int, outcome: Outcome, bound: Any) -> None:
+    store = ctx["store"]
+    drain = await store.get(drain_id)
+    settle = settle_attempt(outcome.phase, outcome.failure, attempt=attempt,
+                            max_attempts=limits_of(ctx, drain).max_attempts,
+                            drain_cancelled=drain.phase in (DrainPhase.CANCELLING, DrainPhase.CANCELLED))
+    now = ctx["clock"].time()
+    backoff = ctx["settings"].timeouts.backoff(attempt + 1)
+
+    def apply(vm: VmRecord) -> bool | None:
+        if vm.phase.is_final or vm.attempt != attempt:
+            return False
+        entry = (vm.attempt_entry(attempt) or AttemptRecord(attempt=attempt)).model_copy()
+        entry.finished_at, entry.outcome, entry.reason = now, outcome.phase, outcome.reason
+        entry.failure_class, entry.target = outcome.failure, outcome.target
+        entry.vmim = outcome.vmim or entry.vmim
+        vm.put_attempt(entry)
+        vm.busy_since = None
+        if outcome.target and outcome.phase is VmPhase.FAILED and outcome.failure is not None \
+                and outcome.failure.avoid_target:
+            vm.failed_targets = sorted(set(vm.failed_targets) | {outcome.target})
+        if settle is Settle.SUCCEEDED:
+            vm.phase, vm.target, vm.message = VmPhase.SUCCEEDED, outcome.target, outcome.reason
+            vm.finished_at, vm.failure_class = now, None
+        elif settle is Settle.CANCELLED:
+            vm.phase, vm.message, vm.finished_at = VmPhase.CANCELLED, f"aborted in flight: {outcome.reason}", now
+        elif settle is Settle.RETRY:
+            vm.phase, vm.attempt, vm.enqueued = VmPhase.QUEUED, attempt + 1, attempt + 1
+            vm.failure_class = outcome.failure
+            vm.not_before_s = now + ctx["settings"].to_wall(backoff)
+            vm.message = f"attempt {attempt} failed ({outcome.reason}); retrying on another node in {backoff:.0f} s"
+        else:
+            vm.phase, vm.finished_at, vm.failure_class = VmPhase.FAILED, now, outcome.failure
+            vm.message = f"failed after {attempt} attempt(s): {outcome.reason}"
+        return None
+
+    rec = await store.update_vm(drain_id, vmi, apply)
+    if outcome.phase is VmPhase.FAILED and outcome.target and outcome.failure is not None \
+            and outcome.failure.blames_target:
+        await _note_target_failure(ctx, drain_id, outcome.target, vmi, outcome.reason)
+    await store.emit(drain_id, f"vm.{rec.phase.value.lower()}", vmi=vmi, attempt=attempt, target=outcome.target,
+                     reason=outcome.reason, failure_class=outcome.failure.value if outcome.failure else None)
+    bound.info("migration.finished", phase=outcome.phase.value, reason=outcome.reason,
+               failure_class=outcome.failure.value if outcome.failure else None)
+    vmi_obj = await ctx["kube"].find(k.VMIS, *reversed(split_vmi_key(vmi)))
+    if vmi_obj is not None:
+        await ctx["kube"].event(involved=vmi_obj, reason="DrainMigration" + outcome.phase.value,
+                                message=f"drainctl drain {drain_id} attempt {attempt}: {outcome.reason}",
+                                warning=outcome.phase is not VmPhase.SUCCEEDED)
+    if rec.phase is VmPhase.QUEUED and rec.attempt == attempt + 1:
+        await enqueue_migrate(ctx, drain_id, vmi, attempt + 1, delay_s=backoff)
+
+
+async def _note_target_failure(ctx: Ctx, drain_id: str, node: str, vmi: str, reason: str) -> None:
+    """Count a node's failures across the drain's VMs; at QUARANTINE_AFTER distinct VMs, no VM of this drain
+    goes there any more. KubeVirt has no such memory: its scheduler picks the same broken node again."""
+    newly: list[str] = []
+
+    def note(d: DrainRecord) -> None:
+        newly.clear()
+        seen = set(d.target_failures.get(node) or [])
+        seen.add(vmi)
+        d.target_failures[node] = sorted(seen)
+        if len(seen) >= QUARANTINE_AFTER and node not in d.quarantined:
+            d.quarantined[node] = f"{len(seen)} VMs failed there; last: {reason}"
+            newly.append(node)
+
+    await ctx["store"].update(drain_id, note)
+    if newly:
+        await ctx["store"].emit(drain_id, "target.quarantined", node=node, reason=reason)
+        log.warning("target.quarantined", drain_id=drain_id, node=node, reason=reason)

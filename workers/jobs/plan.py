@@ -1,0 +1,98 @@
+"""The plan job: plan the drain, write its node and VM records, cordon the nodes, start advancing."""
+
+from __future__ import annotations
+
+from orchestrator import kube as k
+from orchestrator.model import (
+    DrainPhase,
+    DrainRequest,
+    NodePhase,
+    VmPhase,
+    VmVerdict,
+)
+from orchestrator.planner import PlanError, plan_drain
+from orchestrator.records import DrainLimits, DrainRecord, NodeRecord, VmRecord
+from workers.jobs.advance import advance_drain, close_drain
+from workers.jobs.common import NODE_ANNOTATION, Ctx, assign, guarded, log
+
+
+# =================================================================================================== plan
+async def plan_job(ctx: Ctx, drain_id: str) -> str:
+    async def failed(reason: str) -> None:
+        await close_drain(ctx, drain_id, DrainPhase.FAILED, f"planning failed: {reason}")
+
+    return await guarded(ctx, _plan(ctx, drain_id), what=f"plan {drain_id}", on_failure=failed)
+
+
+async def _plan(ctx: Ctx, drain_id: str) -> str:
+    store = ctx["store"]
+    drain = await store.get(drain_id)
+    bound = log.bind(drain_id=drain_id)
+    if drain.phase not in (DrainPhase.PENDING, DrainPhase.PLANNING):
+        await advance_drain(ctx, drain_id)
+        return drain.phase.value
+    if drain.phase is DrainPhase.PENDING:
+        await store.update(drain_id, assign(phase=DrainPhase.PLANNING, message="planning"))
+    request = DrainRequest.from_json(drain.request)
+    snapshot = await ctx["kube"].snapshot()
+    try:
+        plan = plan_drain(snapshot, request, ctx["settings"], now=ctx["clock"].time(), drain_id=drain_id)  # type: ignore[arg-type]
+    except PlanError as exc:
+        await close_drain(ctx, drain_id, DrainPhase.FAILED, f"refused by the planner: {exc}")
+        bound.warning("drain.refused", error=str(exc))
+        return DrainPhase.FAILED.value
+    nodes: dict[str, NodeRecord] = {}
+    vms: dict[str, VmRecord] = {}
+    for index, node_plan in enumerate(plan.nodes):
+        nodes[node_plan.node] = NodeRecord(
+            node=node_plan.node, phase=NodePhase.PENDING, index=index, wave=node_plan.wave,
+            vms=len(node_plan.jobs) + len(node_plan.skipped) + len(node_plan.blocked))
+        for job in node_plan.jobs:
+            vms[job.vmi] = _vm_record(job.vmi, node_plan.node, VmPhase.QUEUED, VmVerdict.MIGRATE,
+                                      job.reason, memory=job.memory_bytes, proposed=job.proposed_target)
+        for decision in node_plan.skipped:
+            vms[decision.vmi] = _vm_record(decision.vmi, node_plan.node, VmPhase.SKIPPED, decision.verdict,
+                                           decision.reason)
+        for decision in node_plan.blocked:
+            vms[decision.vmi] = _vm_record(decision.vmi, node_plan.node, VmPhase.BLOCKED, decision.verdict,
+                                           decision.reason)
+    limits = plan.limits
+    await store.create_children(drain_id, nodes=nodes, vms=vms)
+
+    def running(d: DrainRecord) -> None:
+        d.phase = DrainPhase.RUNNING
+        d.message = f"draining {', '.join(plan.drain_nodes)}"
+        d.plan = plan.to_json()
+        d.started_at = ctx["clock"].time()
+        d.limits = DrainLimits(cluster=int(limits.in_flight_cluster.effective),
+                               per_node=int(limits.outbound_per_node.effective),
+                               inbound=int(limits.inbound_per_node.effective),
+                               max_attempts=limits.max_attempts,
+                               pending_timeout_s=limits.pending_timeout_s,
+                               completion_timeout_per_gib=limits.completion_timeout_per_gib.effective,
+                               progress_timeout_s=limits.progress_timeout_s.effective)
+        d.estimate_s = plan.estimate.total_s
+        d.warnings = list(plan.warnings)
+
+    for node in plan.drain_nodes:
+        await ctx["kube"].cordon(node, annotations={NODE_ANNOTATION: drain_id})
+        await store.update_node(drain_id, node, assign(phase=NodePhase.CORDONED))
+        node_obj = await ctx["kube"].find(k.NODES, node)
+        if node_obj is not None:
+            await ctx["kube"].event(involved=node_obj, reason="DrainStarted",
+                                    message=f"drainctl drain {drain_id}: node cordoned")
+    await store.update(drain_id, running)
+    await store.emit(drain_id, "drain.planned", nodes=list(plan.drain_nodes), vms=len(vms),
+                     migrate=sum(1 for v in vms.values() if v.phase is VmPhase.QUEUED),
+                     estimate_s=plan.estimate.total_s, warnings=list(plan.warnings))
+    bound.info("drain.planned", nodes=list(plan.drain_nodes), vms=len(vms), estimate_s=plan.estimate.total_s)
+    await advance_drain(ctx, drain_id)
+    return DrainPhase.RUNNING.value
+
+
+def _vm_record(vmi: str, node: str, phase: VmPhase, verdict: VmVerdict, reason: str, *, memory: int = 0,
+               proposed: str | None = None) -> VmRecord:
+    return VmRecord(vmi=vmi, node=node, phase=phase, verdict=verdict, reason=reason, memory_bytes=memory,
+                    proposed_target=proposed, attempt=1 if phase is VmPhase.QUEUED else 0, message=reason)
+
+
