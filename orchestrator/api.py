@@ -4,17 +4,25 @@ Promises:
 - Every ``/v1`` call needs ``Authorization: Bearer <token>``: 401 (with ``WWW-Authenticate: Bearer``) without
   one, 403 with a wrong one; tokens are compared in constant time. ``/healthz``, ``/readyz``, ``/metrics`` and
   ``/openapi.json`` are open, as probes and scrapers expect.
-- Every error is JSON ``{"error": {"code", "message", "details"}}``: malformed JSON 400, a body that breaks
-  the schema 422 naming each field (``nodes: ...``), unknown nodes 404 naming them, an infeasible drain 422
-  with the planner's problems, a node that another drain owns 409 naming the node and the drain, an
-  unreachable cluster or Redis 503. Nothing is written when a request is refused (DESIGN.md rule 7).
+- Every error is JSON ``{"error": {"code", "message", "details"}}``, whatever raised it (405 with ``Allow``,
+  413, an unexpected bug as 500): malformed JSON 400, a body not sent as ``application/json`` 415 (with
+  ``Accept-Post``), a drain id drainctl could not have issued 400, a body that breaks the schema or an unknown
+  query parameter 422 naming each field (``nodes: ...``), unknown nodes 404 naming them, an infeasible drain
+  422 with the planner's problems, a node that another drain owns 409 naming the node and the drain, a
+  refusal by the cluster's API server 502, an unreachable cluster or Redis 503 (with ``Retry-After``).
+  Nothing is written when a request is refused (DESIGN.md rule 7).
+- Every number in a request lies in the range ``REQUEST_BOUNDS`` (orchestrator/model.py) gives it; the CLI
+  and ``DrainRequest`` enforce the same table, and the document shows it.
 - ``POST /v1/drains`` with an ``Idempotency-Key`` header returns the drain that key created (200) instead of
-  starting another one (202); reusing a key with a different request is refused (422).
+  starting another one (202); reusing a key with a different request is refused (422); a retry while the
+  first request with the key is still being processed is 409 ``idempotency_in_progress`` with
+  ``Retry-After`` (the IETF idempotency-key draft's answer): wait that long and send the same request again.
 - ``GET /v1/drains/{id}/events`` is a server-sent event stream: the drain's events from ``Last-Event-ID``
   (or the start), then live ones until ``drain.finished``; ``event:`` is our event name, ``id:`` the Redis
   stream id, so a client that reconnects resumes exactly where it stopped.
 - ``/openapi.json`` is an OpenAPI 3.1 document whose schemas are generated from the pydantic models the
-  handlers use, so the document and the wire format cannot drift apart.
+  handlers use, so the document and the wire format cannot drift apart; it lists every status each operation
+  answers, and only those (tests/orchestrator/test_api.py, test_api_schema.py with schemathesis).
 
 It holds no drain state of its own: everything goes through :class:`orchestrator.service.DrainService`, so
 any number of API replicas may run beside the workers.
@@ -819,6 +827,13 @@ def openapi_document() -> dict[str, Any]:
                 "schema": {"type": "string", "pattern": DRAIN_ID_PATTERN}}
     stream_id = {"type": "string", "pattern": f"^{_STREAM_ID.pattern}$"}
     body = {"required": True, "content": content("DrainRequestBody")}
+    # One server-sent event (the schema of a text/event-stream applies to each event): data is one drain
+    # event as JSON, carrying its own stream id and name.
+    sse_event = {"type": "object", "properties": {
+        "id": stream_id, "event": {"type": "string"}, "retry": {"type": "integer"},
+        "data": {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": {"type": "object", "required": ["id", "event"],
+                                   "properties": {"id": stream_id, "event": {"type": "string"}}}}}}
     refusals = {"400": error("The body is not JSON (code bad_json), or the Idempotency-Key header is malformed "
                              "(code bad_header)."),
                 "404": error("Unknown nodes (code unknown_nodes, details.nodes)."),
@@ -836,6 +851,10 @@ def openapi_document() -> dict[str, Any]:
     unknown_query = {"422": error("An unknown query parameter (code invalid, details.problems).")}
 
     bearer: list[dict[str, list[str]]] = [{"bearerAuth": []}]
+    # Where a drain's id leads (OpenAPI links; not to the event stream, which stays open until the drain ends).
+    to_drain = {"links": {"GetDrain": {"operationId": "getDrain", "parameters": {"drain_id": "$response.body#/id"}},
+                          "CancelDrain": {"operationId": "cancelDrain",
+                                          "parameters": {"drain_id": "$response.body#/id"}}}}
     paths: dict[str, Any] = {
         "/v1/drains": {
             "post": {
@@ -844,9 +863,9 @@ def openapi_document() -> dict[str, Any]:
                                 "schema": {"type": "string", "pattern": f"^{_IDEMPOTENCY_KEY.pattern}$"},
                                 "description": "A retried call with the same key returns the first drain (200)."}],
                 "requestBody": body,
-                "responses": {"202": {"description": "Queued.", "content": content("DrainAccepted")},
+                "responses": {"202": {"description": "Queued.", "content": content("DrainAccepted"), **to_drain},
                               "200": {"description": "The drain this idempotency key created earlier.",
-                                      "content": content("DrainAccepted")},
+                                      "content": content("DrainAccepted"), **to_drain},
                               **refusals, **auth_errors,
                               "409": error("A node belongs to another open drain (code conflict, details.nodes: "
                                            "node -> drain), or the first request with this Idempotency-Key is "
@@ -867,7 +886,7 @@ def openapi_document() -> dict[str, Any]:
                 "security": bearer,
                 "parameters": [drain_id, {"name": "plan", "in": "query", "required": False,
                                           "schema": {"type": "boolean", "default": False}}],
-                "responses": {"200": {"description": "The drain.", "content": content("DrainDetail")},
+                "responses": {"200": {"description": "The drain.", "content": content("DrainDetail"), **to_drain},
                               **bad_id, **no_drain, **bad_query("plan"), **auth_errors, **unavailable},
             },
             "delete": {
@@ -896,7 +915,7 @@ def openapi_document() -> dict[str, Any]:
                                                "Last-Event-ID wins)."}],
                 "responses": {"200": {"description": "`event:` is the event name, `id:` the stream id, `data:` "
                                                      "the event as JSON.",
-                                      "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                                      "content": {"text/event-stream": {"schema": sse_event}}},
                               "400": error("The drain id is malformed (code bad_drain_id) or Last-Event-ID / "
                                            "after is not an event id (code bad_header)."),
                               **no_drain, **unknown_query, **auth_errors, **unavailable},

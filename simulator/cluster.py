@@ -23,7 +23,7 @@ from simulator.clock import SimClock
 from simulator.errors import ApiError
 from simulator.faults import Faults, FaultsBody
 from simulator.kubevirt import DEFAULT_MIGRATIONS, KubeVirtSim, NetworkModel, VMInfo, vmi_key
-from simulator.physics import VMPhysics
+from simulator.physics import QEMU_DEFAULT_DOWNTIME_S, VMPhysics
 from simulator.policies import MIGRATION_POLICIES
 from simulator.prometheus import MigrationMetrics, serve_prometheus
 from simulator.resources import (
@@ -108,7 +108,8 @@ class SimCluster:
             infos[vmi_key(vm.namespace, vm.name)] = VMInfo(
                 VMPhysics(memory_bytes=vm.memory_bytes, resident_bytes=vm.resident_bytes,
                           dirty_bytes_per_s=vm.dirty_bytes_per_s, wws_bytes=vm.wws_bytes),
-                setup_s=vm.setup_s, multifd=vm.multifd)
+                setup_s=vm.setup_s, multifd=vm.multifd, not_migratable_reason=vm.not_migratable_reason,
+                not_migratable_message=vm.not_migratable_message, rwx=vm.rwx_storage)
             vmi = objects.vmi(vm.namespace, vm.name, node_name=vm.node, memory_bytes=vm.memory_bytes,
                               cpus=vm.cpus, cpu_model=vm.cpu_model, eviction_strategy=vm.eviction_strategy,
                               not_migratable_reason=vm.not_migratable_reason,
@@ -161,7 +162,7 @@ class SimCluster:
         for node in body["nodes"]:
             node["migration_bytes_per_s"] = node["nic_bytes_per_s"] * self.scenario.nic_efficiency * share
         body.update(setup_s=self.scenario.setup_s_min(), cleanup_s=self.scenario.cleanup_s,
-                    downtime_s=float(cfg.get("maxDowntimeMs") or 300) / 1000.0, migration_config=cfg,
+                    downtime_s=QEMU_DEFAULT_DOWNTIME_S, migration_config=cfg,
                     nic_efficiency=self.scenario.nic_efficiency, pod_network_share=self.scenario.pod_network_share,
                     single_stream_bytes_per_s=self.scenario.single_stream_bytes_per_s,
                     drain_hint=list(self.scenario.drain_hint), parallel_hint=self.scenario.parallel_hint)

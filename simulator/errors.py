@@ -28,7 +28,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-        self.reason = reason or _REASONS.get(code, "Unknown")
+        self.reason = _REASONS.get(code, "Unknown") if reason is None else reason
         self.details = details
 
     def status(self) -> dict[str, Any]:
@@ -41,6 +41,8 @@ class ApiError(Exception):
             "reason": self.reason,
             "code": self.code,
         }
+        if not self.reason:
+            del body["reason"]  # metav1.Status omits an empty reason
         if self.details is not None:
             body["details"] = self.details
         return body
@@ -82,6 +84,14 @@ class ApiError(Exception):
 
     @classmethod
     def webhook_denied(cls, webhook: str, message: str, code: int = 400) -> ApiError:
-        """An admission webhook denial, as the API server wraps it."""
-        return cls(code, f'admission webhook "{webhook}" denied the request: {message}',
-                   reason="BadRequest" if code == 400 else _REASONS.get(code))
+        """An admission webhook denial as kube-apiserver wraps it (apiserver's webhook errors.ToStatusErr): the
+        webhook's Result.Code and message, with no reason (KubeVirt's ToAdmissionResponseError and its
+        eviction denial set none)."""
+        return cls(code, f'admission webhook "{webhook}" denied the request: {message}', reason="")
+
+    @classmethod
+    def webhook_invalid(cls, webhook: str, causes: list[dict[str, str]]) -> ApiError:
+        """KubeVirt's webhookutils.ToAdmissionResponse: 422 Invalid, the causes' messages joined by ", "."""
+        message = ", ".join(c["message"] for c in causes[:10])
+        return cls(422, f'admission webhook "{webhook}" denied the request: {message}', reason="Invalid",
+                   details={"causes": causes[:10]})

@@ -1,18 +1,29 @@
 """KubeVirt's behaviour in the simulated cluster (reference: shared/reference/kubevirt.md).
 
-- Admission: the VMIM create/update webhooks (required vmiName, VMI exists and is not final, LiveMigratable
-  not False, one in-flight migration per VMI, priority reserved to virt-controller, spec immutable) and the
-  virt-launcher eviction webhook (429 + evacuation, or 429 forever for non-migratable LiveMigrate VMIs).
-- The migration controller: Pending VMIMs wait for a slot under `parallelMigrationsPerCluster` and
-  `parallelOutboundMigrationsPerNode` (priority first, then age); a target virt-launcher pod is scheduled
+Where it imitates KubeVirt it follows KubeVirt's code (kubevirt/kubevirt main after v1.9):
+- Admission (virt-api admitters migration-create-admitter.go, migration-update-admitter.go,
+  pod-eviction-admitter.go): the VMIM webhooks (vmiName required and priority reserved to virt-controller:
+  422 Invalid; VMI missing or final, LiveMigratable False, another VMIM in flight: 400 with KubeVirt's texts;
+  spec immutable) and the virt-launcher eviction webhook (429 + evacuation, or 429 forever for a LiveMigrate
+  VMI that is not LiveMigratable=True).
+- The migration controller (virt-controller watch/migration/migration.go) on its priority queue
+  (`workqueue.PriorityQueue`): a Pending VMIM held back by `parallelMigrationsPerCluster` or
+  `parallelOutboundMigrationsPerNode` is looked at again after 1/3/5 s by priority; when a migration ends the
+  Pending VMIMs of highest priority are re-enqueued at once in an arbitrary (seeded) order among equals;
+  one target pod is created at a time (1 s requeue while the last one is unobserved); evacuation VMIMs wait
+  out the 20-320 s backoff in Pending; a target virt-launcher pod is scheduled
   like kube-scheduler would (not the source, schedulable, Ready, memory fits, node selector incl.
   addedNodeSelector, host-model CPU and vendor labels) and fails after the unschedulable timeout; phases
   Pending -> Scheduling -> Scheduled -> PreparingTarget -> TargetReady -> Running -> Succeeded/Failed with
   `phaseTransitionTimestamps`; `vmi.status.migrationState` filled live; bytes move by `physics`; the
   launcher's progress/completion timeouts abort (or switch to post-copy); deleting a VMIM aborts it; only the
   5 newest finished VMIMs per VMI are kept.
-- The evacuation controller: VMIs with `evacuationNodeName` get `kubevirt-evacuation-` VMIMs, retried with
-  KubeVirt's 20 s doubling backoff and no memory of failed targets.
+- virt-launcher's monitor (live-migration-source.go), legacy path: QEMU's 300 ms max downtime whatever
+  `maxDowntimeMs` says; since v1.9 every successful abort, timeouts included, reads "Live migration has been
+  aborted".
+- The evacuation controller (drain/evacuation/evacuation.go): every LiveMigratable=True VMI with
+  `evacuationNodeName` (or on a drain-tainted node) and no VMIM in flight gets a `kubevirt-evacuation-` VMIM
+  at once, again right after each failure (no memory of failed targets).
 - A kubelet stand-in that finishes graceful pod deletion, and the VM controller restarting a VM whose
   launcher pod was evicted (strategy None).
 It also keeps the ground truth (`stats`) that tests and benchmarks read.
@@ -33,12 +44,13 @@ from simulator import objects
 from simulator.clock import SimClock
 from simulator.errors import ApiError
 from simulator.faults import Faults
-from simulator.physics import Flow, MonitorConfig, Transfer, VMPhysics, fair_share
+from simulator.physics import QEMU_DEFAULT_DOWNTIME_S, Flow, MonitorConfig, Transfer, VMPhysics, fair_share
 from simulator.policies import resolve_migration_config, vmim_options
 from simulator.quantity import to_bytes
 from simulator.resources import EVENTS, KUBEVIRTS, NODES, PDBS, PODS, VMIMS, VMIS, VMS, ResourceType
 from simulator.scenarios import default_migrations
 from simulator.store import Obj, Store, iso
+from simulator.workqueue import PriorityQueue
 
 IN_FLIGHT = ("Scheduling", "Scheduled", "PreparingTarget", "TargetReady", "Running")
 FINAL = ("Succeeded", "Failed")
@@ -47,9 +59,17 @@ PRIORITIES = {"system-critical": 100, "user-triggered": 50, "system-maintenance"
 MIGRATION_FINALIZER = "kubevirt.io/migrationJobFinalize"
 VMI_NAME_LABEL = "kubevirt.io/vmi-name"
 EVACUATION_ANNOTATION = "kubevirt.io/evacuationMigration"
+WORKLOAD_UPDATE_ANNOTATION = "kubevirt.io/workloadUpdateMigration"
+EVICTION_SOURCE_ANNOTATION = "kubevirt.io/eviction-source"
 UNSCHEDULABLE_TIMEOUT_ANNOTATION = "kubevirt.io/migrationUnschedulablePodTimeoutSeconds"
 PENDING_TIMEOUT_ANNOTATION = "kubevirt.io/migrationPendingPodTimeoutSeconds"
 GC_BUFFER = 5
+# pkg/util/migrations/migrations.go: the queue priority of a migration past Pending (and of a backoff requeue).
+QUEUE_PRIORITY_RUNNING = 1000
+# How long after a target pod is created the controller's pod informer has seen it: until then
+# podExpectations.AllPendingCreations() > 0 holds every other target pod creation back (1 s requeue).
+POD_EXPECTATION_LAG_S = 0.05
+EVACUATION_BACKOFF_S = 20.0
 MIGRATION_WEBHOOK = "migration-create-validator.kubevirt.io"
 MIGRATION_UPDATE_WEBHOOK = "migration-update-validator.kubevirt.io"
 EVICTION_WEBHOOK = "virt-launcher-eviction-interceptor.kubevirt.io"
@@ -57,7 +77,8 @@ UNSCHEDULABLE_TAINT = "node.kubernetes.io/unschedulable"
 MIGRATABLE_ON_EVICTION = ("LiveMigrate", "LiveMigrateIfPossible")
 INJECTED_FAILURE = ("Live migration failed error encountered during MigrateToURI3 libvirt op: operation "
                     "failed: Lost connection to destination host")
-ABORTED = "Live migration aborted "
+# setMigrationResult (virt-launcher live-migration-source.go, v1.9+): the reason of every successful abort.
+ABORTED = "Live migration has been aborted"
 
 DEFAULT_MIGRATIONS: dict[str, Any] = default_migrations()
 
@@ -72,6 +93,13 @@ def _condition(obj: Obj, ctype: str) -> Obj | None:
             found: Obj = c
             return found
     return None
+
+
+def is_migratable(vmi: Obj) -> bool:
+    """VirtualMachineInstance.IsMigratable (api/core/v1/types.go): LiveMigratable is True. A VMI without the
+    condition is not migratable (the eviction webhook and the evacuation controller use this)."""
+    cond = _condition(vmi, "LiveMigratable")
+    return cond is not None and cond.get("status") == "True"
 
 
 def _pod_memory(pod: Obj) -> int:
@@ -93,6 +121,9 @@ class VMInfo:
     physics: VMPhysics
     setup_s: float
     multifd: bool
+    not_migratable_reason: str | None = None
+    not_migratable_message: str | None = None
+    rwx: bool = True
 
 
 @dataclass(frozen=True)
@@ -128,6 +159,8 @@ class Migration:
     abort_requested: bool = False
     abort_at: float | None = None
     complete_at: float | None = None
+    failed_at: float | None = None
+    backoff_reported: bool = False
     record: dict[str, Any] = field(default_factory=dict)
     rate: float = 0.0
     """Bytes/s the transfer got in the last step (libvirt's memory transfer rate)."""
@@ -159,6 +192,9 @@ class KubeVirtSim:
         self.network = network
         self._vms: dict[str, VMInfo] = dict(vms)
         self._rand = random.Random(seed)
+        self._queue_rand = random.Random(f"migration-queue-{seed}")
+        self._queue = PriorityQueue()  # the migration controller's work queue (Pending VMIMs only here)
+        self._pod_expectation_until = -math.inf
         self._inbox: list[tuple[str, ResourceType, Obj, Obj | None]] = []
         self.pending: dict[str, Migration] = {}
         self.active: dict[str, Migration] = {}
@@ -166,9 +202,8 @@ class KubeVirtSim:
         self._vmi_open: dict[str, set[str]] = defaultdict(set)  # vmi key -> non-final VMIM keys
         self._evac: dict[str, float] = {}  # VMIs that need an evacuation VMIM -> not before (backoff)
         self._finished: dict[str, list[str]] = defaultdict(list)  # vmi key -> finished VMIM names, oldest first
-        self._pending_order: list[Migration] | None = None
         self._facts: dict[str, tuple[str, tuple[str, Mapping[str, str], str | None, int]]] = {}
-        self._evac_history: dict[str, list[tuple[str, float]]] = defaultdict(list)
+        self._evac_migrations: dict[str, list[Migration]] = defaultdict(list)  # vmi key -> backoff-eligible, by age
         self._kubelet: list[tuple[float, str, str, str]] = []
         self._restarts: list[tuple[float, str, str]] = []
         self._node_used: dict[str, int] = defaultdict(int)
@@ -217,47 +252,58 @@ class KubeVirtSim:
         return info
 
     # ====================================================================================== admission
+    # The VMIM webhooks, after pkg/virt-api/webhooks/validating-webhook/admitters/migration-create-admitter.go
+    # and migration-update-admitter.go: spec problems are 422 Invalid (webhookutils.ToAdmissionResponse), every
+    # other refusal 400 with no reason (ToAdmissionResponseError).
     def _admit(self, op: str, rt: ResourceType, new: Obj | None, old: Obj | None) -> None:
         if rt is VMIMS and op == "CREATE" and new is not None:
             self._admit_migration(new)
         elif rt is VMIMS and op == "UPDATE" and new is not None and old is not None:
             if new.get("spec") != old.get("spec"):
-                raise ApiError.webhook_denied(MIGRATION_UPDATE_WEBHOOK,
-                                              "Cannot update VMIM spec: the spec is immutable", 422)
-            if (old.get("status") or {}).get("phase") not in FINAL and \
-                    (new["metadata"].get("labels") or {}).get(VMI_NAME_LABEL) != \
-                    (old["metadata"].get("labels") or {}).get(VMI_NAME_LABEL):
-                raise ApiError.webhook_denied(MIGRATION_UPDATE_WEBHOOK,
-                                              f"Cannot change the {VMI_NAME_LABEL} label of an in-flight "
-                                              "migration", 422)
+                raise ApiError.webhook_invalid(MIGRATION_UPDATE_WEBHOOK, [{
+                    "reason": "FieldValueNotSupported", "message": "update of Migration object's spec is restricted"}])
+            old_labels = old["metadata"].get("labels")
+            if (new.get("status") or {}).get("phase") not in FINAL and old_labels is not None \
+                    and VMI_NAME_LABEL in old_labels:
+                new_labels = new["metadata"].get("labels")
+                if not new_labels:
+                    raise ApiError.webhook_invalid(MIGRATION_UPDATE_WEBHOOK, [{
+                        "reason": "FieldValueNotSupported",
+                        "message": "selector label can't be removed from an in-flight migration"}])
+                if new_labels.get(VMI_NAME_LABEL) != old_labels[VMI_NAME_LABEL]:
+                    raise ApiError.webhook_invalid(MIGRATION_UPDATE_WEBHOOK, [{
+                        "reason": "FieldValueNotSupported",
+                        "message": "selector label can't be modified on an in-flight migration"}])
 
     def _admit_migration(self, new: Obj) -> None:
         spec = new.get("spec") or {}
         ns = new["metadata"]["namespace"]
         name = spec.get("vmiName")
         if not name:
-            raise ApiError.webhook_denied(MIGRATION_WEBHOOK, "spec.vmiName: vmiName must be set", 422)
+            raise ApiError.webhook_invalid(MIGRATION_WEBHOOK, [{
+                "reason": "FieldValueRequired", "message": "vmiName is missing", "field": "spec.vmiName"}])
         if spec.get("priority") is not None:
-            raise ApiError.webhook_denied(MIGRATION_WEBHOOK, "only virt-controller is allowed to set priority "
-                                                             "field", 422)
+            raise ApiError.webhook_invalid(MIGRATION_WEBHOOK, [{
+                "reason": "FieldValueForbidden", "field": "spec.migrationPriority",
+                "message": "Migration priority queue, only virt-controller is allowed to set priority field"}])
         vmi = self.store.get(VMIS, ns, name)
         if vmi is None:
-            raise ApiError.webhook_denied(MIGRATION_WEBHOOK,
-                                          f'virtualmachineinstances.kubevirt.io "{name}" not found', 422)
+            raise ApiError.webhook_denied(MIGRATION_WEBHOOK, f'the VMI "{ns}/{name}" does not exist')
         if (vmi.get("status") or {}).get("phase") in FINAL:
-            raise ApiError.webhook_denied(MIGRATION_WEBHOOK, "Cannot migrate VMI in finalized state.", 422)
+            raise ApiError.webhook_denied(MIGRATION_WEBHOOK, "Cannot migrate VMI in finalized state.")
+        # isMigratable: only LiveMigratable=False refuses here (no condition at all passes the webhook).
         cond = _condition(vmi, "LiveMigratable")
         if cond is not None and cond.get("status") == "False":
             raise ApiError.webhook_denied(
                 MIGRATION_WEBHOOK,
-                f"Cannot migrate VMI, Reason: {cond.get('reason', '')}, Message: {cond.get('message', '')}", 422)
+                f"Cannot migrate VMI, Reason: {cond.get('reason', '')}, Message: {cond.get('message', '')}")
         for key in self._vmi_open.get(vmi_key(ns, name), ()):
             mig = self._by_name.get(key)
             if mig is not None:
                 raise ApiError.webhook_denied(
                     MIGRATION_WEBHOOK,
                     f"in-flight migration detected. Active migration job ({mig.uid}) is currently already in "
-                    f"progress for VMI {name}.", 422)
+                    f"progress for VMI {name}.")
         meta = new["metadata"]
         meta.setdefault("labels", {})[VMI_NAME_LABEL] = name
         finalizers = meta.setdefault("finalizers", [])
@@ -294,14 +340,14 @@ class KubeVirtSim:
         vmi = self.store.get(VMIS, ns, vmi_name) if vmi_name else None
         if vmi is None or (vmi.get("status") or {}).get("phase") in FINAL:
             return
+        # admitLauncherPod (pod-eviction-admitter.go): vmi.IsMigratable() wants LiveMigratable=True.
         strategy = self.eviction_strategy(vmi)
-        cond = _condition(vmi, "LiveMigratable")
-        migratable = cond is None or cond.get("status") != "False"
+        migratable = is_migratable(vmi)
         full = f'"{ns}/{vmi_name}"'
         if strategy == "None" or (strategy == "LiveMigrateIfPossible" and not migratable):
             return
         if strategy == "LiveMigrate" and not migratable:
-            raise self._deny_eviction(f"VMI {full} is configured with an eviction strategy but is not "
+            raise self._deny_eviction(f"VMI {vmi_name} is configured with an eviction strategy but is not "
                                       "live-migratable")
         status = vmi.get("status") or {}
         if status.get("evacuationNodeName"):
@@ -499,9 +545,9 @@ class KubeVirtSim:
             "name": mig.name, "namespace": mig.namespace, "vmi": vkey, "uid": mig.uid,
             "origin": "evacuation" if mig.evacuation else "api",
             "labels": dict(meta.get("labels") or {}),
-            "source": None, "target": None, "created_s": self._rel(now), "started_s": None,
-            "finished_s": None, "phase": "Pending", "failure_reason": None, "bytes_sent": 0,
-            "downtime_s": None, "mode": None, "migration_policy": None,
+            "source": None, "target": None, "created_s": self._rel(now), "admitted_s": None,
+            "started_s": None, "finished_s": None, "phase": "Pending", "failure_reason": None, "bytes_sent": 0,
+            "downtime_s": None, "mode": None, "migration_policy": None, "abort_cause": None,
         }
         self.records.append(mig.record)
         self._by_name[mig.key] = mig
@@ -510,16 +556,19 @@ class KubeVirtSim:
         if len(open_set) > 1:
             self.concurrent_vmis.add(vkey)
         self.max_in_flight_per_vmi = max(self.max_in_flight_per_vmi, len(open_set))
+        annotations = meta.get("annotations") or {}
+        if EVACUATION_ANNOTATION in annotations or WORKLOAD_UPDATE_ANNOTATION in annotations:
+            self._evac_migrations[vkey].append(mig)
         if meta.get("deletionTimestamp"):
             self._finish(mig, now, "Failed", "Migration failed due to being canceled")
             return
         self.pending[mig.key] = mig
-        self._pending_order = None
         self._set_phase(mig, "Pending", now)
+        self._queue.add(mig.key, priority=mig.priority, ready_at=now)
 
     def _forget(self, mig: Migration) -> None:
-        if self.pending.pop(mig.key, None) is not None:
-            self._pending_order = None
+        self.pending.pop(mig.key, None)
+        self._queue.discard(mig.key)
         self.active.pop(mig.key, None)
         self._by_name.pop(mig.key, None)
         self._vmi_open.get(vmi_key(mig.namespace, mig.vmi), set()).discard(mig.key)
@@ -596,6 +645,9 @@ class KubeVirtSim:
         for t, _, _ in self._restarts:
             if t > now:
                 best = min(best, t)
+        queued = self._queue.next_ready()
+        if now < queued < best:
+            best = queued
         return best
 
     def _bandwidth(self, running: list[Migration]) -> list[float]:
@@ -645,45 +697,77 @@ class KubeVirtSim:
             self._evacuate(now)
 
     # ---------------------------------------------------------------------------------------- admission
+    # The migration controller's handling of Pending VMIMs, after pkg/virt-controller/watch/migration/
+    # migration.go: sync() -> handleMigrationBackoff() -> handleTargetPodCreation(), driven by its priority
+    # queue (`simulator.workqueue`), and reEnqueueHighestPriorityPendingMigrations() when a migration ends.
     def _admit_pending(self, now: float) -> None:
-        if not self.pending:
+        """Process every Pending VMIM whose queue entry is ready (requeues at `now` are processed too)."""
+        for _ in range(100):
+            keys = self._queue.take_ready(now)
+            if not keys:
+                return
+            for key in keys:
+                mig = self.pending.get(key)
+                if mig is not None:
+                    self._sync_pending(mig, now)
+
+    def _requeue(self, mig: Migration, at: float, *, priority: int | None = None) -> None:
+        self._queue.add(mig.key, priority=mig.priority if priority is None else priority, ready_at=at)
+
+    def _sync_pending(self, mig: Migration, now: float) -> None:
+        vmi = self.store.get(VMIS, mig.namespace, mig.vmi)
+        if vmi is None:
+            self._finish(mig, now, "Failed", "Migration failed because vmi does not exist.")
+            return
+        backoff_until = self._backoff_until(mig)
+        if backoff_until > now:
+            if not mig.backoff_reported:
+                mig.backoff_reported = True
+                self._event(vmi, "MigrationBackoff", f"backoff migrating vmi {mig.namespace}/{mig.vmi}",
+                            warning=True)
+            self._requeue(mig, backoff_until, priority=QUEUE_PRIORITY_RUNNING)
+            return
+        status = vmi.get("status") or {}
+        # handleTargetPodCreation: one target pod at a time (the informer must have seen the last one), and
+        # never while the VMI has more than one active pod; both requeue after 1 s.
+        if self._pod_expectation_until > now or len(status.get("activePods") or {}) > 1:
+            self._requeue(mig, now + 1.0)
             return
         cfg = self.config()
-        limit = int(cfg["parallelMigrationsPerCluster"])
-        per_node = int(cfg["parallelOutboundMigrationsPerNode"])
-        if len(self.active) >= limit:
+        source = status.get("nodeName")
+        delay = requeue_delay(mig.priority)
+        if len(self.active) >= int(cfg["parallelMigrationsPerCluster"]) or not source or status.get("phase") != \
+                "Running":
+            self._requeue(mig, now + delay)
             return
-        outbound: dict[str, int] = defaultdict(int)
-        for mig in self.active.values():
-            if mig.source:
-                outbound[mig.source] += 1
-        if self._pending_order is None:
-            self._pending_order = sorted(self.pending.values(), key=lambda m: (-m.priority, m.created, m.name))
-        for mig in list(self._pending_order):
-            if len(self.active) >= limit:
-                break
-            vmi = self.store.get(VMIS, mig.namespace, mig.vmi)
-            if vmi is None:
-                self._finish(mig, now, "Failed", "Migration failed because vmi does not exist.")
-                continue
-            source = (vmi.get("status") or {}).get("nodeName")
-            if not source or outbound[source] >= per_node:
-                continue
-            if len((vmi.get("status") or {}).get("activePods") or {}) > 1:
-                continue
-            del self.pending[mig.key]
-            self._pending_order = None
-            self.active[mig.key] = mig
-            outbound[source] += 1
-            mig.source = source
-            mig.record["source"] = source
-            pods = (vmi.get("status") or {}).get("activePods") or {}
-            mig.source_pod = self._pod_name_by_uid(mig.namespace, next(iter(pods), None), source)
-            self._create_target_pod(mig, vmi, now)
-            self._set_phase(mig, "Scheduling", now, _source_state(mig.source_pod))
-            mig.scheduling_since = now
-            self._try_schedule(mig, now)
-            self._measure()
+        outbound = sum(1 for m in self.active.values() if m.source == source)
+        if outbound >= int(cfg["parallelOutboundMigrationsPerNode"]):
+            self._requeue(mig, now + delay)
+            return
+        del self.pending[mig.key]
+        self.active[mig.key] = mig
+        mig.source = source
+        mig.record["source"] = source
+        mig.record["admitted_s"] = self._rel(now)
+        pods = status.get("activePods") or {}
+        mig.source_pod = self._pod_name_by_uid(mig.namespace, next(iter(pods), None), source)
+        self._create_target_pod(mig, vmi, now)
+        self._pod_expectation_until = now + POD_EXPECTATION_LAG_S
+        self._set_phase(mig, "Scheduling", now, _source_state(mig.source_pod))
+        mig.scheduling_since = now
+        self._try_schedule(mig, now)
+        self._measure()
+
+    def _reenqueue_pending(self, now: float) -> None:
+        """reEnqueueHighestPriorityPendingMigrations: a slot is free, so the Pending VMIMs of highest priority
+        (at most parallelMigrationsPerCluster of them) are looked at now. KubeVirt sorts them with sort.Slice,
+        which is not stable: between equal priorities the order is arbitrary (here: seeded random)."""
+        if not self.pending:
+            return
+        limit = int(self.config()["parallelMigrationsPerCluster"])
+        rand = self._queue_rand.random
+        for mig in heapq.nsmallest(limit, self.pending.values(), key=lambda m: (-m.priority, rand())):
+            self._requeue(mig, now)
 
     def _measure(self) -> None:
         n = len(self.active)
@@ -923,7 +1007,7 @@ class KubeVirtSim:
         cfg = mig.options if mig.options is not None else self.config()
         workload = cfg.get("allowWorkloadDisruption")
         return MonitorConfig(
-            downtime_s=float(cfg.get("maxDowntimeMs") or 300) / 1000.0,
+            downtime_s=QEMU_DEFAULT_DOWNTIME_S,  # virt-launcher never applies maxDowntimeMs on this path
             completion_timeout_per_gib=int(cfg["completionTimeoutPerGiB"]),
             progress_timeout_s=int(cfg["progressTimeout"]),
             allow_auto_converge=bool(cfg.get("allowAutoConverge")),
@@ -965,7 +1049,11 @@ class KubeVirtSim:
             mig.complete_at = now + self.network.cleanup_s
             mig.record["downtime_s"] = tr.downtime_s
         elif tr.phase == "aborted" and mig.abort_at is None:
-            self._finish(mig, now, "Failed", tr.abort_reason or ABORTED)
+            # The launcher's own timeouts cancel through asyncMigrationAbort like a user's abort, and since
+            # v1.9 setMigrationResult reports every successful abort as "Live migration has been aborted"
+            # (live-migration-source.go); the cause stays in the launcher's log (here: the ground truth).
+            mig.record["abort_cause"] = tr.abort_reason
+            self._finish(mig, now, "Failed", ABORTED, abort_status="Succeeded")
 
     # ------------------------------------------------------------------------------------------- abort
     def _request_abort(self, mig: Migration, now: float) -> None:
@@ -1026,9 +1114,11 @@ class KubeVirtSim:
         if mig.phase in FINAL:
             return
         handed_off = mig.phase in HANDED_OFF
-        if self.pending.pop(mig.key, None) is not None:
-            self._pending_order = None
+        self.pending.pop(mig.key, None)
+        self._queue.discard(mig.key)
         self.active.pop(mig.key, None)
+        if phase == "Failed":
+            mig.failed_at = now
         self._vmi_open.get(vmi_key(mig.namespace, mig.vmi), set()).discard(mig.key)
         mig.record.update(finished_s=self._rel(now), failure_reason=reason)
         if mig.transfer is not None:
@@ -1065,14 +1155,15 @@ class KubeVirtSim:
                 self._event(vmi, "Migrated", f"VirtualMachineInstance migration uid {mig.uid} failed. "
                                              f"reason:{reason}", warning=True)
         vkey = vmi_key(mig.namespace, mig.vmi)
-        if mig.evacuation or phase == "Succeeded":
-            self._evac_history[vkey].append((phase, now))
         self._finished[vkey].append(mig.name)
         if phase == "Failed" and vmi is not None and (vmi.get("status") or {}).get("evacuationNodeName"):
-            self._evac[vkey] = self._backoff_until(vkey)
+            # The evacuation controller creates the next VMIM at once; the migration controller holds it
+            # Pending through the backoff (handleMigrationBackoff), so the VMI always has one in flight.
+            self._evac[vkey] = now
         if vmim is None:
             self._by_name.pop(mig.key, None)
         self._garbage_collect(mig.namespace, mig.vmi)
+        self._reenqueue_pending(now)
 
     def _finish_vmi(self, mig: Migration, now: float, phase: str, reason: str | None,
                     abort_status: str | None) -> Obj:
@@ -1151,40 +1242,53 @@ class KubeVirtSim:
                 self._evac.pop(key, None)
                 continue
             strategy = vmi.get("spec", {}).get("evictionStrategy") or cluster_strategy or "None"
-            cond = _condition(vmi, "LiveMigratable")
-            if strategy not in MIGRATABLE_ON_EVICTION or (cond is not None and cond.get("status") == "False"):
+            # filterRunningNonMigratingVMIs (evacuation.go): only LiveMigratable=True VMIs migrate; a VMI
+            # without the condition is not migratable.
+            if strategy not in MIGRATABLE_ON_EVICTION or not is_migratable(vmi):
                 self._evac[key] = now + 5.0  # the evacuation controller re-checks such VMIs on resync
                 continue
             if len(status.get("activePods") or {}) > 1:
                 self._evac[key] = now + 1.0
                 continue
-            not_before = self._backoff_until(key)
-            if now < not_before:
-                self._evac[key] = not_before
-                continue
+            # GenerateNewMigration: system-critical, system-maintenance when the descheduler evicted it.
+            descheduled = (vmi["metadata"].get("annotations") or {}).get(EVICTION_SOURCE_ANNOTATION) == "descheduler"
             body = {
                 "metadata": {"namespace": ns, "generateName": "kubevirt-evacuation-",
                              "annotations": {EVACUATION_ANNOTATION: node},
                              "labels": {VMI_NAME_LABEL: name},
                              "finalizers": [MIGRATION_FINALIZER]},
-                "spec": {"vmiName": name, "priority": "system-critical"},
+                "spec": {"vmiName": name,
+                         "priority": "system-maintenance" if descheduled else "system-critical"},
             }
             self._evac.pop(key, None)
             created = self.store.create(VMIMS, body, admit=False)
             self._event(vmi, "SuccessfulCreate", f"Created Migration {created['metadata']['name']}")
 
-    def _backoff_until(self, key: str) -> float:
-        history = self._evac_history.get(key) or []
-        failures = 0
-        last_fail = 0.0
-        for phase, at in reversed(history):
-            if phase == "Succeeded":
+    def _backoff_until(self, mig: Migration) -> float:
+        """handleMigrationBackoff (migration.go): the newest evacuation / workload-update VMIM of a VMI waits
+        20 s x 2^(k-1) after the previous one failed, k the failed ones (of those still stored, not being
+        deleted) since the last success. User VMIMs never wait. -inf when there is no backoff."""
+        vkey = vmi_key(mig.namespace, mig.vmi)
+        eligible = self._evac_migrations.get(vkey)
+        if not eligible or eligible[-1] is not mig:
+            return -math.inf
+        kept = [m for m in eligible if self.store.get(VMIMS, m.namespace, m.name) is not None]
+        eligible[:] = kept
+        if len(kept) < 2:
+            return -math.inf
+        backoff = 0.0
+        for m in reversed(kept[:-1]):
+            if m.phase == "Succeeded":
                 break
-            failures += 1
-            last_fail = max(last_fail, at)
-        if not failures:
-            return 0.0
-        return last_fail + 20.0 * float(2 ** (min(failures, GC_BUFFER) - 1))
+            vmim = self.store.get(VMIMS, m.namespace, m.name) or {"metadata": {}}
+            if vmim["metadata"].get("deletionTimestamp"):
+                continue
+            if m.phase == "Failed":
+                backoff = EVACUATION_BACKOFF_S if backoff == 0 else backoff * 2
+        previous_failed = kept[-2].failed_at
+        if backoff == 0 or previous_failed is None:
+            return -math.inf
+        return previous_failed + backoff
 
     # ---------------------------------------------------------------------------------------- restarts
     def _restart_vm(self, namespace: str, name: str, now: float) -> None:
@@ -1220,10 +1324,12 @@ class KubeVirtSim:
             st.update({"phase": "Running", "nodeName": node, "activePods": {pod_obj["metadata"]["uid"]: node},
                        "interfaces": [{"name": "default", "ipAddress": ip, "ipAddresses": [ip]}]})
             o["metadata"].setdefault("labels", {})[objects.VMI_NODE_LABEL] = node
+            # virt-handler computes LiveMigratable for the new VMI as for the old one: same VM, same reasons.
+            migratable, storage = objects.migratable_conditions(
+                name, not_migratable_reason=info.not_migratable_reason,
+                not_migratable_message=info.not_migratable_message, rwx=info.rwx, now=now)
             st["conditions"] = [{"type": "Ready", "status": "True", "lastProbeTime": None,
-                                 "lastTransitionTime": iso(now)},
-                                {"type": "LiveMigratable", "status": "True", "lastProbeTime": None,
-                                 "lastTransitionTime": iso(now)}]
+                                 "lastTransitionTime": iso(now)}, migratable, storage]
 
         self.store.mutate(VMIS, namespace, name, running)
 
@@ -1241,6 +1347,16 @@ class KubeVirtSim:
             "vm_restarts": list(self.vm_restarts),
             "evictions": dict(self.evictions),
         }
+
+
+def requeue_delay(priority: int) -> float:
+    """getRequeueDelayForPriority (migration.go): how soon a Pending VMIM held back by a limit is looked at
+    again: 1 s for system-critical (evacuation), 3 s for user-triggered, 5 s for the rest (a user's VMIM)."""
+    if priority >= PRIORITIES["system-critical"]:
+        return 1.0
+    if priority >= PRIORITIES["user-triggered"]:
+        return 3.0
+    return 5.0
 
 
 def _source_state(source_pod: str | None) -> Callable[[Obj], None]:

@@ -107,6 +107,26 @@ def node(name: str, *, memory_bytes: int, cpus: int, cpu_model: str, cpu_vendor:
     return obj
 
 
+def migratable_conditions(name: str, *, not_migratable_reason: str | None, not_migratable_message: str | None,
+                          rwx: bool, now: float) -> tuple[Obj, Obj]:
+    """The LiveMigratable and StorageLiveMigratable conditions virt-handler computes for a VMI (its
+    calculateLiveMigrationCondition), from what the scenario says makes the VM unmovable."""
+    ts = iso(now)
+    if not_migratable_reason:
+        migratable: Obj = {"type": "LiveMigratable", "status": "False", "reason": not_migratable_reason,
+                           "message": not_migratable_message or not_migratable_reason,
+                           "lastProbeTime": None, "lastTransitionTime": ts}
+    else:
+        migratable = {"type": "LiveMigratable", "status": "True", "lastProbeTime": None, "lastTransitionTime": ts}
+    storage: Obj = {"type": "StorageLiveMigratable", "status": "True" if rwx else "False",
+                    "lastProbeTime": None, "lastTransitionTime": ts}
+    if not rwx:
+        storage["reason"] = "DisksNotLiveMigratable"
+        storage["message"] = (f"PVC {name}-rootdisk is not shared, live migration requires that all PVCs must "
+                              "be shared (using ReadWriteMany access mode)")
+    return migratable, storage
+
+
 def vmi(namespace: str, name: str, *, node_name: str | None, memory_bytes: int, cpus: int, cpu_model: str,
         eviction_strategy: str | None, not_migratable_reason: str | None,
         not_migratable_message: str | None, rwx: bool, node_selector: dict[str, str],
@@ -130,19 +150,8 @@ def vmi(namespace: str, name: str, *, node_name: str | None, memory_bytes: int, 
         spec["evictionStrategy"] = eviction_strategy
     if node_selector:
         spec["nodeSelector"] = dict(node_selector)
-    if not_migratable_reason:
-        migratable = {"type": "LiveMigratable", "status": "False", "reason": not_migratable_reason,
-                      "message": not_migratable_message or not_migratable_reason,
-                      "lastProbeTime": None, "lastTransitionTime": ts}
-    else:
-        migratable = {"type": "LiveMigratable", "status": "True", "lastProbeTime": None,
-                      "lastTransitionTime": ts}
-    storage = {"type": "StorageLiveMigratable", "status": "True" if rwx else "False",
-               "lastProbeTime": None, "lastTransitionTime": ts}
-    if not rwx:
-        storage["reason"] = "DisksNotLiveMigratable"
-        storage["message"] = (f"PVC {claim} is not shared, live migration requires that all PVCs must be "
-                              "shared (using ReadWriteMany access mode)")
+    migratable, storage = migratable_conditions(name, not_migratable_reason=not_migratable_reason,
+                                                not_migratable_message=not_migratable_message, rwx=rwx, now=now)
     meta: Obj = {"namespace": namespace, "name": name,
                  "labels": {"vm.kubevirt.io/name": name, **labels},
                  "annotations": {"kubevirt.io/latest-observed-api-version": "v1",

@@ -24,6 +24,7 @@ import jsonpatch
 import jsonpointer
 import yaml
 
+from simulator import protobuf
 from simulator.errors import ApiError
 
 Obj = dict[str, Any]
@@ -229,6 +230,8 @@ def decode_body(body: bytes, content_type: str | None) -> Any:
     if not body:
         return None
     kind = media_type(content_type)
+    if kind == protobuf.MEDIA_TYPE:
+        return protobuf.decode(body)
     try:
         if kind in ("application/yaml", "application/x-yaml", "text/yaml"):
             return yaml.safe_load(body)

@@ -94,12 +94,21 @@ class VMPhysics:
             raise ValueError(f"dirty_bytes_per_s must be finite and >= 0, got {self.dirty_bytes_per_s}")
 
 
+QEMU_DEFAULT_DOWNTIME_S = 0.3
+"""QEMU's default max downtime (migrationutils.QEMUDefaultTargetDowntimeMS = 300). On KubeVirt's default path
+(stall detector and downtime tuning off, both Alpha feature gates) virt-launcher's migration monitor never sets
+max downtime (pkg/virt-launcher/virtwrap/live-migration-source.go: tuneDowntime returns without the
+DowntimeTuning options, handleLegacyConvergence only pauses or aborts), so `maxDowntimeMs` in the KubeVirt CR
+changes nothing and 300 ms decides convergence."""
+
+
 @dataclass(frozen=True)
 class MonitorConfig:
     """The effective KubeVirt migration configuration for one migration (kubevirt.md 2.1, 3.5)."""
 
     downtime_s: float = 0.3
-    """Switchover budget: maxDowntimeMs / 1000 (hard-coded 300 ms before KubeVirt v1.9)."""
+    """Switchover budget in seconds: QEMU's own 300 ms on KubeVirt's default (legacy) path, where
+    virt-launcher never calls MigrateSetMaxDowntime (see QEMU_DEFAULT_DOWNTIME_S)."""
     completion_timeout_per_gib: int = 150
     """completionTimeoutPerGiB; 0 disables the completion timeout, as in virt-launcher."""
     progress_timeout_s: int = 150

@@ -32,7 +32,15 @@ from typing import Any
 
 import yaml
 
-from simulator.physics import GIB, LBVm, LowerBound, MonitorConfig, VMPhysics, drain_lower_bound
+from simulator.physics import (
+    GIB,
+    QEMU_DEFAULT_DOWNTIME_S,
+    LBVm,
+    LowerBound,
+    MonitorConfig,
+    VMPhysics,
+    drain_lower_bound,
+)
 
 __all__ = [
     "BUILTIN_NAMES",
@@ -244,7 +252,7 @@ class Scenario:
         m = self.migrations
         awd = m.get("allowWorkloadDisruption")
         return MonitorConfig(
-            downtime_s=float(m.get("maxDowntimeMs", 300)) / 1000.0,
+            downtime_s=QEMU_DEFAULT_DOWNTIME_S,  # maxDowntimeMs is ignored on the default path
             completion_timeout_per_gib=int(m.get("completionTimeoutPerGiB", 150)),
             progress_timeout_s=int(m.get("progressTimeout", 150)),
             allow_auto_converge=bool(m.get("allowAutoConverge", False)),

@@ -8,7 +8,9 @@ Promises, so that the real `kubectl` v1.32 and the real kubernetes-asyncio clien
   such thing to anyone;
 - discovery from the registry: /api, /apis, /apis/<g>, /api/v1, /apis/<g>/<v> as legacy lists (subresources
   such as pods/eviction and */status included), and aggregated discovery (apidiscovery.k8s.io/v2 or v2beta1)
-  when the Accept header asks for it; /openapi/* answer 404 (so kubectl needs --validate=false);
+  when the Accept header asks for it; `/openapi/v3` documents (see `openapi.py`) so that `kubectl create -f` and
+  `kubectl apply -f` validate without `--validate=false` (`/openapi/v2` answers 404: kubectl needs only v3);
+- list paging with `limit` and `continue` from one snapshot per list, 410 for a compacted token (`paging.py`);
 - CRUD, list and watch for every registered kind, at cluster and namespace scope, with label and field
   selectors, dryRun=All, generateName, DeleteOptions, optimistic concurrency (409 on a stale
   resourceVersion), merge / JSON / strategic-merge patches (see `patch.py`), `/status` writes that change
@@ -55,9 +57,11 @@ from aiohttp import web
 from multidict import MultiMapping
 from pydantic import ValidationError
 
+from simulator import openapi
 from simulator.clock import SimClock
 from simulator.errors import ApiError
 from simulator.faults import Faults, FaultsBody
+from simulator.paging import Pager
 from simulator.patch import apply_patch, decode_body
 from simulator.resources import BUILTIN, COMMON_FIELDS, CRDS, NAMESPACES, PODS, Registry, ResourceType
 from simulator.store import Store, Watcher, WatchEvent
@@ -212,6 +216,7 @@ class ApiServer:
         self.tables = TableRenderer()
         self._watchers: set[Watcher] = set()
         self._crd_kinds: dict[str, list[ResourceType]] = {}
+        self._pager = Pager()
 
     # --------------------------------------------------------------------------------------------- entry
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -222,6 +227,9 @@ class ApiServer:
                     return json_response(KUBE_VERSION)
                 return web.Response(text="ok", content_type="text/plain")
             principal = self._authenticate(request)
+            if path == "/openapi/v3" or path.startswith("/openapi/v3/"):
+                self._only(request, "GET")
+                return self._openapi(path)
             if path == "/sim" or path.startswith("/sim/"):
                 if principal != ADMIN:
                     raise ApiError(403, f'forbidden: User "{principal}" cannot use the simulator\'s ground truth '
@@ -281,6 +289,21 @@ class ApiServer:
                 raise ApiError(422, f"invalid faults body: {problems}") from exc
             return json_response(cluster.apply_faults(body))
         raise not_found_path()
+
+    def _openapi(self, path: str) -> web.Response:
+        registry = self.cluster.registry
+        rest = path[len("/openapi/v3"):].strip("/")
+        if not rest:
+            return json_response(openapi.root_document(registry))
+        parts = rest.split("/")
+        doc = None
+        if parts[0] == "api" and len(parts) == 2:
+            doc = openapi.group_version_document(registry, "", parts[1])
+        elif parts[0] == "apis" and len(parts) == 3:
+            doc = openapi.group_version_document(registry, parts[1], parts[2])
+        if doc is None:
+            raise not_found_path()
+        return json_response(doc)
 
     @staticmethod
     def _only(request: web.Request, method: str) -> None:
@@ -471,15 +494,31 @@ class ApiServer:
 
     def _list(self, target: Target, query: Query, accept: str) -> web.Response:
         store = self.cluster.store
+        token = query.text("continue")
+        if token is not None and query.text("resourceVersion") is not None:
+            raise ApiError.bad_request("specifying resource version is not allowed when using continue")
         self._check_list_version(query)
-        items = store.list(target.rt, target.namespace, label_selector=query.text("labelSelector"),
-                           field_selector=query.text("fieldSelector"))
-        rv = str(store.rv)
+        labels, fields = query.text("labelSelector"), query.text("fieldSelector")
+        limit = query.integer("limit")
+        if limit is not None and limit < 0:
+            raise ApiError(422, f"limit: Invalid value: {limit}: must be greater than or equal to 0")
+        items = None if token is not None else store.list(target.rt, target.namespace, label_selector=labels,
+                                                           field_selector=fields)
+        page = self._pager.page((target.rt.key, target.namespace, labels, fields), items=items, rv=store.rv,
+                                limit=limit, token=token, oldest_rv=store.oldest_rv,
+                                filtered=bool(labels or fields))
+        meta: Obj = {"resourceVersion": str(page.resource_version)}
+        if page.continue_token is not None:
+            meta["continue"] = page.continue_token
+            if page.remaining is not None:
+                meta["remainingItemCount"] = page.remaining
         if wants_table(accept):
-            return json_response(self.tables.table(target.rt, items, now=self._now(), resource_version=rv,
-                                                   include_object=query.text("includeObject") or "Metadata"))
+            table = self.tables.table(target.rt, page.items, now=self._now(), resource_version=meta["resourceVersion"],
+                                      include_object=query.text("includeObject") or "Metadata")
+            table["metadata"] = meta
+            return json_response(table)
         return json_response({"kind": target.rt.list_kind, "apiVersion": target.rt.api_version,
-                              "metadata": {"resourceVersion": rv}, "items": items})
+                              "metadata": meta, "items": page.items})
 
     def _check_list_version(self, query: Query) -> None:
         store = self.cluster.store

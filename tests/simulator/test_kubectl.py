@@ -7,7 +7,7 @@ import json
 import re
 from typing import Any
 
-from simulator.resources import NODES, PODS, VMIMS, VMIS, Registry
+from simulator.resources import NAMESPACES, NODES, PODS, VMIMS, VMIS, Registry
 from tests.simulator.conftest import Kubectl, Served
 
 VMIM_YAML = """\
@@ -261,3 +261,43 @@ async def test_vmi_table_reflects_store_changes(served: Served, kubectl: Kubectl
     result = await kubectl("get", "vmi", "vm-b")
     assert result.rc == 0, result.stderr
     assert table(result.stdout)[1][2:5] == ["Failed", "10.0.9.9", "node-2"]
+
+
+# ------------------------------------------------------------------ kubectl without --validate=false, paging
+async def test_create_and_apply_validate_against_the_served_openapi(served: Served, kubectl: Kubectl) -> None:
+    """kubectl finds fieldValidation on each kind's PATCH in /openapi/v3 and leaves validation to the server."""
+    created = await kubectl("create", "-f", "-", stdin=VMIM_YAML)
+    assert created.rc == 0, created.stderr
+    assert served.cluster.store.require(VMIMS, "default", "mig-created")["spec"] == {"vmiName": "vm-a"}
+    applied = await kubectl("apply", "-f", "-", stdin=CRD_YAML)
+    assert applied.rc == 0, applied.stderr
+    # A kind served from a CRD created a moment ago is in the documents too.
+    first = await kubectl("apply", "-f", "-", stdin=widget_yaml("red", 3))
+    assert first.rc == 0, first.stderr
+    again = await kubectl("apply", "-f", "-", stdin=widget_yaml("blue", 4))
+    assert again.rc == 0 and again.stdout.strip() == "widget.example.com/w1 configured", again.stderr
+    registry: Registry = served.cluster.registry
+    widgets = registry.find("example.com", "v1", "widgets")
+    assert widgets is not None
+    assert served.cluster.store.require(widgets, "default", "w1")["spec"] == {"color": "blue", "size": 4}
+    explained = await kubectl("get", "--raw", "/openapi/v3")
+    assert "apis/kubevirt.io/v1" in json.loads(explained.stdout)["paths"]
+
+
+async def test_create_namespace_sends_protobuf_and_works(served: Served, kubectl: Kubectl) -> None:
+    created = await kubectl("create", "namespace", "team-a")
+    assert created.rc == 0, created.stderr
+    assert created.stdout.strip() == "namespace/team-a created"
+    ns = served.cluster.store.require(NAMESPACES, None, "team-a")
+    assert ns["metadata"]["labels"] == {"kubernetes.io/metadata.name": "team-a"}
+    assert ns["status"]["phase"] == "Active"
+    again = await kubectl("create", "namespace", "team-a")
+    assert again.rc != 0 and 'namespaces "team-a" already exists' in again.stderr
+
+
+async def test_get_pages_through_lists_in_chunks(served: Served, kubectl: Kubectl) -> None:
+    chunked = await kubectl("get", "pods", "-A", "--chunk-size=1", "-o", "name")
+    assert chunked.rc == 0, chunked.stderr
+    assert sorted(chunked.stdout.split()) == sorted(f"pod/{p['metadata']['name']}"
+                                                    for p in served.cluster.store.list(PODS))
+    assert served.cluster.requests[("list", "pods")] == len(served.cluster.store.list(PODS))

@@ -410,7 +410,8 @@ async def test_aggregated_discovery_when_accept_asks_for_it(served: Served) -> N
     vmim = next(r for r in items["kubevirt.io"]["versions"][0]["resources"]
                 if r["resource"] == "virtualmachineinstancemigrations")
     assert vmim["scope"] == "Namespaced" and vmim["shortNames"] == ["vmim", "vmims"]
-    assert (await raw(served, "GET", "/openapi/v3"))[0] == 404
+    root = await raw(served, "GET", "/openapi/v3")
+    assert root[0] == 200 and "api/v1" in json.loads(root[2])["paths"]
 
 
 async def test_table_output_for_nodes(served: Served) -> None:
@@ -501,11 +502,20 @@ async def test_listing_thirty_thousand_vmis(make_served: Callable[..., Awaitable
         store.create(VMIS, template)
     for label, accept in (("list", "application/json"),
                           ("table", "application/json;as=Table;v=v1;g=meta.k8s.io,application/json")):
-        status, _, body = await raw(served, "GET", "/apis/kubevirt.io/v1/virtualmachineinstances?limit=500",
-                                    headers={"Accept": accept})
-        assert status == 200
-        document = json.loads(body)
-        assert len(document["items" if label == "list" else "rows"]) == 30_002
+        # Pages of 500, as kubectl and informers ask for, all from the first page's snapshot.
+        seen, pages, token = 0, 0, ""
+        while True:
+            status, _, body = await raw(served, "GET", "/apis/kubevirt.io/v1/virtualmachineinstances?limit=500"
+                                        + (f"&continue={token}" if token else ""), headers={"Accept": accept})
+            assert status == 200
+            document = json.loads(body)
+            got = len(document["items" if label == "list" else "rows"])
+            assert got <= 500
+            seen, pages = seen + got, pages + 1
+            token = document["metadata"].get("continue")
+            if not token:
+                break
+        assert (seen, pages) == (30_002, 61)
 
 
 # ------------------------------------------------------------------------------------------ edge paths
@@ -565,3 +575,75 @@ async def test_custom_resource_update_needs_a_resource_version(api: client.ApiCl
         await co.replace_namespaced_custom_object(*KV, "default", "virtualmachineinstances", "vm-a", vmi)
     assert err.value.status == 422
     assert "must be specified for an update" in json.loads(err.value.body)["message"]
+
+
+# -------------------------------------------------------------------------------------------- paging
+async def test_lists_page_with_limit_and_continue_from_one_snapshot(served: Served, api: client.ApiClient) -> None:
+    store = served.cluster.store
+    for i in range(5):
+        store.create(VMIS, objects.vmi("default", f"page-{i}", node_name="node-1", memory_bytes=objects.GiB, cpus=1,
+                                       cpu_model="Skylake", eviction_strategy=None, not_migratable_reason=None,
+                                       not_migratable_message=None, rwx=True, node_selector={}, labels={},
+                                       vm_uid=None, now=time.time()))
+    path = "/apis/kubevirt.io/v1/virtualmachineinstances"
+    status, _, body = await raw(served, "GET", f"{path}?limit=3")
+    first = json.loads(body)
+    assert status == 200 and len(first["items"]) == 3
+    rv, token = first["metadata"]["resourceVersion"], first["metadata"]["continue"]
+    assert first["metadata"]["remainingItemCount"] == 4
+    # Changes after the first page do not show up in later pages: they are read at the first page's version.
+    store.create(VMIS, objects.vmi("default", "page-late", node_name="node-1", memory_bytes=objects.GiB, cpus=1,
+                                   cpu_model="Skylake", eviction_strategy=None, not_migratable_reason=None,
+                                   not_migratable_message=None, rwx=True, node_selector={}, labels={}, vm_uid=None,
+                                   now=time.time()))
+    store.delete(VMIS, "default", "vm-b", grace_seconds=0)
+    names = [o["metadata"]["name"] for o in first["items"]]
+    while token:
+        status, _, body = await raw(served, "GET", f"{path}?limit=3&continue={token}")
+        page = json.loads(body)
+        assert status == 200 and page["metadata"]["resourceVersion"] == rv
+        names += [o["metadata"]["name"] for o in page["items"]]
+        token = page["metadata"].get("continue")
+    assert names == ["page-0", "page-1", "page-2", "page-3", "page-4", "vm-a", "vm-b"]
+    # A selector: no remainingItemCount (the real server cannot count a filtered rest).
+    status, _, body = await raw(served, "GET", "/api/v1/pods?limit=1&labelSelector=kubevirt.io%3Dvirt-launcher")
+    assert "continue" in json.loads(body)["metadata"] and "remainingItemCount" not in json.loads(body)["metadata"]
+    # The typed client pages too.
+    core = client.CoreV1Api(api)
+    one = await core.list_node(limit=1)
+    rest = await core.list_node(limit=5, _continue=one.metadata._continue)
+    assert [n.metadata.name for n in [*one.items, *rest.items]] == ["cp-1", "node-1", "node-2"]
+    assert rest.metadata._continue is None
+
+
+async def test_a_bad_or_expired_continue_token_is_refused(make_served: Callable[..., Awaitable[Served]]) -> None:
+    served = await make_served(history=20)
+    status, _, body = await raw(served, "GET", "/api/v1/nodes?limit=1")
+    token = json.loads(body)["metadata"]["continue"]
+    assert (await raw(served, "GET", f"/api/v1/nodes?limit=1&continue={token}&resourceVersion=1"))[0] == 400
+    status, _, body = await raw(served, "GET", "/api/v1/nodes?limit=1&continue=bm90LWEtdG9rZW4")
+    assert status == 400 and "continue key is not valid" in json.loads(body)["message"]
+    for i in range(30):  # push the first page's version out of the history (etcd compaction)
+        served.cluster.store.create(LEASES, {"metadata": {"name": f"l-{i}", "namespace": "kube-node-lease"},
+                                             "spec": {"holderIdentity": "x"}})
+    status, _, body = await raw(served, "GET", f"/api/v1/nodes?limit=1&continue={token}")
+    assert status == 410
+    assert json.loads(body)["reason"] == "Expired"
+    assert "too old to display a consistent list result" in json.loads(body)["message"]
+
+
+async def test_protobuf_bodies_of_other_kinds_are_unsupported_media(served: Served) -> None:
+    from simulator.protobuf import encode_for_tests
+
+    body = encode_for_tests("v1", "Pod", name="p1")
+    status, _, reply = await raw(served, "POST", "/api/v1/namespaces/default/pods", body=body,
+                                 headers={"Content-Type": "application/vnd.kubernetes.protobuf"})
+    assert status == 415 and json.loads(reply)["reason"] == "UnsupportedMediaType"
+    body = encode_for_tests("v1", "Namespace", name="from-proto", labels={"team": "a"})
+    status, _, reply = await raw(served, "POST", "/api/v1/namespaces", body=body,
+                                 headers={"Content-Type": "application/vnd.kubernetes.protobuf"})
+    assert status == 201, reply
+    assert json.loads(reply)["metadata"]["labels"] == {"team": "a", "kubernetes.io/metadata.name": "from-proto"}
+    status, _, reply = await raw(served, "POST", "/api/v1/namespaces", body=b"k8s\x00\x0a\xff",
+                                 headers={"Content-Type": "application/vnd.kubernetes.protobuf"})
+    assert status == 400

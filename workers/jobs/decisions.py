@@ -22,7 +22,9 @@ migration that stalls where KubeVirt does not look."""
 def classify(reason: str) -> FailureClass:
     """Map KubeVirt's failure texts (reference kubevirt.md 3.5-3.7) onto our classes."""
     text = reason.lower()
-    if "stuck for" in text or "not completed after" in text:
+    # Since KubeVirt v1.9 the launcher's own timeouts read "Live migration has been aborted" (any successful
+    # abort does); this is only asked when we did not abort, so it is the launcher giving up on convergence.
+    if "stuck for" in text or "not completed after" in text or "has been aborted" in text:
         return FailureClass.NOT_CONVERGING
     if "target pod" in text and ("removed" in text or "unschedulable" in text):
         return FailureClass.UNSCHEDULABLE
