@@ -26,11 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 BLOCK = re.compile(r"^( *)<!-- walkthrough: (\w+) -->\n *```sh\n(.*?)\n *```", re.S | re.M)
 
-# The DrainRequest recipe needs two things the simulated cluster does not do yet: an OpenAPI document for
-# `kubectl apply` to validate against (without it kubectl asks for --validate=false) and `kubectl create
-# namespace` (answered BadRequest). Until it does, the recipe stays out of the run; set True once it does.
-SIMULATOR_SERVES_CRD_RECIPE = False
-
 pytestmark = [requires_redis, pytest.mark.integration, pytest.mark.timeout(600)]
 
 
@@ -58,11 +53,11 @@ async def test_walkthrough_runs_verbatim(tmp_path: Path) -> None:
         "trap 'kill $(jobs -p) 2>/dev/null || true; wait' EXIT",
         blocks["cli"],
         blocks["http"].replace("8080", str(port)),
+        # `kubectl apply` validates against the simulator's OpenAPI document; the namespace is created for real.
+        blocks["drainrequest"],
+        # What the cluster says at the end: where every VMI runs.
+        "kubectl get vmi -A -o json > vmis.json",
     ]
-    if SIMULATOR_SERVES_CRD_RECIPE:
-        script.append(blocks["drainrequest"])
-    # What the cluster says at the end: where every VMI runs.
-    script.append("kubectl get vmi -A -o json > vmis.json")
     work = tmp_path / "work"
     work.mkdir()
     (work / ".venv").symlink_to(Path(sys.prefix))
@@ -82,6 +77,6 @@ async def test_walkthrough_runs_verbatim(tmp_path: Path) -> None:
     assert (work / "report.html").read_text().startswith("<!DOCTYPE html>")
     vmis = json.loads((work / "vmis.json").read_text())["items"]
     assert vmis, output
-    drained = {"worker-01", "worker-02"} | ({"worker-03"} if SIMULATOR_SERVES_CRD_RECIPE else set())
+    drained = {"worker-01", "worker-02", "worker-03"}
     left = [v["metadata"]["name"] for v in vmis if (v.get("status") or {}).get("nodeName") in drained]
     assert left == [], output
