@@ -70,7 +70,7 @@ from orchestrator.model import (
 )
 from orchestrator.planner import PlanError
 from orchestrator.records import DrainRecord, NodeRecord, VmRecord
-from orchestrator.service import DrainService, IdempotencyInProgress, NodeConflict
+from orchestrator.service import DrainService, IdempotencyKeyReused, NodeConflict
 from orchestrator.settings import Settings
 from orchestrator.store import DrainNotFound, Event
 
@@ -91,7 +91,6 @@ _DRAIN_ID = re.compile(DRAIN_ID_PATTERN)
 NODE_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
 """Kubernetes node names are DNS-1123 subdomains: lowercase letters, digits, '-' and '.', at most 253."""
 JSON_TYPES = ("application/json",)
-IDEMPOTENCY_RETRY_AFTER_S = 1
 _NAMESPACES = k.Kind("namespaces", namespaced=False)
 MAX_LIST = 1000
 FINISHED_GRACE_S = 60.0
@@ -515,12 +514,9 @@ class _Api:
         except NodeConflict as exc:
             raise ApiError(409, "conflict", str(exc),
                            {"nodes": dict(sorted(exc.taken.items()))}) from None
-        except IdempotencyInProgress as exc:
-            # draft-ietf-httpapi-idempotency-key-header: a retry while the first request is still being
-            # processed gets 409; Retry-After tells the hook when asking again is worth it.
-            raise ApiError(409, "idempotency_in_progress", f"{exc}; retry in {IDEMPOTENCY_RETRY_AFTER_S} s",
-                           {"drain": exc.drain_id, "retry_after_s": IDEMPOTENCY_RETRY_AFTER_S},
-                           headers={"Retry-After": str(IDEMPOTENCY_RETRY_AFTER_S)}) from None
+        except IdempotencyKeyReused as exc:
+            # Another request with this key won the race while this one planned, and asked for something else.
+            raise ApiError(422, "idempotency_key_reused", str(exc), {"drain": exc.drain_id}) from None
         if not created:
             self._check_same(key, record, drain_request)
         else:
@@ -868,9 +864,7 @@ def openapi_document() -> dict[str, Any]:
                                       "content": content("DrainAccepted"), **to_drain},
                               **refusals, **auth_errors,
                               "409": error("A node belongs to another open drain (code conflict, details.nodes: "
-                                           "node -> drain), or the first request with this Idempotency-Key is "
-                                           "still being processed (code idempotency_in_progress, details.drain; "
-                                           "retry after Retry-After seconds).")},
+                                           "node -> drain).")},
             },
             "get": {
                 "operationId": "listDrains", "summary": "Drains, newest first.", "security": bearer,

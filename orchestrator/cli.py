@@ -432,7 +432,7 @@ def drain(ctx: typer.Context, nodes: NodesArg, max_parallel_nodes: ParallelOpt =
           output: OutputOpt = None) -> None:
     """Drain NODES: cordon them and migrate every VM off, through the queue and the workers."""
     from orchestrator.planner import PlanError
-    from orchestrator.service import IdempotencyInProgress, NodeConflict
+    from orchestrator.service import IdempotencyKeyReused, NodeConflict
 
     out = _output(ctx, output)
     _check_timeout(timeout, wait)
@@ -448,8 +448,8 @@ def drain(ctx: typer.Context, nodes: NodesArg, max_parallel_nodes: ParallelOpt =
             _refused(exc, out)
         except NodeConflict as exc:
             fail(EXIT_CONFLICT, f"conflict: {exc}")
-        except IdempotencyInProgress as exc:
-            fail(EXIT_CONFLICT, f"{exc}; retry in a few seconds")
+        except IdempotencyKeyReused as exc:
+            fail(EXIT_USAGE, f"--idempotency-key: {exc}")
         drain_id = record.id
         g.following.append(drain_id)
         if not wait:

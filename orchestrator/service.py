@@ -1,8 +1,8 @@
 """The drain service: what the CLI, the HTTP API and the DrainRequest controller call.
 
 Submitting a drain plans it first against a fresh snapshot and refuses an infeasible request before anything
-is written (DESIGN.md rule 7); then it takes the nodes (one drain per node at a time), records the drain and
-queues its plan job. Everything after that happens in workers.
+is written (DESIGN.md rule 7); then, in one transaction, it records the drain, takes its nodes (one open drain
+per node) and its idempotency key, and queues its plan job. Everything after that happens in workers.
 """
 
 from __future__ import annotations
@@ -14,12 +14,16 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 from orchestrator import keys, queue
 from orchestrator.model import DrainPhase, DrainPlan, DrainRequest
 from orchestrator.planner import plan_drain
 from orchestrator.records import CancelRequest, DrainRecord
 from orchestrator.settings import Settings
-from orchestrator.store import DrainStore, DrainView
+from orchestrator.store import DrainNotFound, DrainStore, DrainView
+
+log = structlog.get_logger("orchestrator.service")
 
 if TYPE_CHECKING:  # the CLI's Redis-only commands must not pay for importing the cluster client
     from arq.connections import ArqRedis
@@ -36,13 +40,15 @@ class NodeConflict(Exception):
         super().__init__(f"nodes already being drained: {parts}")
 
 
-class IdempotencyInProgress(Exception):
-    """A request with the same idempotency key is still being processed (HTTP 409; retry later)."""
+class IdempotencyKeyReused(Exception):
+    """The idempotency key already named a drain asked with a different request (HTTP 422); nothing was written."""
 
-    def __init__(self, key: str, drain_id: str) -> None:
-        super().__init__(f"a request with idempotency key {key!r} is still being processed (drain {drain_id})")
+    def __init__(self, key: str, drain_id: str, fields: list[str]) -> None:
+        super().__init__(f"idempotency key {key!r} was used for drain {drain_id} with a different request "
+                         f"(differs in: {', '.join(fields)})")
         self.key = key
         self.drain_id = drain_id
+        self.fields = fields
 
 
 class DrainService:
@@ -67,46 +73,58 @@ class DrainService:
     async def submit(self, request: DrainRequest, *, idempotency_key: str | None = None,
                      source: str = "cli") -> tuple[DrainRecord, bool]:
         """Record and queue a drain. Returns (drain record, created); created is False when the idempotency
-        key named an earlier drain, which is returned instead."""
-        drain_id = uuid.uuid4().hex[:12]
+        key named an earlier drain, which is returned instead.
+
+        Raises PlanError (refused by the planner), NodeConflict (an open drain owns a node) or
+        IdempotencyKeyReused (the key named a drain of another request); nothing is written then. The record,
+        the node locks and the idempotency key are written in one transaction, so a submitter that dies at
+        any moment leaves no lock and no key behind (a retried request with the same key simply submits
+        again); the plan job is queued afterwards, and the reconciler queues it for a drain whose submitter
+        died before that.
+        """
         if idempotency_key:
-            existing = await self.store.claim_idempotency(idempotency_key, drain_id)
-            if existing is not None:
-                # The first request with this key may still be planning: wait for its record.
-                for _ in range(120):
-                    found = await self.store.find(existing)
-                    if found is not None:
-                        return found, False
-                    if await self.redis.get(keys.idempotency_key(idempotency_key)) is None:
-                        break  # the first request failed and gave the key back: go ahead ourselves
-                    await asyncio.sleep(0.25)
-                else:
-                    raise IdempotencyInProgress(idempotency_key, existing)
-                existing = await self.store.claim_idempotency(idempotency_key, drain_id)
-                if existing is not None:
-                    raise IdempotencyInProgress(idempotency_key, existing)
-        try:
-            plan = await self.plan(request)
-        except Exception:
-            if idempotency_key:
-                await self.redis.delete(keys.idempotency_key(idempotency_key))
-            raise
-        nodes = [str(n) for n in request.nodes]
-        taken = await self.store.lock_nodes(drain_id, nodes)
-        if taken:
-            if idempotency_key:
-                await self.redis.delete(keys.idempotency_key(idempotency_key))
-            raise NodeConflict(taken)
+            earlier = await self._earlier(idempotency_key, request)
+            if earlier is not None:
+                return earlier, False
+        plan = await self.plan(request)
+        drain_id = uuid.uuid4().hex[:12]
         now = time.time()
         drain = DrainRecord(id=drain_id, phase=DrainPhase.PENDING, message="queued", source=source,
                             created_at=now, updated_at=now, request=request.to_json(),
                             estimate_s=plan.estimate.total_s, warnings=list(plan.warnings),
                             time_scale=self.settings.time_scale)
-        await self.store.create(drain, nodes={}, vms={})
-        await self.store.emit(drain_id, "drain.submitted", nodes=nodes, source=source)
+        done = await self.store.submit(drain, idempotency_key=idempotency_key)
+        if done.taken:
+            raise NodeConflict(done.taken)
+        if not done.created:
+            # Another request with the same key won the race while we planned.
+            assert idempotency_key is not None
+            earlier = await self._earlier(idempotency_key, request)
+            if earlier is not None:
+                return earlier, False
+            raise DrainNotFound(done.drain_id)
+        if done.reclaimed:
+            log.warning("drain.locks_reclaimed", drain_id=drain_id, locks=done.reclaimed)
+            await self.store.emit(drain_id, "drain.locks_reclaimed", locks=done.reclaimed)
+        await self.store.emit(drain_id, "drain.submitted", nodes=drain.nodes, source=source)
         await queue.enqueue_control(self.redis, self.settings.connection.queue_name, "plan", drain_id,
                                     job_id=keys.plan_job_id(drain_id))
         return drain, True
+
+    async def _earlier(self, idempotency_key: str, request: DrainRequest) -> DrainRecord | None:
+        """The drain an idempotency key names, if it exists; IdempotencyKeyReused if it asked for another thing."""
+        named = await self.redis.get(keys.idempotency_key(idempotency_key))
+        if named is None:
+            return None
+        drain_id = named.decode() if isinstance(named, bytes) else str(named)
+        drain = await self.store.find(drain_id)
+        if drain is None:
+            return None  # the key names no drain: the next submit takes it over
+        asked, earlier = request.to_json(), drain.request
+        differs = sorted(k for k in asked.keys() | earlier.keys() if asked.get(k) != earlier.get(k))
+        if differs:
+            raise IdempotencyKeyReused(idempotency_key, drain_id, differs)
+        return drain
 
     async def get(self, drain_id: str) -> DrainView:
         return await self.store.view(drain_id)

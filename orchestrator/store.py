@@ -4,7 +4,9 @@ Promises:
 - every change is a read-modify-write under WATCH/MULTI, so concurrent workers never lose an update;
 - nothing is deleted while a drain is open; the event stream is append-only (capped at a generous length);
 - records are the typed models of ``orchestrator.records``; only this module turns them into JSON and back
-  (stable field names: the API, the CLI and the report show them).
+  (stable field names: the API, the CLI and the report show them);
+- a drain is born whole: its record, its node locks and its idempotency key are written in one transaction,
+  and a lock or key whose drain is missing or over is taken over by the next submit, so none can leak.
 It does not talk to the cluster and does not decide anything: jobs decide, the store records.
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
@@ -55,6 +57,19 @@ def _dumps(record: StoredRecord) -> str:
 
 
 @dataclass(frozen=True)
+class Submission:
+    """What :meth:`DrainStore.submit` did: created the drain, or found an earlier one, or found nodes taken."""
+
+    created: bool
+    drain_id: str
+    """The new drain, or the drain the idempotency key named."""
+    taken: dict[str, str] = field(default_factory=dict)
+    """Nodes held by other open drains (node -> drain id); nothing was written."""
+    reclaimed: dict[str, str] = field(default_factory=dict)
+    """Stale node locks taken over (node -> the drain that no longer needed them)."""
+
+
+@dataclass(frozen=True)
 class DrainView:
     """One drain as read from Redis, everything included."""
 
@@ -80,8 +95,65 @@ class DrainStore:
         self.redis: Any = redis
 
     # ------------------------------------------------------------------------------------------ drains
+    async def submit(self, drain: DrainRecord, *, idempotency_key: str | None = None,
+                     idempotency_ttl_s: int = 86_400) -> Submission:
+        """Write a new drain, its node locks and its idempotency key in one transaction, or nothing.
+
+        Nothing is written when the idempotency key names a drain that exists (returned instead) or when an
+        open drain holds one of the nodes (returned in `taken`). A lock naming a drain that does not exist
+        or is over is taken over (`reclaimed`): its owner died before writing its record or before freeing
+        its nodes, and nobody else would ever free it. An idempotency key naming no drain is reused the same
+        way. So a submitter that dies at any point leaves either everything or nothing behind.
+        """
+        drain_id, nodes = drain.id, drain.nodes
+        lock_keys = [keys.node_lock_key(n) for n in nodes]
+        idem = keys.idempotency_key(idempotency_key) if idempotency_key else None
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(*lock_keys, *([idem] if idem else []))
+                    if idem is not None:
+                        named = await pipe.get(idem)
+                        if named is not None and await self._watch_drain(pipe, _text(named)) is not None:
+                            return Submission(created=False, drain_id=_text(named))
+                    taken: dict[str, str] = {}
+                    reclaimed: dict[str, str] = {}
+                    for node, key in zip(nodes, lock_keys, strict=True):
+                        raw_owner = await pipe.get(key)
+                        if raw_owner is None or _text(raw_owner) == drain_id:
+                            continue
+                        owner = _text(raw_owner)
+                        record = await self._watch_drain(pipe, owner)
+                        if record is None or record.phase.is_final:
+                            reclaimed[node] = owner
+                        else:
+                            taken[node] = owner
+                    if taken:
+                        return Submission(created=False, drain_id=drain_id, taken=taken)
+                    pipe.multi()
+                    pipe.set(keys.drain_key(drain_id), _dumps(drain))
+                    pipe.zadd(keys.DRAINS_INDEX, {drain_id: drain.created_at or time.time()})
+                    for key in lock_keys:
+                        pipe.set(key, drain_id)
+                    if idem is not None:
+                        pipe.set(idem, drain_id, ex=idempotency_ttl_s)
+                    await pipe.execute()
+                    return Submission(created=True, drain_id=drain_id, reclaimed=reclaimed)
+                except WatchError:
+                    continue
+
+    @staticmethod
+    async def _watch_drain(pipe: Any, drain_id: str) -> DrainRecord | None:
+        """Inside a WATCH: watch a drain record too and read it (None when it does not exist)."""
+        key = keys.drain_key(drain_id)
+        await pipe.watch(key)
+        raw = await pipe.get(key)
+        return None if raw is None else _loads(DrainRecord, raw)
+
     async def create(self, drain: DrainRecord, *, nodes: Mapping[str, NodeRecord],
                      vms: Mapping[str, VmRecord]) -> None:
+        """Write a drain with its children, taking no node lock (imports and tests; drains are submitted
+        with :meth:`submit`)."""
         drain_id = drain.id
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(keys.drain_key(drain_id), _dumps(drain))
@@ -191,26 +263,6 @@ class DrainStore:
                     continue
 
     # -------------------------------------------------------------------------------------- locks
-    async def lock_nodes(self, drain_id: str, nodes: list[str]) -> dict[str, str]:
-        """Take every node for `drain_id`, or none: returns the nodes already held by other drains."""
-        lock_keys = [keys.node_lock_key(n) for n in nodes]
-        while True:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                try:
-                    await pipe.watch(*lock_keys)
-                    owners = [await pipe.get(k) for k in lock_keys]
-                    taken = {n: _text(o) for n, o in zip(nodes, owners, strict=True)
-                             if o is not None and _text(o) != drain_id}
-                    if taken:
-                        return taken
-                    pipe.multi()
-                    for k in lock_keys:
-                        pipe.set(k, drain_id)
-                    await pipe.execute()
-                    return {}
-                except WatchError:
-                    continue
-
     async def unlock_nodes(self, drain_id: str, nodes: list[str]) -> None:
         for node in nodes:
             key = keys.node_lock_key(node)
@@ -230,14 +282,6 @@ class DrainStore:
     async def node_owner(self, node: str) -> str | None:
         owner = await self.redis.get(keys.node_lock_key(node))
         return None if owner is None else _text(owner)
-
-    async def claim_idempotency(self, key: str, drain_id: str, *, ttl_s: int = 86_400) -> str | None:
-        """Remember `key` -> `drain_id`; if the key was used before, return the drain it named."""
-        ok = await self.redis.set(keys.idempotency_key(key), drain_id, nx=True, ex=ttl_s)
-        if ok:
-            return None
-        existing = await self.redis.get(keys.idempotency_key(key))
-        return None if existing is None else _text(existing)
 
     # ------------------------------------------------------------------------------------- events
     async def emit(self, drain_id: str, event: str, **fields: Any) -> str:

@@ -21,6 +21,7 @@ from orchestrator.settings import Settings
 from orchestrator.store import DrainStore
 from orchestrator.view import ClusterView
 from workers import jobs
+from workers.inprogress import keep_in_progress_short
 from workers.semaphore import RedisSemaphore
 
 log = structlog.get_logger("workers.worker")
@@ -30,7 +31,8 @@ KubeFactory = Callable[[], Awaitable[Kube]]
 
 def functions() -> list[Any]:
     # Migrations can run long in wall time at time scale 1; crash recovery does not wait for this timeout
-    # (jobs keep arq's in-progress key short-lived, see jobs._heartbeat). Crash re-runs count as tries.
+    # (every job's in-progress key is short-lived and renewed, see workers.inprogress). Crash re-runs count as
+    # tries.
     # The jobs take a TypedDict context; arq types ctx as a plain dict, hence the casts.
     return [
         func(cast(Any, jobs.plan_job), name="plan", timeout=600, max_tries=20),
@@ -90,4 +92,4 @@ def build_worker(settings: Settings, *, redis: ArqRedis | None = None, kube_fact
         kwargs["redis_pool"] = redis
     else:
         kwargs["redis_settings"] = RedisSettings.from_dsn(settings.connection.redis_url)
-    return Worker(**kwargs)
+    return keep_in_progress_short(Worker(**kwargs))

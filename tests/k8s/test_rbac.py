@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = sorted([*ROOT.glob("orchestrator/*.py"), *ROOT.glob("workers/*.py")])
+SOURCES = sorted([*ROOT.glob("orchestrator/*.py"), *ROOT.glob("workers/**/*.py")])
 RBAC = ROOT / "k8s" / "rbac.yaml"
 
 METHOD_VERBS: dict[str, tuple[str, ...]] = {

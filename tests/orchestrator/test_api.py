@@ -25,6 +25,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from prometheus_client.parser import text_string_to_metric_families
 
+from orchestrator import keys
 from orchestrator import kube as k
 from orchestrator.api import build_app, openapi_document, read_token
 from orchestrator.model import REQUEST_BOUNDS, DrainPhase, DrainRequest, NodeName
@@ -362,18 +363,19 @@ async def test_a_body_over_the_size_limit_is_a_json_413(env: Env) -> None:
     assert await _drain_ids(env) == []
 
 
-async def test_a_retry_while_the_first_request_is_in_progress_is_409_with_retry_after(env: Env) -> None:
-    # The first request with this key claimed it and is still planning: no drain record exists yet.
-    key = "hook-in-progress"
-    assert await env.service.store.claim_idempotency(key, "inflight0001") is None
+async def test_a_key_left_by_a_submitter_that_died_is_taken_over(env: Env) -> None:
+    # A submitter of an older version claimed the key, then died before writing its drain: the key names no
+    # drain. A retry with the key is a fresh submit (submitting now writes key and drain in one transaction).
+    key = "hook-dead-submitter"
+    await env.service.redis.set(keys.idempotency_key(key), "deadsubmit01")
     resp = await env.client.post("/v1/drains", json={"nodes": [DRAIN_NODE]},
                                  headers={**AUTH, "Idempotency-Key": key})
-    assert resp.status == 409
-    assert int(resp.headers["Retry-After"]) >= 1
-    error = await _error(resp)
-    assert error["code"] == "idempotency_in_progress"
-    assert error["details"]["drain"] == "inflight0001" and error["details"]["retry_after_s"] >= 1
-    assert await _drain_ids(env) == []
+    assert resp.status == 202, await resp.text()
+    drain_id = (await resp.json())["id"]
+    assert drain_id != "deadsubmit01" and await _drain_ids(env) == [drain_id]
+    again = await env.client.post("/v1/drains", json={"nodes": [DRAIN_NODE]},
+                                  headers={**AUTH, "Idempotency-Key": key})
+    assert again.status == 200 and (await again.json())["id"] == drain_id
 
 
 async def test_every_documented_status_is_real(env: Env) -> None:

@@ -70,7 +70,7 @@ async def test_verdict_from_the_simulated_clusters_metrics() -> None:
     """On `hostile`, hot-00001 dirties memory faster than its share of the NIC: judged CANNOT_CONVERGE from
     Prometheus within a bounded cluster time after its transfer started; db-00001 converges and never is."""
     hot, db = ("analytics", "hot-00001"), ("databases", "db-00001")
-    async with running_cluster(scenarios.builtin("hostile"), time_scale=50.0, token="t", tls=False,
+    async with running_cluster(scenarios.builtin("hostile"), time_scale=25.0, token="t", tls=False,
                                prometheus_port=0) as rc:
         for ns, name in (hot, db):
             rc.cluster.store.create(VMIMS, {"metadata": {"namespace": ns, "name": f"mig-{name}"},

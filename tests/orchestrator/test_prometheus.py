@@ -72,7 +72,7 @@ def test_parse_vector_ignores_what_it_does_not_know() -> None:
 async def test_reads_live_migration_metrics_from_the_simulated_cluster() -> None:
     """While migrations run on `hostile`, the numbers move; the converging VM's remaining bytes shrink, the
     non-converging one's do not, and its dirty rate stays at or above its transfer rate."""
-    async with running_cluster(scenarios.builtin("hostile"), time_scale=100.0, token=TOKEN, tls=False,
+    async with running_cluster(scenarios.builtin("hostile"), time_scale=25.0, token=TOKEN, tls=False,
                                prometheus_port=0) as rc:
         assert rc.prometheus_url is not None
         settings = Settings.from_env({"DRAIN_PROMETHEUS_URL": rc.prometheus_url, "DRAIN_PROMETHEUS_TOKEN": TOKEN})

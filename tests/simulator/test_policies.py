@@ -222,9 +222,18 @@ async def test_a_policy_makes_a_vm_that_cannot_converge_move(hostile: RunningClu
     assert running["status"]["migrationState"]["migrationConfiguration"]["allowAutoConverge"] is False
 
 
-async def test_a_policy_bandwidth_caps_that_migration_only(hostile: RunningCluster, api: client.ApiClient) -> None:
+async def test_a_policy_bandwidth_caps_that_migration_only(tmp_path: Path) -> None:
     """bandwidthPerMigration from a policy caps the matched VM's transfer (seen in KubeVirt's transfer-rate metric
     over the Prometheus API); a VM the policy does not match on the same node takes the rest of the NIC."""
+    # slow enough that both transfers are seen running together on a busy machine
+    async with running_cluster(scenarios.builtin("hostile"), time_scale=10.0, token="policy-token",
+                               kubeconfig_out=tmp_path / "kubeconfig", prometheus_port=0) as rc:
+        api_client = await config.new_client_from_config(config_file=str(rc.kubeconfig))
+        async with api_client:
+            await _capped(rc, api_client)
+
+
+async def _capped(hostile: RunningCluster, api: client.ApiClient) -> None:
     co = client.CustomObjectsApi(api)
     await co.create_cluster_custom_object(GROUP, VERSION, PLURAL, policy("slow", vmi={"slow": "yes"},
                                                                          bandwidthPerMigration="100Mi"))

@@ -55,6 +55,11 @@ async def _advance(ctx: Ctx, drain_id: str, *, ensure: bool) -> None:
         await enqueue_control(ctx, "plan", drain_id, job_id=keys.plan_job_id(drain_id))
         return
     cancelling = phase is DrainPhase.CANCELLING
+    if cancelling and not view.nodes:
+        # Cancelled before it was planned: nothing was cordoned or started (the plan job writes the node
+        # records and cordons under this lock, and drops its plan once it sees the cancel).
+        await close_drain(ctx, drain_id, DrainPhase.CANCELLED, "cancelled before it was planned")
+        return
     by_node: dict[str, list[VmRecord]] = {}
     for vm in view.vms.values():
         by_node.setdefault(vm.node, []).append(vm)
@@ -186,19 +191,31 @@ def _summary(nodes: dict[str, NodeRecord], vms: dict[str, VmRecord]) -> str:
 
 
 async def close_drain(ctx: Ctx, drain_id: str, phase: DrainPhase, message: str) -> None:
+    """End the drain: uncordon the nodes it cordoned if a cancel asked so, record the end, free the nodes.
+
+    The cluster is touched before the record turns final, so a failure there re-runs this step (the drain is
+    still open); a crash between the record and the unlock leaves a lock the next submit takes over."""
     store = ctx["store"]
+    drain = await store.get(drain_id)
+    nodes = drain.nodes
+    if not drain.phase.is_final and phase is DrainPhase.CANCELLED and drain.cancel is not None \
+            and drain.cancel.uncordon:
+        uncordoned = []
+        for node in nodes:
+            obj = await ctx["kube"].find(k.NODES, node)
+            if obj is None or ((obj.get("metadata") or {}).get("annotations") or {}).get(NODE_ANNOTATION) != drain_id:
+                continue  # not cordoned by this drain: leave it as it was
+            with contextlib.suppress(k.NotFound):
+                await ctx["kube"].cordon(node, unschedulable=False, annotations={NODE_ANNOTATION: None})
+            uncordoned.append(node)
+        if uncordoned:
+            await store.emit(drain_id, "nodes.uncordoned", nodes=uncordoned)
 
     def close(d: DrainRecord) -> None:
         if not d.phase.is_final:
             d.phase, d.message, d.finished_at = phase, message, ctx["clock"].time()
 
-    drain = await store.update(drain_id, close)
-    nodes = drain.nodes
-    if phase is DrainPhase.CANCELLED and drain.cancel is not None and drain.cancel.uncordon:
-        for node in nodes:
-            with contextlib.suppress(k.NotFound):
-                await ctx["kube"].cordon(node, unschedulable=False, annotations={NODE_ANNOTATION: None})
-        await store.emit(drain_id, "nodes.uncordoned", nodes=nodes)
+    await store.update(drain_id, close)
     await store.unlock_nodes(drain_id, nodes)
     await store.emit(drain_id, "drain.finished", phase=phase.value, message=message)
     log.info("drain.finished", drain_id=drain_id, phase=phase.value, message=message)

@@ -9,13 +9,10 @@ a re-run of the job (a crash, an API error) continues the budgets instead of res
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from arq.constants import in_progress_key_prefix
 from arq.worker import Retry
 
 from orchestrator import keys
@@ -58,34 +55,15 @@ CANCEL_POLL_S = 5.0
 
 
 # ================================================================================================ migrate
-async def _heartbeat(ctx: Ctx) -> None:
-    """Keep arq's in-progress key short-lived but alive while this job runs, so that after a kill -9 another
-    worker re-runs the job within seconds instead of after the longest job timeout (arq #402/#407)."""
-    job_id = ctx.get("job_id")
-    if not job_id:
-        return
-    key = in_progress_key_prefix + job_id
-    while True:
-        with contextlib.suppress(Exception):
-            await ctx["redis"].pexpire(key, 6000)
-        await asyncio.sleep(2.0)
-
-
 async def migrate_job(ctx: Ctx, drain_id: str, vmi: str, attempt: int) -> str:
-    beat = asyncio.create_task(_heartbeat(ctx), name=f"heartbeat:{drain_id}:{vmi}:{attempt}")
-    try:
-        async def failed(reason: str) -> None:
-            await _record_outcome(ctx, drain_id, vmi, attempt,
-                                  Outcome(VmPhase.FAILED, target=None, reason=reason, failure=FailureClass.UNKNOWN),
-                                  log.bind(drain_id=drain_id, vmi=vmi, attempt=attempt))
-            await advance_drain(ctx, drain_id)
+    async def failed(reason: str) -> None:
+        await _record_outcome(ctx, drain_id, vmi, attempt,
+                              Outcome(VmPhase.FAILED, target=None, reason=reason, failure=FailureClass.UNKNOWN),
+                              log.bind(drain_id=drain_id, vmi=vmi, attempt=attempt))
+        await advance_drain(ctx, drain_id)
 
-        return await guarded(ctx, _migrate(ctx, drain_id, vmi, attempt), what=f"migrate {vmi} attempt {attempt}",
-                             on_failure=failed)
-    finally:
-        beat.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await beat
+    return await guarded(ctx, _migrate(ctx, drain_id, vmi, attempt), what=f"migrate {vmi} attempt {attempt}",
+                         on_failure=failed)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+from orchestrator import keys
 from orchestrator import kube as k
 from orchestrator.model import (
     DrainPhase,
@@ -32,7 +36,7 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
         await advance_drain(ctx, drain_id)
         return drain.phase.value
     if drain.phase is DrainPhase.PENDING:
-        await store.update(drain_id, assign(phase=DrainPhase.PLANNING, message="planning"))
+        await store.update(drain_id, _only_from(DrainPhase.PENDING, phase=DrainPhase.PLANNING, message="planning"))
     request = DrainRequest.from_json(drain.request)
     snapshot = await ctx["kube"].snapshot()
     try:
@@ -57,9 +61,10 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
             vms[decision.vmi] = _vm_record(decision.vmi, node_plan.node, VmPhase.BLOCKED, decision.verdict,
                                            decision.reason)
     limits = plan.limits
-    await store.create_children(drain_id, nodes=nodes, vms=vms)
 
-    def running(d: DrainRecord) -> None:
+    def running(d: DrainRecord) -> bool | None:
+        if d.phase is not DrainPhase.PLANNING:
+            return False  # cancelled meanwhile: keep the cancel
         d.phase = DrainPhase.RUNNING
         d.message = f"draining {', '.join(plan.drain_nodes)}"
         d.plan = plan.to_json()
@@ -73,21 +78,43 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
                                progress_timeout_s=limits.progress_timeout_s.effective)
         d.estimate_s = plan.estimate.total_s
         d.warnings = list(plan.warnings)
+        return None
 
-    for node in plan.drain_nodes:
-        await ctx["kube"].cordon(node, annotations={NODE_ANNOTATION: drain_id})
-        await store.update_node(drain_id, node, assign(phase=NodePhase.CORDONED))
-        node_obj = await ctx["kube"].find(k.NODES, node)
-        if node_obj is not None:
-            await ctx["kube"].event(involved=node_obj, reason="DrainStarted",
-                                    message=f"drainctl drain {drain_id}: node cordoned")
-    await store.update(drain_id, running)
+    # Under the drain's lock, so that a cancel's advance step sees either no plan (and closes the drain
+    # untouched) or a plan with its nodes cordoned, never a cordon landing after it closed the drain.
+    async with ctx["redis"].lock(keys.drain_lock_key(drain_id), timeout=60, blocking_timeout=30):
+        if (await store.get(drain_id)).phase is not DrainPhase.PLANNING:
+            bound.info("drain.plan_dropped", reason="cancelled while planning")
+        else:
+            await store.create_children(drain_id, nodes=nodes, vms=vms)
+            for node in plan.drain_nodes:
+                await ctx["kube"].cordon(node, annotations={NODE_ANNOTATION: drain_id})
+                await store.update_node(drain_id, node, assign(phase=NodePhase.CORDONED))
+                node_obj = await ctx["kube"].find(k.NODES, node)
+                if node_obj is not None:
+                    await ctx["kube"].event(involved=node_obj, reason="DrainStarted",
+                                            message=f"drainctl drain {drain_id}: node cordoned")
+            await store.update(drain_id, running)
+    if (await store.get(drain_id)).phase is not DrainPhase.RUNNING:
+        await advance_drain(ctx, drain_id)
+        return (await store.get(drain_id)).phase.value
     await store.emit(drain_id, "drain.planned", nodes=list(plan.drain_nodes), vms=len(vms),
                      migrate=sum(1 for v in vms.values() if v.phase is VmPhase.QUEUED),
                      estimate_s=plan.estimate.total_s, warnings=list(plan.warnings))
     bound.info("drain.planned", nodes=list(plan.drain_nodes), vms=len(vms), estimate_s=plan.estimate.total_s)
     await advance_drain(ctx, drain_id)
     return DrainPhase.RUNNING.value
+
+
+def _only_from(expected: DrainPhase, **fields: Any) -> Callable[[DrainRecord], bool | None]:
+    """A drain update that sets `fields` only while the drain is still in phase `expected` (a cancel wins)."""
+    def apply(record: DrainRecord) -> bool | None:
+        if record.phase is not expected:
+            return False
+        for name, value in fields.items():
+            setattr(record, name, value)
+        return None
+    return apply
 
 
 def _vm_record(vmi: str, node: str, phase: VmPhase, verdict: VmVerdict, reason: str, *, memory: int = 0,
