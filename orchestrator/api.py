@@ -14,9 +14,8 @@ Promises:
 - Every number in a request lies in the range ``REQUEST_BOUNDS`` (orchestrator/model.py) gives it; the CLI
   and ``DrainRequest`` enforce the same table, and the document shows it.
 - ``POST /v1/drains`` with an ``Idempotency-Key`` header returns the drain that key created (200) instead of
-  starting another one (202); reusing a key with a different request is refused (422); a retry while the
-  first request with the key is still being processed is 409 ``idempotency_in_progress`` with
-  ``Retry-After`` (the IETF idempotency-key draft's answer): wait that long and send the same request again.
+  starting another one (202); reusing a key with a different request is refused (422). Submitting is one
+  transaction, so a retry never finds a key claimed by a request still in progress.
 - ``GET /v1/drains/{id}/events`` is a server-sent event stream: the drain's events from ``Last-Event-ID``
   (or the start), then live ones until ``drain.finished``; ``event:`` is our event name, ``id:`` the Redis
   stream id, so a client that reconnects resumes exactly where it stopped.
@@ -830,8 +829,7 @@ def openapi_document() -> dict[str, Any]:
         "data": {"type": "string", "contentMediaType": "application/json",
                  "contentSchema": {"type": "object", "required": ["id", "event"],
                                    "properties": {"id": stream_id, "event": {"type": "string"}}}}}}
-    refusals = {"400": error("The body is not JSON (code bad_json), or the Idempotency-Key header is malformed "
-                             "(code bad_header)."),
+    refusals = {"400": error("The body is not JSON (code bad_json)."),
                 "404": error("Unknown nodes (code unknown_nodes, details.nodes)."),
                 "413": error("The body is larger than the server accepts (code too_large)."),
                 "415": error("The body is not sent as application/json (code unsupported_media_type; see "
@@ -840,6 +838,14 @@ def openapi_document() -> dict[str, Any]:
                              "field names) or an infeasible drain (code infeasible, details.problems from the "
                              "planner)."),
                 **cluster_errors}
+    submit_refusals = {
+        **refusals,
+        "400": error("The body is not JSON (code bad_json) or the Idempotency-Key header is malformed (code "
+                     "bad_header)."),
+        "422": error("Schema errors or an unknown query parameter (code invalid, details.problems with field "
+                     "names), an infeasible drain (code infeasible, details.problems from the planner), or an "
+                     "Idempotency-Key sent before with another request (code idempotency_key_reused, "
+                     "details.drain).")}
 
     def bad_query(names: str) -> dict[str, Any]:
         return {"422": error(f"A bad {names} query parameter or an unknown one (code invalid, details.problems).")}
@@ -862,7 +868,7 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {"202": {"description": "Queued.", "content": content("DrainAccepted"), **to_drain},
                               "200": {"description": "The drain this idempotency key created earlier.",
                                       "content": content("DrainAccepted"), **to_drain},
-                              **refusals, **auth_errors,
+                              **submit_refusals, **auth_errors,
                               "409": error("A node belongs to another open drain (code conflict, details.nodes: "
                                            "node -> drain).")},
             },

@@ -38,7 +38,7 @@ from orchestrator import keys
 from orchestrator import kube as k
 from orchestrator.model import DrainPhase, DrainRequest, VmPhase, VmVerdict
 from orchestrator.planner import PlanError
-from orchestrator.service import DrainService, NodeConflict
+from orchestrator.service import DrainService, IdempotencyKeyReused, NodeConflict
 from orchestrator.store import DrainNotFound, DrainView
 
 log = structlog.get_logger("orchestrator.controller")
@@ -376,6 +376,12 @@ class DrainRequestController:
             self._not_before[meta["uid"]] = time.monotonic() + self.conflict_retry_s
             await self._set_status(obj, {"phase": DrainPhase.PENDING.value, "observedGeneration": generation,
                                          "message": f"waiting: {exc}"})
+            return
+        except IdempotencyKeyReused as exc:
+            # This resource started a drain before its spec changed (its status write was lost): that drain
+            # is still its drain; a spec change does not start another.
+            view = await self.service.get(exc.drain_id)
+            await self._set_status(obj, status_from_view(view, generation=generation))
             return
         log.info("drainrequest.submitted", name=meta["name"], namespace=meta.get("namespace"),
                  drain_id=record.id, created=created)

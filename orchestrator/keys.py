@@ -135,7 +135,17 @@ def node_scope(node: str) -> str:
 
 def inbound_scope(node: str) -> str:
     """Semaphore scope of the migrations arriving on ``node``: ``inbound:{node}``."""
-    return f"inbound:{_part(node, 'node name')}"
+    return f"{_INBOUND}{_part(node, 'node name')}"
+
+
+def inbound_node(scope: str | None) -> str | None:
+    """The node of an inbound scope (``inbound:{node}`` -> ``node``); None for any other scope."""
+    if scope is None or not scope.startswith(_INBOUND) or scope == _INBOUND:
+        return None
+    return scope[len(_INBOUND):]
+
+
+_INBOUND = "inbound:"
 
 
 def migration_holder_id(drain_id: str, namespace: str, name: str, *, attempt: int) -> str:

@@ -22,11 +22,15 @@ class Choice:
     target: str | None
     reason: str
     candidates: int
+    ranked: tuple[str, ...] = ()
+    """Every fitting node, best first (`target` is the first)."""
 
 
 def choose_target(vmi: Vmi, *, source: Node | None, nodes: Sequence[Node], free: Mapping[str, int],
                   inbound: Mapping[str, int], exclude: Collection[str], need_bytes: int,
-                  max_inbound: int) -> Choice:
+                  max_inbound: int | None) -> Choice:
+    """The best target and every fitting one, best first. `max_inbound` None leaves the inbound limit to the
+    caller (the migrate job takes it as a semaphore scope: this view of inbound migrations may be stale)."""
     req = requirement_for(vmi, source)
     fitting: list[Node] = []
     why: dict[str, int] = {}
@@ -45,13 +49,14 @@ def choose_target(vmi: Vmi, *, source: Node | None, nodes: Sequence[Node], free:
             no("selector, CPU model/vendor or taints do not match")
         elif free.get(node.name, 0) < need_bytes:
             no(f"less than {format_bytes(need_bytes)} free")
-        elif inbound.get(node.name, 0) >= max_inbound:
+        elif max_inbound is not None and inbound.get(node.name, 0) >= max_inbound:
             no(f"already receiving {max_inbound} migrations")
         else:
             fitting.append(node)
     if not fitting:
         detail = "; ".join(f"{n} node(s) {r}" for r, n in sorted(why.items()))
         return Choice(None, f"no target fits: {detail or 'no other nodes'}", 0)
-    best = min(fitting, key=lambda n: (inbound.get(n.name, 0), -free.get(n.name, 0), n.name))
+    ranked = sorted(fitting, key=lambda n: (inbound.get(n.name, 0), -free.get(n.name, 0), n.name))
+    best = ranked[0]
     return Choice(best.name, f"{best.name}: {format_bytes(free.get(best.name, 0))} free, "
-                             f"{inbound.get(best.name, 0)} inbound", len(fitting))
+                             f"{inbound.get(best.name, 0)} inbound", len(fitting), tuple(n.name for n in ranked))

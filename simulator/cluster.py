@@ -61,6 +61,7 @@ class SimCluster:
             raise ValueError("the admin token must differ from the cluster token")
         self.tick_s = tick_s
         self.api_requests: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.forbidden: list[dict[str, Any]] = []  # requests RBAC refused (ServiceAccount tokens only)
         self.ips = objects.IpAllocator()
         infos = self._populate()
         self.kubevirt = KubeVirtSim(
@@ -140,6 +141,11 @@ class SimCluster:
     def record_request(self, verb: str, resource: str) -> None:
         self.api_requests[verb][resource] += 1
 
+    def record_forbidden(self, user: str, verb: str, resource: str, namespace: str | None) -> None:
+        if len(self.forbidden) < 1000:
+            self.forbidden.append({"user": user, "verb": verb, "resource": resource, "namespace": namespace,
+                                   "at_s": round(self.clock.elapsed(), 3)})
+
     def stats(self) -> dict[str, Any]:
         requests = {verb: dict(sorted(res.items())) for verb, res in sorted(self.api_requests.items())}
         return {
@@ -150,6 +156,7 @@ class SimCluster:
             **self.kubevirt.stats(),
             "api_requests": requests,
             "api_requests_total": sum(sum(r.values()) for r in requests.values()),
+            "forbidden_requests": list(self.forbidden),
             "store_writes": self.store.writes,
             "open_watches": self.store.watcher_count(),
         }

@@ -7,8 +7,11 @@ contentEncoding, 4: contentType}, `raw` being the object's own message, whose fi
 {1: name, 2: generateName, 3: namespace, 11: labels, 12: annotations (map<string,string> entries {1: key,
 2: value})}.
 
-Only kinds whose spec and status carry nothing we need from a creation request are decoded (Namespace); any
-other kind answers 415 so the client can send JSON. Responses are always JSON (clients accept it).
+Only Namespace (whose spec and status carry nothing a creation needs), TokenRequest (`kubectl create token`;
+spec {1: audiences, 4: expirationSeconds}) and SelfSubjectAccessReview (`kubectl auth can-i`; spec
+{1: resourceAttributes {1: namespace, 2: verb, 3: group, 4: version, 5: resource, 6: subresource, 7: name},
+2: nonResourceAttributes {1: path, 2: verb}}) are decoded; any other kind answers 415 so the client can send
+JSON. Responses are always JSON (clients accept it).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from simulator.errors import ApiError
 
 MEDIA_TYPE = "application/vnd.kubernetes.protobuf"
 _MAGIC = b"k8s\x00"
-DECODED_KINDS = frozenset({("v1", "Namespace")})
+DECODED_KINDS = frozenset({("v1", "Namespace"), ("authentication.k8s.io/v1", "TokenRequest"),
+                           ("authorization.k8s.io/v1", "SelfSubjectAccessReview")})
 
 Fields = dict[int, list[Any]]
 
@@ -101,7 +105,35 @@ def decode(body: bytes) -> dict[str, Any]:
         mapping = _string_map(meta_fields, number)
         if mapping:
             meta[name] = mapping
-    return {"apiVersion": api_version, "kind": kind, "metadata": meta}
+    out: dict[str, Any] = {"apiVersion": api_version, "kind": kind, "metadata": meta}
+    try:
+        spec_fields = fields(obj.get(2, [b""])[-1])
+        if kind == "TokenRequest":
+            spec: dict[str, Any] = {"audiences": [a.decode() for a in spec_fields.get(1, [])]}
+            if spec_fields.get(4):
+                spec["expirationSeconds"] = int(spec_fields[4][-1])
+            out["spec"] = spec
+        elif kind == "SelfSubjectAccessReview":
+            out["spec"] = _review_spec(spec_fields)
+    except ValueError as exc:
+        raise ApiError.bad_request(f"couldn't decode the protobuf request body: {exc}") from exc
+    return out
+
+
+_RESOURCE_ATTRIBUTES = ((1, "namespace"), (2, "verb"), (3, "group"), (4, "version"), (5, "resource"),
+                        (6, "subresource"), (7, "name"))
+
+
+def _review_spec(spec_fields: Fields) -> dict[str, Any]:
+    spec: dict[str, Any] = {}
+    if spec_fields.get(1):
+        attrs = fields(spec_fields[1][-1])
+        spec["resourceAttributes"] = {name: _text(attrs, n) for n, name in _RESOURCE_ATTRIBUTES
+                                      if _text(attrs, n) is not None}
+    if spec_fields.get(2):
+        attrs = fields(spec_fields[2][-1])
+        spec["nonResourceAttributes"] = {"path": _text(attrs, 1) or "", "verb": _text(attrs, 2) or ""}
+    return spec
 
 
 def _encode_field(number: int, payload: bytes) -> bytes:

@@ -67,6 +67,18 @@ LEASES = ResourceType("coordination.k8s.io", "v1", "leases", "lease", "Lease", T
 CRDS = ResourceType("apiextensions.k8s.io", "v1", "customresourcedefinitions", "customresourcedefinition",
                     "CustomResourceDefinition", False, ("crd", "crds"), subresources=("status",))
 
+SERVICEACCOUNTS = ResourceType("", "v1", "serviceaccounts", "serviceaccount", "ServiceAccount", True, ("sa",),
+                               subresources=("token",))
+RBAC_GROUP = "rbac.authorization.k8s.io"
+ROLES = ResourceType(RBAC_GROUP, "v1", "roles", "role", "Role", True)
+CLUSTERROLES = ResourceType(RBAC_GROUP, "v1", "clusterroles", "clusterrole", "ClusterRole", False)
+ROLEBINDINGS = ResourceType(RBAC_GROUP, "v1", "rolebindings", "rolebinding", "RoleBinding", True)
+CLUSTERROLEBINDINGS = ResourceType(RBAC_GROUP, "v1", "clusterrolebindings", "clusterrolebinding",
+                                   "ClusterRoleBinding", False)
+SELFSUBJECTACCESSREVIEWS = ResourceType("authorization.k8s.io", "v1", "selfsubjectaccessreviews",
+                                        "selfsubjectaccessreview", "SelfSubjectAccessReview", False,
+                                        verbs=("create",))
+
 KUBEVIRT_GROUP = "kubevirt.io"
 VMIS = ResourceType(KUBEVIRT_GROUP, "v1", "virtualmachineinstances", "virtualmachineinstance",
                     "VirtualMachineInstance", True, ("vmi", "vmis"), ("all",), builtin=False,
@@ -80,7 +92,8 @@ KUBEVIRTS = ResourceType(KUBEVIRT_GROUP, "v1", "kubevirts", "kubevirt", "KubeVir
                          ("all",), builtin=False, subresources=("status",))
 
 BUILTIN: tuple[ResourceType, ...] = (NAMESPACES, NODES, PODS, EVENTS, DAEMONSETS, PDBS, LEASES, CRDS,
-                                     VMIS, VMIMS, VMS, KUBEVIRTS)
+                                     SERVICEACCOUNTS, ROLES, CLUSTERROLES, ROLEBINDINGS, CLUSTERROLEBINDINGS,
+                                     SELFSUBJECTACCESSREVIEWS, VMIS, VMIMS, VMS, KUBEVIRTS)
 
 
 class Registry:

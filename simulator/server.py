@@ -63,7 +63,18 @@ from simulator.errors import ApiError
 from simulator.faults import Faults, FaultsBody
 from simulator.paging import Pager
 from simulator.patch import apply_patch, decode_body
-from simulator.resources import BUILTIN, COMMON_FIELDS, CRDS, NAMESPACES, PODS, Registry, ResourceType
+from simulator.rbac import Rbac, Request, User, forbidden
+from simulator.resources import (
+    BUILTIN,
+    COMMON_FIELDS,
+    CRDS,
+    NAMESPACES,
+    PODS,
+    SELFSUBJECTACCESSREVIEWS,
+    SERVICEACCOUNTS,
+    Registry,
+    ResourceType,
+)
 from simulator.store import Store, Watcher, WatchEvent
 from simulator.tables import PrinterColumn, TableRenderer, columns_from_crd_version, wants_table
 
@@ -81,9 +92,10 @@ KUBE_VERSION: Obj = {
     "compiler": "gc",
     "platform": "linux/amd64",
 }
-ADMIN = "sim:admin"
-CLUSTER_USER = "sim:cluster-admin"
-ANONYMOUS = "system:anonymous"
+ADMIN = User("sim:admin", ("system:masters", "system:authenticated"), superuser=True, sim_admin=True)
+CLUSTER_USER = User("sim:cluster-admin", ("system:masters", "system:authenticated"), superuser=True)
+ANONYMOUS = User("system:anonymous", ("system:unauthenticated",), superuser=True)  # a server without a token
+_USER_KEY = web.RequestKey("sim_user", User)
 UNAUTHENTICATED_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/version"})
 BOOKMARK_INTERVAL_S = 1.0
 _IDLE_TICK_S = 1.0
@@ -94,6 +106,7 @@ _JSON = "application/json"
 # Subresources whose response kind lives in another group (legacy discovery names it).
 _SUBRESOURCE_KINDS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
     "eviction": ("policy", "v1", "Eviction", ("create",)),
+    "token": ("authentication.k8s.io", "v1", "TokenRequest", ("create",)),
 }
 _STATUS_VERBS = ("get", "patch", "update")
 
@@ -114,6 +127,9 @@ class ClusterLike(Protocol):
     def record_request(self, verb: str, resource: str) -> None:
         """Ground truth: one API request, by verb (get/list/watch/create/update/patch/delete/
         deletecollection) and resource (plural, with "/subresource" appended for subresources)."""
+
+    def record_forbidden(self, user: str, verb: str, resource: str, namespace: str | None) -> None:
+        """Ground truth: a request RBAC refused (403)."""
 
     def stats(self) -> dict[str, Any]:
         """The body of GET /sim/v1/stats."""
@@ -217,6 +233,7 @@ class ApiServer:
         self._watchers: set[Watcher] = set()
         self._crd_kinds: dict[str, list[ResourceType]] = {}
         self._pager = Pager()
+        self.rbac = Rbac(cluster.store)
 
     # --------------------------------------------------------------------------------------------- entry
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -227,13 +244,14 @@ class ApiServer:
                     return json_response(KUBE_VERSION)
                 return web.Response(text="ok", content_type="text/plain")
             principal = self._authenticate(request)
+            request[_USER_KEY] = principal
             if path == "/openapi/v3" or path.startswith("/openapi/v3/"):
                 self._only(request, "GET")
                 return self._openapi(path)
             if path == "/sim" or path.startswith("/sim/"):
-                if principal != ADMIN:
-                    raise ApiError(403, f'forbidden: User "{principal}" cannot use the simulator\'s ground truth '
-                                        "(/sim/v1/*): it needs the admin kubeconfig", details={})
+                if not principal.sim_admin:
+                    raise ApiError(403, f'forbidden: User "{principal.name}" cannot use the simulator\'s ground '
+                                        "truth (/sim/v1/*): it needs the admin kubeconfig", details={})
                 return await self._sim(request)
             return await self._api(request)
         except ApiError as exc:
@@ -247,8 +265,9 @@ class ApiServer:
         for watcher in list(self._watchers):
             self.cluster.store.unwatch(watcher)
 
-    def _authenticate(self, request: web.Request) -> str:
-        """The user a request speaks for: ADMIN, CLUSTER_USER or ANONYMOUS; 401 for an unknown token."""
+    def _authenticate(self, request: web.Request) -> User:
+        """The user a request speaks for: ADMIN, CLUSTER_USER, a ServiceAccount (a token issued by TokenRequest)
+        or ANONYMOUS (a server without a cluster token); 401 for an unknown token."""
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
         given = given.strip() if scheme.lower() == "bearer" else ""
@@ -256,11 +275,14 @@ class ApiServer:
         if admin is not None and given == admin:
             return ADMIN
         token = self.cluster.token
+        if token is not None and given == token:
+            return CLUSTER_USER
+        account = self.rbac.user_for(given) if given else None
+        if account is not None:
+            return account
         if token is None:
             return ANONYMOUS
-        if given != token:
-            raise ApiError(401, "Unauthorized")
-        return CLUSTER_USER
+        raise ApiError(401, "Unauthorized")
 
     # ------------------------------------------------------------------------------------------ /sim/v1
     async def _sim(self, request: web.Request) -> web.Response:
@@ -454,6 +476,12 @@ class ApiServer:
         verb = _verb(request.method, target, query)
         cluster = self.cluster
         cluster.record_request(verb, target.resource)
+        user: User = request.get(_USER_KEY, ANONYMOUS)
+        access = Request(verb=verb, group=target.rt.group, resource=target.rt.plural, subresource=target.sub,
+                         namespace=target.namespace, name=target.name)
+        if not self.rbac.allows(user, access):
+            cluster.record_forbidden(user.name, verb, target.resource, target.namespace)
+            raise forbidden(user, access)
         if cluster.faults.latency_ms > 0:
             await asyncio.sleep(cluster.faults.latency_ms / 1000.0)
         injected = cluster.faults.request_error(verb, target.resource)
@@ -470,7 +498,7 @@ class ApiServer:
         if verb == "get":
             return self._get(target, query, accept)
         if verb == "create":
-            return self._create(target, query, decode_body(await request.read(), request.content_type))
+            return self._create(target, query, decode_body(await request.read(), request.content_type), user)
         if verb == "update":
             return self._update(target, query, decode_body(await request.read(), request.content_type))
         if verb == "patch":
@@ -572,11 +600,13 @@ class ApiServer:
                                        f"name on the URL ({target.name})")
         return body
 
-    def _create(self, target: Target, query: Query, body: Any) -> web.Response:
+    def _create(self, target: Target, query: Query, body: Any, user: User) -> web.Response:
         rt = target.rt
         if target.name is not None or (rt.namespaced and target.namespace is None):
             raise method_not_allowed()
         obj = self._checked_body(target, body)
+        if rt is SELFSUBJECTACCESSREVIEWS:
+            return json_response(self._self_review(obj, user), 201)
         dry_run = query.dry_run()
         self._prepare_create(rt, obj)
         kinds = _crd_kinds(obj) if rt is CRDS else None
@@ -615,6 +645,23 @@ class ApiServer:
         elif not rt.builtin and "status" in rt.subresources:
             # Custom resources with a status subresource ignore status on create.
             obj.pop("status", None)
+
+    def _self_review(self, review: Obj, user: User) -> Obj:
+        """SelfSubjectAccessReview (what `kubectl auth can-i` asks): the RBAC decision for the caller."""
+        spec = review.get("spec") or {}
+        attrs = spec.get("resourceAttributes")
+        if attrs is not None:
+            access = Request(verb=str(attrs.get("verb") or ""), group=str(attrs.get("group") or ""),
+                             resource=str(attrs.get("resource") or ""),
+                             subresource=attrs.get("subresource") or None, namespace=attrs.get("namespace") or None,
+                             name=attrs.get("name") or None)
+            allowed = self.rbac.allows(user, access)
+        else:
+            allowed = spec.get("nonResourceAttributes") is not None  # discovery is open to every user
+        status: Obj = {"allowed": allowed}
+        if not allowed:
+            status["reason"] = ""
+        return {**review, "metadata": {"creationTimestamp": None}, "status": status}
 
     def _update(self, target: Target, query: Query, body: Any) -> web.Response:
         rt = target.rt
@@ -706,6 +753,10 @@ class ApiServer:
         body = decode_body(await request.read(), request.content_type)
         if body is not None and not isinstance(body, dict):
             raise ApiError.bad_request("the request body must be a JSON object")
+        if target.rt is SERVICEACCOUNTS and target.sub == "token":
+            if request.method != "POST":
+                raise method_not_allowed()
+            return json_response(self.rbac.issue_token(target.namespace or "default", target.name, body), 201)
         if target.sub == "eviction" and body is not None:
             # The eviction body may come without type meta (kubernetes-asyncio sends none).
             body.setdefault("apiVersion", "policy/v1")

@@ -4,6 +4,9 @@ What it promises
 ----------------
 * A lease takes one slot in every scope it names (for example ``cluster`` and ``node:worker-3``), all
   or nothing, in one Lua script. No scope ever holds more leases than the limit the caller passes.
+* A lease may also take one scope picked among choices (``acquire(..., choose=...)``): the choice with
+  room and the fewest holders, decided in the same script as the other scopes. The migrate job passes the
+  inbound scopes of the targets a VM may go to, so the inbound limit holds whatever the worker's view says.
 * Every grant (and every adoption) gets a fencing token from one counter per semaphore, so a later
   owner always has a larger token than an earlier one.
 * Only the Redis clock is used (``redis.call('TIME')``); client clocks may disagree freely.
@@ -40,7 +43,7 @@ import json
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
 
@@ -64,6 +67,9 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 _T = TypeVar("_T")
+
+Chooser = Callable[[], Awaitable[Sequence["Scope"]]]
+"""Returns the scopes an acquisition may pick one of, best first (see :meth:`RedisSemaphore.acquire`)."""
 
 WAITERS_KEY: Final = "waiters"
 """Key of the waiter count in :meth:`RedisSemaphore.usage`; therefore not a valid scope name."""
@@ -137,6 +143,72 @@ if waiter ~= '' then
   redis.call('ZREM', KEYS[4], waiter)
 end
 return {1, token, expires, ARGV[7]}
+"""
+)
+
+# Like _ACQUIRE_LUA for a holder without a lease, plus one scope picked among choices.
+# KEYS: 1 holders zset, 2 fence counter, 3 lease hash, 4 waiters zset, 5 scope-name set,
+#       6..5+n fixed scope zsets, 6+n..5+n+m choice scope zsets
+# ARGV: 1 holder, 2 lease ms, 3 meta json, 4 acquisition id, 5 waiter id or '', 6 waiter ttl ms, 7 n, 8 m,
+#       9..8+n fixed names, 9+n..8+2n fixed limits, 9+2n..8+2n+m choice names, 9+2n+m..8+2n+2m choice limits
+# Returns {status, token, expires_at_ms, joined scopes, chosen}; status 1 granted, 0 a fixed scope is full,
+# -2 every choice is full, -1 the holder already holds a lease (the caller checks for that first).
+_ACQUIRE_CHOICE_LUA = (
+    _NOW
+    + """
+local holder = ARGV[1]
+local waiter = ARGV[5]
+local n = tonumber(ARGV[7])
+local m = tonumber(ARGV[8])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+local token = redis.call('HGET', KEYS[3], 'token')
+if token then
+  return {-1, tonumber(token), 0, redis.call('HGET', KEYS[3], 'scopes'), ''}
+end
+local function wait(status)
+  if waiter ~= '' then
+    redis.call('ZADD', KEYS[4], now + tonumber(ARGV[6]), waiter)
+  end
+  return {status, 0, now, '', ''}
+end
+for i = 1, n do
+  if redis.call('ZCARD', KEYS[5 + i]) >= tonumber(ARGV[8 + n + i]) then
+    return wait(0)
+  end
+end
+local best, best_count = nil, nil
+for j = 1, m do
+  local count = redis.call('ZCARD', KEYS[5 + n + j])
+  if count < tonumber(ARGV[8 + 2 * n + m + j]) and (best == nil or count < best_count) then
+    best, best_count = j, count
+  end
+end
+if best == nil then
+  return wait(-2)
+end
+local names = {}
+for i = 1, n do
+  names[i] = ARGV[8 + i]
+end
+local chosen = ARGV[8 + 2 * n + best]
+names[n + 1] = chosen
+table.sort(names)
+local joined = table.concat(names, '\\n')
+token = redis.call('INCR', KEYS[2])
+local expires = now + tonumber(ARGV[2])
+redis.call('HSET', KEYS[3], 'token', token, 'scopes', joined, 'expires_at_ms', expires,
+           'acquired_at_ms', now, 'meta', ARGV[3], 'acq', ARGV[4])
+redis.call('ZADD', KEYS[1], expires, holder)
+for i = 1, n do
+  redis.call('ZADD', KEYS[5 + i], expires, holder)
+  redis.call('SADD', KEYS[5], ARGV[8 + i])
+end
+redis.call('ZADD', KEYS[5 + n + best], expires, holder)
+redis.call('SADD', KEYS[5], chosen)
+if waiter ~= '' then
+  redis.call('ZREM', KEYS[4], waiter)
+end
+return {1, token, expires, joined, chosen}
 """
 )
 
@@ -266,12 +338,16 @@ class Scope:
 
 @dataclass(frozen=True)
 class Lease:
-    """A granted slot in every scope of ``scopes`` (sorted by name)."""
+    """A granted slot in every scope of ``scopes`` (sorted by name).
+
+    ``chosen`` is the scope picked among the choices of :meth:`RedisSemaphore.acquire` (``choose``), if any.
+    """
 
     holder: str
     token: int
     scopes: tuple[str, ...]
     expires_at_ms: int
+    chosen: str | None = None
 
 
 @dataclass(frozen=True)
@@ -340,6 +416,7 @@ class RedisSemaphore:
         # heartbeats (plus slack for a slow round trip) mean its process is gone.
         self._waiter_ttl_ms = round((3 * poll_interval_s + 2.0) * 1000)
         self._acquire_script = redis.register_script(_ACQUIRE_LUA)
+        self._acquire_choice_script = redis.register_script(_ACQUIRE_CHOICE_LUA)
         self._renew_script = redis.register_script(_RENEW_LUA)
         self._adopt_script = redis.register_script(_ADOPT_LUA)
         self._release_script = redis.register_script(_RELEASE_LUA)
@@ -391,15 +468,30 @@ class RedisSemaphore:
         meta: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
         on_wait: Callable[[], Awaitable[None]] | None = None,
+        choose: Chooser | None = None,
     ) -> Lease:
         """Like :meth:`try_acquire`, but wait for room; raise ``TimeoutError`` after ``timeout_s``.
 
         ``on_wait`` is awaited once, when the first attempt found no room, so the caller can say
         why it waits. While waiting, the caller is listed in :meth:`waiters`. Timeouts are measured
         on the event loop's clock.
+
+        With ``choose``, the lease also takes a slot in one scope picked among the choices it returns
+        (for example the inbound scopes of the nodes a migration may go to), in the same script as the
+        other scopes: the choice with the fewest holders that has room, the earliest on a tie. ``choose``
+        is awaited before every attempt, so the choices follow the caller's view while it waits; an
+        exception it raises (no choice at all) ends the acquisition. Nothing is held while waiting, so
+        waiters for different choices never deadlock. A holder that already holds a lease on the other
+        scopes plus at most one more keeps that lease (its earlier choice stands, see ``Lease.chosen``).
         """
         ordered = _canonical(scopes)
         meta_json = _meta_json(meta)
+        earlier: str | None = None
+        if choose is not None:
+            held = await self._held_choice(holder, ordered)
+            if held is not None:
+                ordered, earlier = held
+                choose = None
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
         acquisition = uuid.uuid4().hex
@@ -407,9 +499,10 @@ class RedisSemaphore:
         pubsub: PubSub | None = None
         try:
             # The uncontended path needs no subscription (a dedicated connection).
-            lease = await self._attempt(holder, ordered, meta_json, acquisition=acquisition, waiter="")
+            lease = await self._attempt(holder, ordered, meta_json, acquisition=acquisition, waiter="",
+                                        choose=choose)
             if lease is not None:
-                return lease
+                return lease if earlier is None else replace(lease, chosen=earlier)
             log.info("semaphore.waiting", semaphore=self.name, holder=holder, scopes=_names(ordered))
             if on_wait is not None:
                 await on_wait()
@@ -418,10 +511,10 @@ class RedisSemaphore:
             pubsub = await self._subscribe()
             while True:
                 lease = await self._attempt(
-                    holder, ordered, meta_json, acquisition=acquisition, waiter=waiter
+                    holder, ordered, meta_json, acquisition=acquisition, waiter=waiter, choose=choose
                 )
                 if lease is not None:
-                    return lease
+                    return lease if earlier is None else replace(lease, chosen=earlier)
                 wait_s = self._poll_interval_s * random.uniform(0.8, 1.0)
                 if deadline is not None:
                     remaining = deadline - loop.time()
@@ -433,11 +526,26 @@ class RedisSemaphore:
                     wait_s = min(wait_s, remaining)
                 pubsub = await self._wait_for_release(pubsub, wait_s)
         except BaseException:
-            await self._abandon(holder, ordered, acquisition=acquisition, waiter=waiter)
+            await self._abandon(holder, ordered, acquisition=acquisition, waiter=waiter,
+                                any_scopes=choose is not None)
             raise
         finally:
             if pubsub is not None:
                 await self._shielded(_close(pubsub), name=f"semaphore-unsubscribe:{holder}")
+
+    async def _held_choice(
+        self, holder: str, fixed: tuple[Scope, ...]
+    ) -> tuple[tuple[Scope, ...], str | None] | None:
+        """The scopes of `holder`'s lease, and its earlier choice, if it covers `fixed` plus at most one more."""
+        stored = await self._stored_scopes(holder)
+        if stored is None:
+            return None
+        names = set(_names(fixed))
+        extra = [name for name in stored if name not in names]
+        if not names <= set(stored) or len(extra) > 1:
+            return None
+        # The limit of the earlier choice does not matter any more: a re-entrant grant checks no room.
+        return _canonical([*fixed, *(Scope(name, 1) for name in extra)]), (extra[0] if extra else None)
 
     async def _attempt(
         self,
@@ -447,16 +555,13 @@ class RedisSemaphore:
         *,
         acquisition: str,
         waiter: str,
+        choose: Chooser | None = None,
     ) -> Lease | None:
+        if choose is not None:
+            return await self._attempt_choice(holder, scopes, await choose(), meta_json,
+                                              acquisition=acquisition, waiter=waiter)
         names = _names(scopes)
-        keys = [
-            self._keys.holders,
-            self._keys.fence,
-            self._keys.lease(holder),
-            self._keys.waiters,
-            self._keys.scopes,
-            *(self._keys.scope(name) for name in names),
-        ]
+        keys = self._acquire_keys(holder, names)
         args: list[str | int] = [
             holder,
             self._lease_ms,
@@ -480,6 +585,54 @@ class RedisSemaphore:
         lease = Lease(holder=holder, token=int(token), scopes=names, expires_at_ms=int(expires))
         event = {1: "semaphore.acquired", 2: "semaphore.reacquired", 3: "semaphore.readopted"}[status]
         log.debug(event, semaphore=self.name, holder=holder, token=lease.token, scopes=names)
+        return lease
+
+    def _acquire_keys(self, holder: str, scope_names: Sequence[str]) -> list[str]:
+        """KEYS of both acquire scripts: holders, fence, lease, waiters, scope-name set, then one per scope."""
+        return [
+            self._keys.holders,
+            self._keys.fence,
+            self._keys.lease(holder),
+            self._keys.waiters,
+            self._keys.scopes,
+            *(self._keys.scope(name) for name in scope_names),
+        ]
+
+    async def _attempt_choice(
+        self,
+        holder: str,
+        fixed: tuple[Scope, ...],
+        choices: Sequence[Scope],
+        meta_json: str,
+        *,
+        acquisition: str,
+        waiter: str,
+    ) -> Lease | None:
+        options = tuple(dict.fromkeys(choices))  # keep the caller's order, drop repeats
+        if not options:
+            raise ValueError(f"semaphore {self.name!r}: no choice offered to {holder!r}")
+        fixed_names = _names(fixed)
+        for option in options:
+            if option.name in fixed_names:
+                raise ValueError(f"scope {option.name!r} is both fixed and a choice")
+        keys = self._acquire_keys(holder, (*fixed_names, *(option.name for option in options)))
+        args: list[str | int] = [
+            holder, self._lease_ms, meta_json, acquisition, waiter, self._waiter_ttl_ms,
+            len(fixed), len(options),
+            *fixed_names, *(scope.limit for scope in fixed),
+            *(option.name for option in options), *(option.limit for option in options),
+        ]
+        status, token, expires, held, chosen = await self._acquire_choice_script(keys=keys, args=args)
+        status = int(status)
+        if status == -1:
+            raise ValueError(f"semaphore {self.name!r}: {holder!r} already holds {_text(held).split(_SCOPE_SEPARATOR)}")
+        if status in (0, -2):
+            return None
+        names = tuple(_text(held).split(_SCOPE_SEPARATOR))
+        lease = Lease(holder=holder, token=int(token), scopes=names, expires_at_ms=int(expires),
+                      chosen=_text(chosen))
+        log.debug("semaphore.acquired", semaphore=self.name, holder=holder, token=lease.token, scopes=names,
+                  chosen=lease.chosen)
         return lease
 
     async def _subscribe(self) -> PubSub:
@@ -507,11 +660,15 @@ class RedisSemaphore:
         return pubsub
 
     async def _abandon(
-        self, holder: str, scopes: tuple[Scope, ...], *, acquisition: str, waiter: str
+        self, holder: str, scopes: tuple[Scope, ...], *, acquisition: str, waiter: str,
+        any_scopes: bool = False,
     ) -> None:
         # Only a slot granted by this very acquisition is given back: a lease the holder had
-        # before (re-entrant call) belongs to whoever acquired it first.
+        # before (re-entrant call) belongs to whoever acquired it first. With a choice, the
+        # granted scopes are only known to Redis: read them back.
         names = _names(scopes)
+        if any_scopes:
+            names = await self._stored_scopes(holder) or names
         try:
             await self._shielded(
                 self._release_raw(holder, names, token=None, acquisition=acquisition, waiter=waiter),
@@ -533,7 +690,7 @@ class RedisSemaphore:
         status, value = await self._renew_script(keys=keys, args=[lease.holder, lease.token, self._lease_ms])
         status = int(status)
         if status == 1:
-            return Lease(lease.holder, lease.token, lease.scopes, int(value))
+            return Lease(lease.holder, lease.token, lease.scopes, int(value), lease.chosen)
         reason = {0: "released", -1: f"now owned by token {int(value)}", -2: "expired"}[status]
         log.warning(
             "semaphore.lost", semaphore=self.name, holder=lease.holder, token=lease.token, reason=reason
@@ -789,13 +946,15 @@ async def hold(
     renew_every_s: float | None = None,
     timeout_s: float | None = None,
     on_wait: Callable[[], Awaitable[None]] | None = None,
+    choose: Chooser | None = None,
 ) -> AsyncIterator[HeldSlot]:
     """Acquire, renew every ``renew_every_s`` (default: a third of the lease TTL), release on exit.
 
     The release survives cancellation of the block. It is skipped when the slot was lost (it is no
     longer ours to free) or kept (see :meth:`HeldSlot.keep`).
     """
-    lease = await semaphore.acquire(holder, scopes, meta=meta, timeout_s=timeout_s, on_wait=on_wait)
+    lease = await semaphore.acquire(holder, scopes, meta=meta, timeout_s=timeout_s, on_wait=on_wait,
+                                    choose=choose)
     slot = HeldSlot(semaphore, lease)
     every_s = semaphore.lease_ttl_s / 3 if renew_every_s is None else renew_every_s
     renewer = asyncio.create_task(slot._renew_forever(every_s), name=f"semaphore-renew:{holder}")

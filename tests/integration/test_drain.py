@@ -26,9 +26,10 @@ def vmis_on(env: Env, node: str) -> list[str]:
     return [f"{o['metadata']['namespace']}/{o['metadata']['name']}" for o in env.cluster.store.on_node(VMIS, node)]
 
 
-def assert_limits(stats: dict[str, Any], *, cluster: int = 5, per_node: int = 2) -> None:
+def assert_limits(stats: dict[str, Any], *, cluster: int = 5, per_node: int = 2, inbound: int = 2) -> None:
     assert stats["max_in_flight_cluster"] <= cluster, stats["max_in_flight_cluster"]
     assert all(v <= per_node for v in stats["max_in_flight_per_node"].values()), stats["max_in_flight_per_node"]
+    assert all(v <= inbound for v in stats["max_inbound_per_node"].values()), stats["max_inbound_per_node"]
     assert stats["max_in_flight_per_vmi"] <= 1
     assert stats["vmis_with_concurrent_migrations"] == []
 

@@ -257,6 +257,24 @@ async def test_drainrequest_drives_a_drain_to_succeeded(env: Callable[..., Await
     assert await e.lease_holder() == "replica-a"
 
 
+async def test_a_drain_started_before_a_spec_change_stays_the_resources_drain(
+        env: Callable[..., Awaitable[Env]]) -> None:
+    # The resource's drain was submitted, then its status write was lost and its spec edited: submitting again
+    # with its uid finds a drain of another request. That drain stays its drain (none is started twice).
+    e = await env()
+    await e.apply(drain_request("edited", ["worker-01"], maxAttempts=3))
+    obj = await e.get("edited")
+    assert obj is not None
+    earlier, created = await e.service.submit(request_from_spec({"nodes": ["worker-01"], "maxAttempts": 2}),
+                                              idempotency_key=obj["metadata"]["uid"], source="drainrequest")
+    assert created
+    drains = await e.service.store.ids()
+    e.start_controller("replica-a")
+    obj = await e.until("edited", lambda o: bool((o.get("status") or {}).get("drainId")))
+    assert obj["status"]["drainId"] == earlier.id
+    assert await e.service.store.ids() == drains
+
+
 async def test_deleting_a_drainrequest_cancels_its_drain(env: Callable[..., Awaitable[Env]]) -> None:
     e = await env(time_scale=4.0)  # slow enough that the drain is still running when we delete
     e.start_worker()

@@ -52,9 +52,13 @@ class FakeCluster:
     admin_token: str | None
     requests: Counter[tuple[str, str]] = field(default_factory=Counter)
     subresource_calls: list[tuple[str, str | None, str, str, str, Obj | None]] = field(default_factory=list)
+    forbidden: list[tuple[str, str, str, str | None]] = field(default_factory=list)
 
     def record_request(self, verb: str, resource: str) -> None:
         self.requests[(verb, resource)] += 1
+
+    def record_forbidden(self, user: str, verb: str, resource: str, namespace: str | None) -> None:
+        self.forbidden.append((user, verb, resource, namespace))
 
     def stats(self) -> dict[str, Any]:
         return {"sim_time_s": self.clock.elapsed(),

@@ -12,7 +12,7 @@ import pytest
 import structlog
 
 from orchestrator.model import DrainPhase, FailureClass, VmPhase
-from orchestrator.records import DrainLimits, DrainRecord, VmRecord
+from orchestrator.records import AttemptRecord, DrainLimits, DrainRecord, VmRecord
 from orchestrator.store import DrainStore
 from orchestrator.view import ClusterView
 from workers.jobs import migrate
@@ -78,16 +78,18 @@ def parts() -> Iterator[tuple[Any, ...]]:
     yield view, FakeKube(view), DrainStore(redis), redis
 
 
-async def follow(parts: tuple[Any, ...], phase: str, *, step: float, memory: int = 4 * 1024**3) -> Any:
+async def follow(parts: tuple[Any, ...], phase: str, *, step: float, memory: int = 4 * 1024**3,
+                 attempt: AttemptRecord | None = None, clock: SteppingClock | None = None) -> Any:
     view, kube, store, _ = parts
     await store.create(DrainRecord(id="d1", phase=DrainPhase.RUNNING, request={"nodes": ["n1"]}), nodes={},
                        vms={"ns/vm": VmRecord(vmi="ns/vm", node="n1", phase=VmPhase.MIGRATING, attempt=1)})
     view.observe(vmim(phase))
-    ctx = {"kube": kube, "view": view, "clock": SteppingClock(step), "store": store}
+    ctx = {"kube": kube, "view": view, "clock": clock or SteppingClock(step), "store": store}
     limits = DrainLimits(cluster=5, per_node=2, inbound=2, max_attempts=3, pending_timeout_s=300,
                          progress_timeout_s=150, completion_timeout_per_gib=150)
     return await migrate._follow(ctx, Slot(), drain_id="d1", vmi="ns/vm", key=KEY, target="n2",  # type: ignore[arg-type]
-                              rec=VmRecord(vmi="ns/vm", node="n1", memory_bytes=memory), limits=limits,
+                              rec=VmRecord(vmi="ns/vm", node="n1", memory_bytes=memory, attempt=1,
+                                           attempts=[attempt] if attempt else []), limits=limits,
                               bound=structlog.get_logger("test"))
 
 
@@ -117,3 +119,24 @@ async def test_a_succeeded_migration_is_reported_without_an_abort(parts: tuple[A
     outcome = await follow(parts, "Succeeded", step=1.0)
     assert outcome.phase is VmPhase.SUCCEEDED and outcome.target == "n2"
     assert parts[1].deleted == []
+
+
+async def test_a_rerun_continues_the_pending_budget_from_the_attempts_creation(parts: tuple[Any, ...]) -> None:
+    # The job ran before (a worker died): the VMIM was created 299 s ago. One more second and it is over,
+    # not another 300 s from this run's start.
+    clock = SteppingClock(1.0)
+    created = AttemptRecord(attempt=1, vmim=NAME, target="n2", started_at=clock.t - 299.0)
+    outcome = await follow(parts, "Pending", step=1.0, attempt=created, clock=clock)
+    assert outcome.failure is FailureClass.UNSCHEDULABLE
+    assert "not running after 300 s" in outcome.reason
+    assert clock.t - created.started_at < 320
+
+
+async def test_a_rerun_continues_the_completion_budget_from_the_transfers_start(parts: tuple[Any, ...]) -> None:
+    clock = SteppingClock(1.0)
+    started = AttemptRecord(attempt=1, vmim=NAME, target="n2", started_at=clock.t - 900.0,
+                            running_at=clock.t - 805.0)
+    outcome = await follow(parts, "Running", step=1.0, attempt=started, clock=clock)
+    assert outcome.failure is FailureClass.NOT_CONVERGING
+    assert "not completed within 810 s" in outcome.reason
+    assert clock.t - (started.running_at or 0) < 830

@@ -654,3 +654,78 @@ def test_project_key_and_job_id_formats() -> None:
     assert keys.migration_holder_id("d1", "ns", "vm", attempt=2) == "d1/ns/vm/2"
     with pytest.raises(ValueError, match="drain id"):
         keys.drain_key("")
+
+
+# ------------------------------------------------------------------------------------ one scope among choices
+def _inbound(*nodes: str, limit: int = 1) -> Callable[[], Awaitable[list[Scope]]]:
+    async def choose() -> list[Scope]:
+        return [Scope(keys.inbound_scope(n), limit) for n in nodes]
+    return choose
+
+
+async def test_a_choice_goes_to_the_option_with_room_and_fewest_holders(make_semaphore: SemaphoreFactory) -> None:
+    sem = make_semaphore()
+    cluster = Scope(keys.CLUSTER_SCOPE, 10)
+    first = await sem.acquire("a", [cluster], choose=_inbound("n1", "n2", limit=2))
+    assert first.chosen == keys.inbound_scope("n1")  # a tie: the caller's order decides
+    assert first.scopes == tuple(sorted((keys.CLUSTER_SCOPE, keys.inbound_scope("n1"))))
+    second = await sem.acquire("b", [cluster], choose=_inbound("n1", "n2", limit=2))
+    assert second.chosen == keys.inbound_scope("n2")  # fewer holders wins over the order
+    await sem.acquire("c", [cluster], choose=_inbound("n1", limit=2))
+    fourth = await sem.acquire("d", [cluster], choose=_inbound("n1", "n2", limit=2))
+    assert fourth.chosen == keys.inbound_scope("n2")  # n1 is full
+    usage = await sem.usage()
+    assert usage[keys.inbound_scope("n1")] == 2 and usage[keys.inbound_scope("n2")] == 2 and usage["cluster"] == 4
+    await sem.release("a")
+    assert (await sem.usage())[keys.inbound_scope("n1")] == 1
+
+
+async def test_a_choice_waits_while_every_option_is_full_then_takes_the_freed_one(
+    make_semaphore: SemaphoreFactory,
+) -> None:
+    sem = make_semaphore()
+    cluster = Scope(keys.CLUSTER_SCOPE, 10)
+    await sem.acquire("a", [cluster], choose=_inbound("n1"))
+    await sem.acquire("b", [cluster], choose=_inbound("n2"))
+    waiting = asyncio.create_task(sem.acquire("c", [cluster], choose=_inbound("n1", "n2")))
+
+    async def is_waiting() -> bool:
+        return await sem.waiters() == 1
+
+    await eventually(is_waiting, "c waiting")
+    assert not waiting.done()
+    await sem.release("b")
+    lease = await asyncio.wait_for(waiting, PATIENCE_S)
+    assert lease.chosen == keys.inbound_scope("n2")
+    assert await sem.waiters() == 0
+
+
+async def test_a_choice_takes_nothing_while_a_fixed_scope_is_full(make_semaphore: SemaphoreFactory) -> None:
+    sem = make_semaphore()
+    await sem.acquire("a", [CLUSTER], choose=_inbound("n1"))
+    with pytest.raises(TimeoutError):
+        await sem.acquire("b", [CLUSTER], choose=_inbound("n2"), timeout_s=0.5)
+    usage = await sem.usage()
+    assert keys.inbound_scope("n2") not in usage and usage[keys.CLUSTER_SCOPE] == 1 and usage["waiters"] == 0
+
+
+async def test_a_holder_keeps_its_earlier_choice(make_semaphore: SemaphoreFactory) -> None:
+    sem = make_semaphore()
+    cluster = Scope(keys.CLUSTER_SCOPE, 10)
+    first = await sem.acquire("a", [cluster], choose=_inbound("n1"))
+    again = await sem.acquire("a", [cluster], choose=_inbound("n2", "n3"))
+    assert again.chosen == first.chosen == keys.inbound_scope("n1") and again.token == first.token
+    assert keys.inbound_scope("n2") not in await sem.usage()
+
+
+async def test_a_chooser_that_raises_leaves_nothing_behind(make_semaphore: SemaphoreFactory) -> None:
+    sem = make_semaphore()
+    cluster = Scope(keys.CLUSTER_SCOPE, 10)
+
+    async def nothing_fits() -> list[Scope]:
+        raise LookupError("no target fits")
+
+    with pytest.raises(LookupError, match="no target fits"):
+        await sem.acquire("a", [cluster], choose=nothing_fits)
+    assert await sem.usage() == {"waiters": 0}
+    assert await sem.holders() == []

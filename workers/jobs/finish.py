@@ -6,7 +6,8 @@ from orchestrator import kube as k
 from orchestrator.model import DrainPhase, NodePhase, VmiKey, VmPhase
 from orchestrator.rules import PodAction, pod_verdict
 from orchestrator.snapshot import parse_pod
-from workers.jobs.advance import advance_drain
+from orchestrator.store import RecordNotFound
+from workers.jobs.advance import advance_drain, close_drain
 from workers.jobs.common import DRAINED_ANNOTATION, NODE_ANNOTATION, Ctx, assign, guarded, log, now_iso
 
 EVICTION_DEADLINE_S = 600.0
@@ -16,8 +17,12 @@ EVICTION_DEADLINE_S = 600.0
 # ================================================================================================= finish
 async def finish_job(ctx: Ctx, drain_id: str, node: str) -> str:
     async def failed(reason: str) -> None:
-        await ctx["store"].update_node(drain_id, node, assign(phase=NodePhase.FAILED, message=reason,
-                                                              finished_at=ctx["clock"].time()))
+        try:
+            await ctx["store"].update_node(drain_id, node, assign(phase=NodePhase.FAILED, message=reason,
+                                                                  finished_at=ctx["clock"].time()))
+        except RecordNotFound:  # no node record to fail: the drain itself cannot finish as asked
+            await close_drain(ctx, drain_id, DrainPhase.FAILED, reason)
+            return
         await advance_drain(ctx, drain_id)
 
     return await guarded(ctx, _finish_node(ctx, drain_id, node), what=f"finish {node}", on_failure=failed)

@@ -46,7 +46,7 @@ from workers.jobs.decisions import (
     settle_attempt,
     wait_expired,
 )
-from workers.semaphore import HeldSlot, Scope, SemaphoreLost, hold
+from workers.semaphore import Chooser, HeldSlot, Scope, SemaphoreLost, hold
 
 IN_FLIGHT_ELSEWHERE = "in-flight migration detected"
 """KubeVirt's admission refusal while another migration of the VMI runs (an evacuation, a user's)."""
@@ -75,6 +75,15 @@ class Outcome:
     reason: str
     failure: FailureClass | None = None
     vmim: str | None = None
+
+
+class _Settled(Exception):
+    """Raised by the target chooser when the attempt has an outcome without migrating (no target fits, the VMI
+    is gone or already elsewhere)."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.reason)
+        self.outcome = outcome
 
 
 @dataclass(frozen=True)
@@ -116,10 +125,13 @@ async def _migrate(ctx: Ctx, drain_id: str, vmi: str, attempt: int) -> str:
 
     result: Outcome | _Busy | None = None
     try:
-        async with hold(ctx["semaphore"], holder, scopes, meta=meta, on_wait=on_wait) as slot:
-            bound.info("semaphore.acquired", token=slot.lease.token)
+        async with hold(ctx["semaphore"], holder, scopes, meta=meta, on_wait=on_wait,
+                        choose=_target_chooser(ctx, drain_id, vmi, rec, limits, mig_name)) as slot:
+            bound.info("semaphore.acquired", token=slot.lease.token, target=keys.inbound_node(slot.lease.chosen))
             result = await _drive(ctx, slot, drain_id=drain_id, vmi=vmi, rec=rec, attempt=attempt,
                                   mig_name=mig_name, limits=limits, bound=bound)
+    except _Settled as settled:
+        result = settled.outcome
     except SemaphoreLost as exc:
         # Someone adopted our lease (we stalled past it): run again and re-adopt it as its holder.
         bound.warning("semaphore.lost", error=str(exc))
@@ -199,10 +211,20 @@ async def _drive_inner(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec
         now_node = (vmi_obj.get("status") or {}).get("nodeName")
         if now_node and now_node != source:
             return Outcome(VmPhase.SUCCEEDED, target=now_node, reason=f"already running on {now_node}")
-        choice = _choose(ctx, vmi_obj, source, rec, limits, quarantined=set(drain.quarantined))
-        if choice.target is None:
-            return Outcome(VmPhase.FAILED, target=None, reason=choice.reason, failure=FailureClass.UNSCHEDULABLE)
-        target = choice.target
+        target = keys.inbound_node(slot.lease.chosen)
+        # Judge the target again on the VMI as it is now (the chooser read it before waiting); this also
+        # parses it, so a VMI that became unreadable fails here.
+        choice = _choose(ctx, vmi_obj, source, rec, limits, quarantined=set(drain.quarantined),
+                         max_inbound=None if target else limits.inbound)
+        if target is None:  # a lease granted before inbound scopes existed: choose as it was chosen then
+            if choice.target is None:
+                return Outcome(VmPhase.FAILED, target=None, reason=choice.reason, failure=FailureClass.UNSCHEDULABLE)
+            target = choice.target
+        elif target not in choice.ranked:
+            # The VMI or the node changed while we waited: give the slot back and choose again.
+            bound.info("migration.target_changed", target=target, reason=choice.reason)
+            raise Retry(defer=1)
+        why = choice.reason if choice.target == target else f"{target}: inbound slot taken"
         await slot.confirm()  # fencing: never create while our lease is not ours any more
         body = {
             "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
@@ -231,7 +253,7 @@ async def _drive_inner(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec
 
         def created(vm: VmRecord) -> None:
             vm.phase, vm.target, vm.vmim, vm.busy_since = VmPhase.MIGRATING, target, mig_name, None
-            vm.message = f"migrating to {target} ({choice.reason})"
+            vm.message = f"migrating to {target} ({why})"
             if vm.started_at is None:
                 vm.started_at = now
             entry = vm.attempt_entry(attempt)
@@ -260,8 +282,48 @@ async def _drive_inner(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec
                          limits=limits, bound=bound)
 
 
+def _target_chooser(ctx: Ctx, drain_id: str, vmi: str, rec: VmRecord, limits: DrainLimits,
+                    mig_name: str) -> Chooser:
+    """The targets this attempt may take an inbound slot on, best first, for the semaphore to pick one
+    atomically with the cluster and source-node slots (our inbound limit; the view's counts may be stale).
+
+    Called before every try while the job waits for room, so the choice follows the cluster. The VMIM of this
+    attempt, if it exists already (a re-run), fixes the target. Raises _Settled when the attempt needs no
+    slot: no target fits, the VMI is gone or already runs elsewhere."""
+    ns, name = split_vmi_key(vmi)
+    fetched: list[Obj] = []
+
+    async def choose() -> list[Scope]:
+        # The shared watch sees our VMIMs; ask the API too on the first try only (a job re-run at once).
+        existing = ctx["view"].vmims.get(f"{ns}/{mig_name}")
+        if existing is None and not fetched:
+            existing = await ctx["kube"].find(k.VMIMS, mig_name, ns)
+        target = (((existing or {}).get("spec") or {}).get("addedNodeSelector") or {}).get("kubernetes.io/hostname")
+        if target:
+            return [Scope(keys.inbound_scope(target), limits.inbound)]
+        if not fetched:
+            vmi_obj = await ctx["kube"].find(k.VMIS, name, ns)
+            if vmi_obj is None:
+                raise _Settled(Outcome(VmPhase.FAILED, target=None, reason="the VMI no longer exists",
+                                       failure=FailureClass.VM_GONE))
+            now_node = (vmi_obj.get("status") or {}).get("nodeName")
+            if now_node and now_node != rec.node:
+                raise _Settled(Outcome(VmPhase.SUCCEEDED, target=now_node, reason=f"already running on {now_node}"))
+            fetched.append(vmi_obj)
+        drain = await ctx["store"].get(drain_id)
+        choice = _choose(ctx, fetched[0], rec.node, rec, limits, quarantined=set(drain.quarantined),
+                         max_inbound=None)
+        if not choice.ranked:
+            raise _Settled(Outcome(VmPhase.FAILED, target=None, reason=choice.reason,
+                                   failure=FailureClass.UNSCHEDULABLE))
+        # Enough options that some have room whenever the cluster scope has (each full one holds >= 1 slot).
+        return [Scope(keys.inbound_scope(n), limits.inbound) for n in choice.ranked[: max(8, limits.cluster + 1)]]
+
+    return choose
+
+
 def _choose(ctx: Ctx, vmi_obj: Obj, source: str, rec: VmRecord, limits: DrainLimits, *,
-            quarantined: set[str]) -> Any:
+            quarantined: set[str], max_inbound: int | None) -> Any:
     view = ctx["view"]
     vmi = parse_vmi(vmi_obj)
     nodes = view.parsed_nodes()
@@ -271,7 +333,7 @@ def _choose(ctx: Ctx, vmi_obj: Obj, source: str, rec: VmRecord, limits: DrainLim
     need = vm_memory_on_target(vmi, launcher_pod_bytes=view.launcher_memory(vmi.namespace, vmi.name))
     return choose_target(vmi, source=by_name.get(source), nodes=nodes, free=free, inbound=inbound,
                          exclude=set(rec.failed_targets) | quarantined, need_bytes=need,
-                         max_inbound=limits.inbound)
+                         max_inbound=max_inbound)
 
 
 async def _follow(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, key: str, target: str | None,
