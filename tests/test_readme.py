@@ -67,9 +67,15 @@ async def test_walkthrough_runs_verbatim(tmp_path: Path) -> None:
                if not k.startswith("DRAIN_") and k not in ("KUBECONFIG", "VIRTUAL_ENV")}
         env.update(HOME=str(tmp_path), DRAIN_REDIS_URL=url, DRAIN_QUEUE_NAME=f"readme-{secrets.token_hex(4)}",
                    PYTHONUNBUFFERED="1")
-        done = await asyncio.to_thread(
-            subprocess.run, ["bash", "-c", "\n".join(script)], cwd=work, env=env, capture_output=True, text=True,
-            timeout=540, check=False)
+        try:
+            done = await asyncio.to_thread(
+                subprocess.run, ["bash", "-c", "\n".join(script)], cwd=work, env=env, capture_output=True,
+                text=True, timeout=540, check=False)
+        except subprocess.TimeoutExpired as exc:
+            def text(raw: bytes | str | None) -> str:
+                return raw.decode(errors="replace") if isinstance(raw, bytes) else (raw or "")
+            pytest.fail(f"the walk-through did not end: {text(exc.stdout)[-4000:]}\n--- stderr ---\n"
+                        f"{text(exc.stderr)[-4000:]}")
     output = done.stdout[-6000:] + "\n--- stderr ---\n" + done.stderr[-6000:]
     assert done.returncode == 0, output
     assert "Traceback" not in done.stderr, output
