@@ -347,3 +347,19 @@ async def test_drain_wait_reports_a_redis_that_came_back_empty(tmp_path: Path) -
             assert proc.returncode == 5, out[-2000:] + err[-2000:]
             assert "Traceback" not in err
             assert "Redis came back empty" in err and "worker-01" in err and "uncordon" in err
+
+
+def test_demo_hostile_says_how_to_skip_what_cannot_move(tmp_path: Path) -> None:
+    """The hostile scenario has VMs that cannot migrate: refused (3) with the flag that helps; with that flag
+    the drain starts (here cut short by --timeout: exit 6, its VMs that cannot move recorded as skipped)."""
+    env = clean_env(tmp_path)
+    refused = subprocess.run([DRAINCTL, "demo", "--scenario", "hostile"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=120, check=False)
+    assert refused.returncode == 3, refused.stderr
+    assert "Traceback" not in refused.stderr and "pass --non-migratable skip" in refused.stderr
+    started = subprocess.run([DRAINCTL, "demo", "--scenario", "hostile", "--non-migratable", "skip", "--timeout", "5",
+                              "-o", "json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+                             check=False)
+    assert started.returncode == 6, started.stderr[-3000:]
+    vms = json.loads(started.stdout)["drain"]["vms"]
+    assert any(vm["phase"] == "Skipped" for vm in vms.values())
