@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import structlog
 from aiohttp import web
@@ -57,6 +57,7 @@ from redis.exceptions import RedisError
 
 from orchestrator import keys
 from orchestrator import kube as k
+from orchestrator.epoch import EpochGuard, check_epoch_forever
 from orchestrator.metrics import CONTENT_TYPE, MetricsSource, render
 from orchestrator.model import (
     MAX_REQUEST_NODES,
@@ -72,6 +73,7 @@ from orchestrator.records import DrainRecord, NodeRecord, VmRecord
 from orchestrator.service import DrainService, IdempotencyKeyReused, NodeConflict
 from orchestrator.settings import Settings
 from orchestrator.store import DrainNotFound, Event
+from orchestrator.supervise import Supervisor
 
 Obj = dict[str, Any]
 """A Kubernetes object as the API returns it."""
@@ -125,6 +127,15 @@ PendingSeconds = Annotated[float, _range("pending_timeout_s")]
 Attempts = Annotated[int, _range("max_attempts"), BeforeValidator(_integral)]
 
 
+class ControllerHealthLike(Protocol):
+    """What the readiness probe reads of the DrainRequest controller (`orchestrator.controller.ControllerHealth`)."""
+
+    @property
+    def ok(self) -> bool: ...
+
+    def describe(self) -> str: ...
+
+
 class DrainRequestBody(BaseModel):
     """A drain (or dry-run plan) request. Semantic checks (unknown nodes, capacity) come after the schema."""
 
@@ -148,6 +159,8 @@ class DrainRequestBody(BaseModel):
         "pending_timeout_s", "Abort a migration still pending (target not scheduled) after this many seconds.")
     max_attempts: Attempts | None = _described("max_attempts", "Attempts per VM, the first included.")
     uncordon_on_cancel: bool = Field(True, description="Uncordon the nodes when the drain is cancelled.")
+    tune: bool = Field(False, description="Set KubeVirt's migration limits computed for this drain while it runs "
+                                          "(the plan shows them), and restore the previous ones when it ends.")
 
     @field_validator("nodes")
     @classmethod
@@ -353,6 +366,8 @@ class _Api:
         self._service: DrainService | None = None
         self._metrics: MetricsSource | None = None
         self.run_controller = False
+        self.controller_health: ControllerHealthLike | None = None
+        self._supervisor: Supervisor | None = None
         self._streams: set[asyncio.Task[Any]] = set()
         self.openapi = openapi_document()
 
@@ -367,23 +382,27 @@ class _Api:
             self._service = service
             self._metrics = MetricsSource(service.redis, queue_name=service.settings.connection.queue_name)
             stop = asyncio.Event()
-            controller: asyncio.Task[None] | None = None
+            supervisor = Supervisor("api")
+            kube = service.kube if service.has_kube else None
+            guard = EpochGuard(service.redis, kube, owner="api")
+            supervisor.spawn("redis-epoch", lambda: check_epoch_forever(guard))
             if self.run_controller:
                 # The DrainRequest controller runs beside the API; with several replicas a Lease picks one.
-                from orchestrator.controller import default_identity, run_controller
+                from orchestrator.controller import ControllerHealth, default_identity, run_controller
 
-                controller = asyncio.create_task(
-                    run_controller(service, service.kube, identity=default_identity(), stop=stop),
-                    name="drainrequest-controller")
+                health = self.controller_health = ControllerHealth()
+                supervisor.spawn("drainrequest-controller", lambda: run_controller(
+                    service, service.kube, identity=default_identity(), stop=stop, health=health), until=stop)
+            self._supervisor = supervisor
             try:
                 yield
             finally:
                 stop.set()
-                if controller is not None:
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await asyncio.wait_for(controller, 10)
+                await supervisor.join(15)  # the controller stops kopf and releases its Lease
+                await supervisor.stop()
                 self._service = None
                 self._metrics = None
+                self._supervisor = None
 
     async def close_streams(self, app: web.Application) -> None:
         """Event streams run until their drain ends; a stopping server ends them instead of waiting."""
@@ -679,6 +698,11 @@ class _Api:
             checks["cluster"] = "ok"
         except (k.KubeError, TimeoutError) as exc:
             checks["cluster"] = f"unreachable: {exc or type(exc).__name__}"
+        if self.controller_health is not None:
+            health = self.controller_health
+            checks["controller"] = "ok" if health.ok else f"not working: {health.describe()}"
+        if self._supervisor is not None and "drainrequest-controller" in self._supervisor.problems():
+            checks["controller"] = f"down: {self._supervisor.problems()['drainrequest-controller']}"
         ready = all(v == "ok" for v in checks.values())
         body = Health(status="ok" if ready else "unavailable", checks=checks)
         return web.json_response(body.model_dump(mode="json"), status=200 if ready else 503)

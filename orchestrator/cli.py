@@ -329,14 +329,14 @@ async def check_time_scale(settings: Settings, kube: Kube, *, who: str) -> None:
 
 # ================================================================================================ requests
 def _request(nodes: list[str], max_parallel_nodes: int, order: str, non_migratable: str,
-             max_attempts: int | None) -> DrainRequest:
+             max_attempts: int | None, tune: bool = False) -> DrainRequest:
     """The drain request, checked by the same schema as the HTTP API's (bounds, duplicates)."""
     from pydantic import ValidationError
 
     from orchestrator.api import DrainRequestBody
 
     body: dict[str, Any] = {"nodes": nodes, "max_parallel_nodes": max_parallel_nodes, "order": order,
-                            "non_migratable": non_migratable}
+                            "non_migratable": non_migratable, "tune": tune}
     if max_attempts is not None:
         body["max_attempts"] = max_attempts
     flags = {"nodes": "NODES", "max_parallel_nodes": "--max-parallel-nodes", "order": "--order",
@@ -367,17 +367,19 @@ NodesArg = Annotated[list[str], typer.Argument(help="nodes to drain")]
 ParallelOpt = Annotated[int, typer.Option(help="nodes drained at the same time (spare-memory rule applies)")]
 OrderOpt = Annotated[str, typer.Option(help="given: the order on the command line; planner: least work first")]
 PolicyOpt = Annotated[str, typer.Option(help="block: refuse the drain if a VM cannot move; skip: leave it")]
+TuneOpt = Annotated[bool, typer.Option("--tune", help="set KubeVirt's migration limits computed for this drain "
+                                                      "while it runs, restore them when it ends")]
 
 
 # ==================================================================================================== plan
 @app.command()
 def plan(ctx: typer.Context, nodes: NodesArg, max_parallel_nodes: ParallelOpt = 1, order: OrderOpt = "given",
-         non_migratable: PolicyOpt = "block", output: OutputOpt = None) -> None:
+         non_migratable: PolicyOpt = "block", tune: TuneOpt = False, output: OutputOpt = None) -> None:
     """Dry run: what a drain of NODES would do, and whether it can."""
     from orchestrator.planner import PlanError
 
     out = _output(ctx, output)
-    request = _request(nodes, max_parallel_nodes, order, non_migratable, None)
+    request = _request(nodes, max_parallel_nodes, order, non_migratable, None, tune)
 
     async def go(service: DrainService) -> None:
         try:
@@ -415,6 +417,19 @@ def _print_plan(result: Any) -> None:
     console.print(table)
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
+    tuning = result.tuning
+    if tuning:
+        bandwidth = tuning["bandwidth_per_migration_bytes"]
+        console.print(f"tuned limits{' (applied with this drain)' if result.tuned else ' (with --tune)'}: "
+                      f"{tuning['parallel_per_cluster']} in flight cluster-wide, "
+                      f"{tuning['parallel_outbound_per_node']} per source node, bandwidthPerMigration "
+                      f"{format_bytes(bandwidth) + '/s' if bandwidth else 'unlimited'}; predicted "
+                      f"{tuning['predicted_makespan_s']:.0f} s")
+        for node in tuning["nodes"]:
+            console.print(f"  {node['node']}: {node['parallel']} at once "
+                          f"(NIC {format_bytes(int(node['bandwidth_bytes_per_s']))}/s, "
+                          f"predicted {node['predicted_s']:.0f} s)"
+                          + (f", limited by {node['limited_by']}" if node["limited_by"] else ""))
     console.print(f"estimate: {result.estimate.total_s:.0f} s ({result.estimate.model})")
 
 
@@ -423,6 +438,7 @@ def _print_plan(result: Any) -> None:
 def drain(ctx: typer.Context, nodes: NodesArg, max_parallel_nodes: ParallelOpt = 1, order: OrderOpt = "given",
           non_migratable: PolicyOpt = "block",
           max_attempts: Annotated[int | None, typer.Option(help="attempts per VM, 1..100 (default 3)")] = None,
+          tune: TuneOpt = False,
           wait: Annotated[bool, typer.Option("--wait", help="wait until the drain ends; exit 0 only if every "
                                                              "node is drained")] = False,
           timeout: Annotated[float | None, typer.Option(help="with --wait: stop waiting after this many wall "
@@ -436,7 +452,7 @@ def drain(ctx: typer.Context, nodes: NodesArg, max_parallel_nodes: ParallelOpt =
 
     out = _output(ctx, output)
     _check_timeout(timeout, wait)
-    request = _request(nodes, max_parallel_nodes, order, non_migratable, max_attempts)
+    request = _request(nodes, max_parallel_nodes, order, non_migratable, max_attempts, tune)
     g: Globals = ctx.obj
 
     async def go(service: DrainService) -> int:

@@ -1,4 +1,4 @@
-"""The DrainRequest controller: `drainctl.io/v1alpha1` DrainRequest objects drive drains.
+"""The DrainRequest controller: `drainctl.io/v1alpha1` DrainRequest objects drive drains. Built on kopf.
 
 Promises:
 - A new DrainRequest starts exactly one drain through `DrainService.submit`, with the object's uid as the
@@ -8,14 +8,33 @@ Promises:
   the reason in `status.message`; nodes held by another drain leave it Pending, retried until they are free.
 - Deleting a DrainRequest whose drain is still open cancels that drain. A finalizer
   (`drainctl.io/cancel-drain`) makes this hold even when the deletion happens while no controller runs.
+- It survives Redis and API outages: a pass that fails is retried at the next tick (one resync period) and
+  the failure is visible in `ControllerHealth` (so `/readyz` answers 503) until a pass succeeds again.
 - With several replicas only one acts: leader election on a `coordination.k8s.io/v1` Lease (holderIdentity,
   leaseDurationSeconds, acquireTime, renewTime, leaseTransitions), with client-go's rules: a lease held by
   someone else is taken over only after it went unrenewed for leaseDurationSeconds as measured by our own
   monotonic clock (no trust in other machines' clocks), every write is guarded by the resourceVersion read,
-  and a leader that cannot renew in time stops acting before its lease could be taken.
+  and a leader that cannot renew in time stops acting before its lease could be taken. The Lease lives in
+  the cluster, so a Redis outage never costs the leadership.
 
-Level-based: each pass re-reads the watch-fed cache and the drain store and writes only what differs, so a
-missed event costs at most one resync period. Start it with ``run_controller(service, kube, identity=...,
+What kopf does here and what it does not:
+- kopf (https://kopf.dev) runs the watch of DrainRequests, one timer per object (`interval=resync_s`) that
+  calls `DrainRequestHandlers.tick`, the deletion handler behind our finalizer, status patches on the
+  status subresource, retries with backoff and the stop path. It talks to the API server with its own
+  aiohttp client, logged in with the same credentials as our `Kube` (`Kube.credentials`).
+- kopf's own peering cannot elect a leader among identical replicas: peers of equal priority "issue a
+  warning and freeze, leaving the cluster unserved" (docs.kopf.dev/en/latest/peering), and a Deployment's
+  replicas share one priority. So kopf runs `standalone` (no peering objects) and only on the replica that
+  holds our Lease (`LeaderElector`, kept from before); losing the Lease stops kopf before anyone may take
+  over. kopf's progress and diff-base annotations use our prefix (`drainctl.io/`), its finalizer is ours.
+- kopf runs in a thread of its own, with its own event loop, Redis pool and cluster connection: when it stops
+  it cancels every task of its loop that it did not find at its start ("there is no way to trace who spawned
+  what", kopf/_core/reactor/running.py), which in the API's loop would be request handlers and event streams.
+- Resource scanning is off (no CRD watch, no cluster-wide CRD permission): the controller checks that the
+  DrainRequest CRD is served before starting kopf, and reports a missing CRD as a readiness problem.
+
+Level-based: each tick re-reads the object and the drain store and writes only what differs, so a missed
+event costs at most one resync period. Start it with ``run_controller(service, kube, identity=...,
 stop=event)`` beside the HTTP API; it returns after `stop` is set, releasing the lease.
 """
 
@@ -23,22 +42,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import kopf
 import structlog
+from arq.connections import ArqRedis
+from redis.exceptions import RedisError
 
 from orchestrator import keys
 from orchestrator import kube as k
 from orchestrator.model import DrainPhase, DrainRequest, VmPhase, VmVerdict
 from orchestrator.planner import PlanError
 from orchestrator.service import DrainService, IdempotencyKeyReused, NodeConflict
+from orchestrator.settings import Settings
 from orchestrator.store import DrainNotFound, DrainView
 
 log = structlog.get_logger("orchestrator.controller")
@@ -48,25 +73,24 @@ FINALIZER = "drainctl.io/cancel-drain"
 LEASE_NAME = "drainctl-controller"
 SOURCE = "drainrequest"
 SPEC_FIELDS = {"nodes": "nodes", "maxParallelNodes": "max_parallel_nodes", "order": "order",
-               "nonMigratable": "non_migratable", "maxAttempts": "max_attempts"}
+               "nonMigratable": "non_migratable", "maxAttempts": "max_attempts", "tune": "tune"}
 """DrainRequest spec field -> DrainRequest (model) field."""
+FINAL_PHASES = frozenset(p.value for p in DrainPhase if p.is_final)
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
-@dataclass(frozen=True)
-class _StatusOf(k.Kind):
-    """The /status subresource of a kind: on a resource with a status subresource, only writes there change
-    status (the API server drops status from writes to the main resource)."""
-
-    def path(self, namespace: str | None = None, name: str | None = None, sub: str | None = None) -> str:
-        return super().path(namespace, name, "status")
-
-
-def status_subresource(kind: k.Kind) -> k.Kind:
-    return _StatusOf(kind.plural, kind.group, kind.version, kind.namespaced)
-
-
-DRAINREQUEST_STATUS = status_subresource(k.DRAINREQUESTS)
+KOPF_GRANTS: tuple[tuple[str, str, str], ...] = (
+    (k.DRAINREQUESTS.group, k.DRAINREQUESTS.plural, "list"),
+    (k.DRAINREQUESTS.group, k.DRAINREQUESTS.plural, "watch"),
+    (k.DRAINREQUESTS.group, k.DRAINREQUESTS.plural, "patch"),
+    (k.DRAINREQUESTS.group, f"{k.DRAINREQUESTS.plural}/status", "patch"),
+    ("", "events", "create"),
+)
+"""(api group, resource, verb) of the calls kopf makes for us: list+watch DrainRequests, patch their
+finalizers and annotations, patch their status, post Events about handler failures."""
+RETRYABLE = (k.KubeError, RedisError, OSError)
+"""A pass that fails with one of these is retried at the next tick (a non-retryable KubeError included: the
+object may change, and a stuck object must stay visible in the health)."""
 
 
 def micro_time(at: float | None = None) -> str:
@@ -225,82 +249,124 @@ def status_from_view(view: DrainView, *, generation: int | None) -> Obj:
     return status
 
 
-class DrainRequestController:
-    """Reconciles every DrainRequest in the cluster against the drain store. Run `run()` while leader."""
+@dataclass
+class ControllerHealth:
+    """What `/readyz` reads: the controller's role and what keeps it from doing its job right now. Written from
+    kopf's thread and the API's loop, hence the lock."""
 
-    def __init__(self, service: DrainService, kube: k.Kube, *, resync_s: float = 1.0) -> None:
+    role: str = "starting"
+    """starting, standby (another replica leads), leading, stopped."""
+    problems: dict[str, str] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def report(self, key: str, problem: str | None) -> None:
+        with self._lock:
+            if problem is None:
+                self.problems.pop(key, None)
+            else:
+                self.problems[key] = problem
+
+    def clear(self) -> None:
+        with self._lock:
+            self.problems.clear()
+
+    @property
+    def ok(self) -> bool:
+        with self._lock:
+            return self.role in ("standby", "leading") and not self.problems
+
+    def describe(self) -> str:
+        if self.ok:
+            return "ok" if self.role == "leading" else "ok (standby)"
+        with self._lock:
+            problems = sorted(self.problems.items())
+        return "; ".join([f"{self.role}", *(f"{key}: {text}" for key, text in problems)])
+
+
+class DrainRequestHandlers:
+    """The kopf handlers: a timer per DrainRequest that submits and mirrors, and the deletion handler."""
+
+    def __init__(self, service: DrainService, *, health: ControllerHealth) -> None:
         self.service = service
-        self.kube = kube
-        self.resync_s = resync_s
-        self.cache: dict[str, Obj] = {}
-        self.deleted: dict[str, Obj] = {}
+        self.health = health
         self.conflict_retry_s = 10.0
         self._not_before: dict[str, float] = {}
         """uid -> monotonic time before which a DrainRequest waiting for busy nodes is not submitted again."""
-        self._wake = asyncio.Event()
-        self._synced = asyncio.Event()
 
-    # ------------------------------------------------------------------------------------------- watch
-    async def _on_list(self, items: list[Obj]) -> None:
-        fresh = {o["metadata"]["uid"]: o for o in items}
-        for uid, obj in self.cache.items():
-            if uid not in fresh:
-                self.deleted[uid] = obj
-        self.cache = fresh
-        self._synced.set()
-        self._wake.set()
-
-    async def _on_event(self, etype: str, obj: Obj) -> None:
-        uid = obj["metadata"]["uid"]
-        if etype == "DELETED":
-            self.cache.pop(uid, None)
-            self.deleted[uid] = obj
-        else:
-            self.cache[uid] = obj
-        self._wake.set()
-
-    async def _watch(self) -> None:
-        while True:
-            try:
-                await self.kube.watch(k.DRAINREQUESTS, on_list=self._on_list, on_event=self._on_event)
-            except k.NotFound:
-                log.warning("drainrequests.crd_missing", hint="kubectl apply -f k8s/crd-drainrequest.yaml")
-                await asyncio.sleep(10.0)
-
-    # ------------------------------------------------------------------------------------------ loop
-    async def run(self) -> None:
-        """Watch and reconcile until cancelled."""
-        watch = asyncio.create_task(self._watch(), name="drainrequest-watch")
-        try:
-            while True:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.resync_s):
-                        await self._wake.wait()
-                self._wake.clear()
-                if watch.done():
-                    watch.result()
-                if self._synced.is_set():
-                    await self.reconcile_all()
-        finally:
-            watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watch
-
-    async def reconcile_all(self) -> None:
-        for uid, obj in list(self.deleted.items()):
-            await self._guard(obj, self.on_deleted)
-            self.deleted.pop(uid, None)
-        for obj in list(self.cache.values()):
-            await self._guard(obj, self.reconcile)
-
-    async def _guard(self, obj: Obj, step: Callable[[Obj], Any]) -> None:
-        """One object's failure (cluster or Redis unavailable) must not stop the others; the next pass retries."""
+    # ------------------------------------------------------------------------------------------ kopf entry
+    async def tick(self, body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        obj: Obj = dict(body)
         meta = obj.get("metadata") or {}
         try:
-            await step(obj)
-        except (k.KubeError, OSError, ConnectionError) as exc:
+            status = await self.reconcile(obj)
+        except RETRYABLE as exc:
+            self.health.report(f"drainrequest {meta.get('namespace')}/{meta.get('name')}", f"retrying: {exc}")
             log.warning("drainrequest.retry", name=meta.get("name"), namespace=meta.get("namespace"),
-                        error=str(exc))
+                        error=str(exc) or type(exc).__name__)
+            return
+        self.health.report(f"drainrequest {meta.get('namespace')}/{meta.get('name')}", None)
+        if status is not None:
+            patch["status"] = status
+
+    async def deleted(self, body: kopf.Body, **_: Any) -> None:
+        obj: Obj = dict(body)
+        meta = obj.get("metadata") or {}
+        self.health.report(f"drainrequest {meta.get('namespace')}/{meta.get('name')}", None)
+        self._not_before.pop(str(meta.get("uid")), None)
+        try:
+            await self._cancel(obj)
+        except RETRYABLE as exc:
+            # kopf keeps the finalizer and calls us again: the cancel is not lost.
+            raise kopf.TemporaryError(f"cancelling the drain: {exc}", delay=1.0) from exc
+
+    # ------------------------------------------------------------------------------------------ reconcile
+    async def reconcile(self, obj: Obj) -> Obj | None:
+        """The status the object should have now, or None when it has it already."""
+        meta = obj["metadata"]
+        status = obj.get("status") or {}
+        final = status.get("phase") in FINAL_PHASES
+        if final and not status.get("drainId"):
+            return None  # refused or invalid: nothing runs, nothing to mirror
+        drain_id = status.get("drainId")
+        if not drain_id:
+            return _changed(status, await self._submit(obj))
+        if final:
+            return None
+        try:
+            view = await self.service.get(str(drain_id))
+        except DrainNotFound:
+            return _changed(status, {"phase": DrainPhase.FAILED.value, "drainId": drain_id,
+                                     "message": f"drain {drain_id} is no longer recorded in Redis"})
+        log.debug("drainrequest.synced", name=meta["name"], namespace=meta.get("namespace"), drain_id=drain_id,
+                  phase=view.drain.phase.value)
+        return _changed(status, status_from_view(view, generation=meta.get("generation")))
+
+    async def _submit(self, obj: Obj) -> Obj | None:
+        meta = obj["metadata"]
+        generation = meta.get("generation")
+        if time.monotonic() < self._not_before.get(meta["uid"], 0.0):
+            return None
+        try:
+            request = request_from_spec(obj.get("spec") or {})
+        except ValueError as exc:
+            return {"phase": DrainPhase.FAILED.value, "message": f"invalid: {exc}", "observedGeneration": generation}
+        try:
+            record, created = await self.service.submit(request, idempotency_key=meta["uid"], source=SOURCE)
+        except PlanError as exc:
+            return {"phase": DrainPhase.FAILED.value, "observedGeneration": generation,
+                    "message": "refused by the planner: " + "; ".join(exc.problems)}
+        except NodeConflict as exc:
+            # Submitting plans against a fresh snapshot first; retrying that every tick would hammer the API.
+            self._not_before[meta["uid"]] = time.monotonic() + self.conflict_retry_s
+            return {"phase": DrainPhase.PENDING.value, "observedGeneration": generation,
+                    "message": f"waiting: {exc}"}
+        except IdempotencyKeyReused as exc:
+            # This resource started a drain before its spec changed (its status write was lost): that drain
+            # is still its drain; a spec change does not start another.
+            return status_from_view(await self.service.get(exc.drain_id), generation=generation)
+        log.info("drainrequest.submitted", name=meta["name"], namespace=meta.get("namespace"),
+                 drain_id=record.id, created=created)
+        return status_from_view(await self.service.get(record.id), generation=generation)
 
     async def _drain_id(self, obj: Obj) -> str | None:
         found = (obj.get("status") or {}).get("drainId")
@@ -321,120 +387,85 @@ class DrainRequestController:
         log.info("drainrequest.cancelled", name=meta.get("name"), namespace=meta.get("namespace"),
                  drain_id=drain_id, phase=record.phase.value)
 
-    async def on_deleted(self, obj: Obj) -> None:
-        await self._cancel(obj)
 
-    async def reconcile(self, obj: Obj) -> None:
-        meta = obj["metadata"]
-        name, ns = meta["name"], meta.get("namespace") or "default"
-        status = obj.get("status") or {}
-        finalizers = list(meta.get("finalizers") or [])
-        if meta.get("deletionTimestamp"):
-            if FINALIZER in finalizers:
-                await self._cancel(obj)
-                await self._write_meta(obj, finalizers=[f for f in finalizers if f != FINALIZER])
-            return
-        final = status.get("phase") in {p.value for p in DrainPhase if p.is_final}
-        if final and not status.get("drainId"):
-            return  # refused or invalid: nothing runs, nothing to mirror
-        if not final and FINALIZER not in finalizers:
-            obj = await self._write_meta(obj, finalizers=[*finalizers, FINALIZER])
-        drain_id = status.get("drainId")
-        if not drain_id:
-            await self._submit(obj)
-            return
-        if final:
-            return
-        try:
-            view = await self.service.get(str(drain_id))
-        except DrainNotFound:
-            await self._set_status(obj, {"phase": DrainPhase.FAILED.value, "drainId": drain_id,
-                                         "message": f"drain {drain_id} is no longer recorded in Redis"})
-            return
-        await self._set_status(obj, status_from_view(view, generation=meta.get("generation")))
-        log.debug("drainrequest.synced", name=name, namespace=ns, drain_id=drain_id, phase=view.drain.phase.value)
+def _changed(current: Obj, status: Obj | None) -> Obj | None:
+    """`status` without its None values, or None when `current` already has every one of them."""
+    if status is None:
+        return None
+    wanted = {key: value for key, value in status.items() if value is not None}
+    if all(current.get(key) == value for key, value in wanted.items()):
+        return None
+    return wanted
 
-    async def _submit(self, obj: Obj) -> None:
-        meta = obj["metadata"]
-        generation = meta.get("generation")
-        if time.monotonic() < self._not_before.get(meta["uid"], 0.0):
-            return
-        try:
-            request = request_from_spec(obj.get("spec") or {})
-        except ValueError as exc:
-            await self._set_status(obj, {"phase": DrainPhase.FAILED.value, "message": f"invalid: {exc}",
-                                         "observedGeneration": generation})
-            return
-        try:
-            record, created = await self.service.submit(request, idempotency_key=meta["uid"], source=SOURCE)
-        except PlanError as exc:
-            await self._set_status(obj, {"phase": DrainPhase.FAILED.value, "observedGeneration": generation,
-                                         "message": "refused by the planner: " + "; ".join(exc.problems)})
-            return
-        except NodeConflict as exc:
-            # Submitting plans against a fresh snapshot first; retrying that every pass would hammer the API.
-            self._not_before[meta["uid"]] = time.monotonic() + self.conflict_retry_s
-            await self._set_status(obj, {"phase": DrainPhase.PENDING.value, "observedGeneration": generation,
-                                         "message": f"waiting: {exc}"})
-            return
-        except IdempotencyKeyReused as exc:
-            # This resource started a drain before its spec changed (its status write was lost): that drain
-            # is still its drain; a spec change does not start another.
-            view = await self.service.get(exc.drain_id)
-            await self._set_status(obj, status_from_view(view, generation=generation))
-            return
-        log.info("drainrequest.submitted", name=meta["name"], namespace=meta.get("namespace"),
-                 drain_id=record.id, created=created)
-        view = await self.service.get(record.id)
-        await self._set_status(obj, status_from_view(view, generation=generation))
 
-    async def _write_meta(self, obj: Obj, *, finalizers: list[str]) -> Obj:
-        meta = obj["metadata"]
-        patch = {"metadata": {"resourceVersion": meta.get("resourceVersion"), "finalizers": finalizers or None}}
-        updated = await self.kube.patch(k.DRAINREQUESTS, meta["name"], patch, meta.get("namespace"))
-        self.cache[meta["uid"]] = updated
-        return updated
+def kopf_settings() -> kopf.OperatorSettings:
+    settings = kopf.OperatorSettings()
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="drainctl.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="drainctl.io")
+    settings.scanning.disabled = True
+    settings.posting.level = logging.WARNING  # Events for handler failures only, not one per tick
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    return settings
 
-    async def _set_status(self, obj: Obj, status: Obj) -> None:
-        current = obj.get("status") or {}
-        wanted = {key: value for key, value in status.items() if value is not None}
-        if all(current.get(key) == value for key, value in wanted.items()):
-            return
-        meta = obj["metadata"]
-        updated = await self.kube.patch(DRAINREQUEST_STATUS, meta["name"], {"status": wanted}, meta.get("namespace"))
-        if meta["uid"] in self.cache:
-            self.cache[meta["uid"]] = updated
+
+def kopf_registry(handlers: DrainRequestHandlers, kube: k.Kube, *, resync_s: float) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    resource = (k.DRAINREQUESTS.group, k.DRAINREQUESTS.version, k.DRAINREQUESTS.plural)
+
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        cred = kube.credentials()
+        return kopf.ConnectionInfo(server=cred.server, token=cred.token, ca_path=cred.ca_file,
+                                   certificate_path=cred.cert_file, private_key_path=cred.key_file,
+                                   insecure=not cred.verify_ssl)
+
+    kopf.on.login(registry=registry)(login)
+    kopf.timer(*resource, interval=resync_s, registry=registry)(handlers.tick)
+    kopf.on.delete(*resource, registry=registry)(handlers.deleted)
+    return registry
 
 
 # ================================================================================================== run
 async def run_controller(service: DrainService, kube: k.Kube, *, identity: str, stop: asyncio.Event,
                          namespace: str | None = None, lease_name: str = LEASE_NAME, lease_duration_s: float = 15.0,
-                         renew_every_s: float = 5.0, retry_every_s: float = 2.0, resync_s: float = 1.0) -> None:
-    """Campaign for the lease; while holding it, reconcile DrainRequests. Returns once `stop` is set."""
+                         renew_every_s: float = 5.0, retry_every_s: float = 2.0, resync_s: float = 1.0,
+                         health: ControllerHealth | None = None) -> None:
+    """Campaign for the lease; while holding it, run kopf (in its own thread, with connections of its own made
+    from `service.settings`). Returns once `stop` is set, lease released."""
     renew_deadline_s = lease_duration_s * 2 / 3
     if not 0 < renew_every_s < renew_deadline_s:
         raise ValueError(f"renew_every_s: {renew_every_s} must be positive and below 2/3 of lease_duration_s "
                          f"({renew_deadline_s:.1f})")
+    health = health if health is not None else ControllerHealth()
     elector = LeaderElector(kube, identity=identity, namespace=namespace or default_namespace(), name=lease_name,
                             lease_duration_s=lease_duration_s)
     try:
         while not stop.is_set():
-            if await _attempt(elector):
-                await _lead(service, kube, elector, stop=stop, renew_every_s=renew_every_s,
-                            renew_deadline_s=renew_deadline_s, resync_s=resync_s)
+            if await _attempt(elector, health):
+                health.role = "leading"
+                await _lead(kube, elector, health, settings=service.settings, stop=stop,
+                            renew_every_s=renew_every_s, renew_deadline_s=renew_deadline_s, resync_s=resync_s,
+                            retry_every_s=retry_every_s)
             else:
+                health.role = "standby"
+                health.clear()
                 await _wait(stop, retry_every_s)
     finally:
+        health.role = "stopped"
         with contextlib.suppress(k.KubeError):
             await elector.release()
 
 
-async def _attempt(elector: LeaderElector) -> bool:
+async def _attempt(elector: LeaderElector, health: ControllerHealth) -> bool:
     try:
-        return await elector.try_acquire_or_renew()
+        won = await elector.try_acquire_or_renew()
     except k.KubeError as exc:
         log.warning("leader.error", identity=elector.identity, error=str(exc))
-        return False
+        health.report("lease", f"cannot reach the Lease: {exc}")
+        return elector.is_leader
+    health.report("lease", None)
+    return won
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
@@ -443,19 +474,91 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
             await stop.wait()
 
 
-async def _lead(service: DrainService, kube: k.Kube, elector: LeaderElector, *, stop: asyncio.Event,
-                renew_every_s: float, renew_deadline_s: float, resync_s: float) -> None:
-    """Reconcile while the lease is ours; stop as soon as renewing failed for too long."""
-    controller = DrainRequestController(service, kube, resync_s=resync_s)
-    task = asyncio.create_task(controller.run(), name=f"drainrequest-controller:{elector.identity}")
+async def _crd_served(kube: k.Kube, health: ControllerHealth) -> bool:
+    try:
+        await kube.list(k.DRAINREQUESTS)
+    except k.NotFound:
+        health.report("crd", "the DrainRequest CRD is not installed (kubectl apply -f k8s/crd-drainrequest.yaml, "
+                             "or run the API with --no-controller)")
+        log.warning("drainrequests.crd_missing", hint="kubectl apply -f k8s/crd-drainrequest.yaml")
+        return False
+    except k.KubeError as exc:
+        health.report("crd", f"cannot list DrainRequests: {exc}")
+        return False
+    health.report("crd", None)
+    return True
+
+
+class KopfThread:
+    """kopf's operator in a thread of its own, with its own event loop and its own connections (see the module
+    docstring for why). `start()`, `ready`, `alive`, `error`, `stop()`."""
+
+    def __init__(self, settings: Settings, *, health: ControllerHealth, resync_s: float, name: str) -> None:
+        self.settings = settings
+        self.health = health
+        self.resync_s = resync_s
+        self.stop_flag = threading.Event()
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as exc:  # reported to the thread that supervises kopf
+            self.error = exc
+
+    async def _run(self) -> None:
+        conn = self.settings.connection
+        kube = await k.Kube.connect(kubeconfig=conn.kubeconfig, context=conn.context)
+        redis = ArqRedis.from_url(conn.redis_url)  # connects on first use: Redis may be away right now
+        try:
+            handlers = DrainRequestHandlers(DrainService(redis=redis, settings=self.settings, kube=kube),
+                                            health=self.health)
+            await kopf.operator(registry=kopf_registry(handlers, kube, resync_s=self.resync_s),
+                                settings=kopf_settings(), standalone=True, clusterwide=True,
+                                stop_flag=self.stop_flag, ready_flag=self.ready)
+        finally:
+            await redis.aclose()
+            await kube.close()
+
+    async def stop(self, *, timeout_s: float = 20.0) -> bool:
+        """Ask kopf to stop and wait for its thread; False if it did not end in time (it is a daemon thread)."""
+        self.stop_flag.set()
+        await asyncio.to_thread(self._thread.join, timeout_s)
+        return not self._thread.is_alive()
+
+
+async def _lead(kube: k.Kube, elector: LeaderElector, health: ControllerHealth, *,
+                settings: Settings, stop: asyncio.Event, renew_every_s: float, renew_deadline_s: float,
+                resync_s: float, retry_every_s: float) -> None:
+    """Run kopf while the lease is ours; stop it as soon as renewing failed for too long. A kopf that ends on
+    its own is started again (after `retry_every_s`) as long as we lead."""
+    operator: KopfThread | None = None
     try:
         while not stop.is_set():
-            await _wait(stop, renew_every_s)
+            if operator is None and await _crd_served(kube, health):
+                operator = KopfThread(settings, health=health, resync_s=resync_s,
+                                      name=f"drainrequest-controller:{elector.identity}")
+                operator.start()
+            health.report("kopf", None if operator is not None and operator.ready.is_set() else "starting")
+            await _wait(stop, min(renew_every_s, retry_every_s) if operator is None or not operator.ready.is_set()
+                        else renew_every_s)
             if stop.is_set():
                 break
-            if task.done():
-                task.result()  # a crashed reconciler surfaces here instead of dying silently
-            renewed = await _attempt(elector)
+            if operator is not None and not operator.alive:
+                log.error("controller.kopf_ended", identity=elector.identity, error=repr(operator.error))
+                health.report("kopf", f"ended: {operator.error!r}; restarting")
+                operator = None
+                await _wait(stop, retry_every_s)
+            renewed = await _attempt(elector, health)
             # Step down before anyone else may take the lease: they wait a full lease duration after the last
             # renew they saw, we stop after the (shorter) renew deadline since our last successful renew.
             last = elector.last_renewed
@@ -463,6 +566,6 @@ async def _lead(service: DrainService, kube: k.Kube, elector: LeaderElector, *, 
                 log.warning("leader.lost", identity=elector.identity)
                 break
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        health.report("kopf", None)
+        if operator is not None and not await asyncio.shield(operator.stop()):
+            log.error("controller.kopf_stop_timeout", identity=elector.identity)

@@ -12,9 +12,13 @@ Layout (``{id}`` is substituted, ``{{...}}`` below is a literal Redis Cluster ha
 ``drainctl:drain:{id}:vms``                     per-VM records of one drain (hash)
 ``drainctl:drain:{id}:nodes``                   per-node records of one drain (hash)
 ``drainctl:drain:{id}:lock``                    lock of the advance step of one drain
+``drainctl:tune:kubevirt``                      KubeVirt migration settings saved by a tuned drain (JSON)
+``drainctl:drain:{id}:priorities``              semaphore priority of each running node of one drain (hash)
 ``drainctl:drains``                             index of drains (zset)
 ``drainctl:node:{node}:drain``                  which drain owns a node (node lock)
 ``drainctl:idem:{key}``                         idempotency key of a request
+``drainctl:epoch``                              this Redis's epoch (a Redis that lost its data has none)
+``drainctl:lost:{id}``                          a drain found lost after Redis came back empty (report)
 ``{{drainctl:sem:{name}}}:...``                 one semaphore; see :class:`SemaphoreKeys`
 ``{queue}:health-check``                        arq's worker heartbeat (written by every live worker)
 ==============================================  =====================================================
@@ -35,7 +39,14 @@ DRAINS_INDEX = f"{PREFIX}:drains"
 CANCEL_CHANNEL = f"{PREFIX}:cancel"
 """Pub/sub channel announcing a drain cancel (the message is the drain id): workers stop following at once."""
 
+EPOCH_KEY = f"{PREFIX}:epoch"
+"""The epoch of this Redis's data: written once by the first process that finds it missing. A process that
+knew another epoch (or none at all in a Redis that holds nothing else) knows the data was lost."""
+
 CLUSTER_SCOPE = "cluster"
+TUNE_KEY = f"{PREFIX}:tune:kubevirt"
+"""KubeVirt's migration settings as they were before a tuned drain changed them, with that drain's id (JSON);
+one at a time, since the settings are cluster-wide (workers.jobs.tune)."""
 """Semaphore scope shared by every migration in the cluster."""
 
 
@@ -86,6 +97,12 @@ def drain_lock_key(drain_id: str) -> str:
     return f"{drain_key(drain_id)}:lock"
 
 
+def drain_priorities_key(drain_id: str) -> str:
+    """Semaphore priority of each running node of one drain, written by the advance step and read by the
+    migrate jobs of that node (a hash ``node -> number``, smaller first): ``drainctl:drain:{id}:priorities``."""
+    return f"{drain_key(drain_id)}:priorities"
+
+
 def node_lock_key(node: str) -> str:
     """Which drain owns a node: ``drainctl:node:{node}:drain``."""
     return f"{PREFIX}:node:{_part(node, 'node name')}:drain"
@@ -94,6 +111,11 @@ def node_lock_key(node: str) -> str:
 def idempotency_key(key: str) -> str:
     """Idempotency record of a request: ``drainctl:idem:{key}``."""
     return f"{PREFIX}:idem:{_part(key, 'idempotency key')}"
+
+
+def lost_drain_key(drain_id: str) -> str:
+    """Marker that drain ``{id}`` was found lost and reported once: ``drainctl:lost:{id}``."""
+    return f"{PREFIX}:lost:{_part(drain_id, 'drain id')}"
 
 
 # arq job ids --------------------------------------------------------------------------------------
@@ -192,6 +214,12 @@ class SemaphoreKeys:
     def waiters(self) -> str:
         """Sorted set of waiting acquirers (score: heartbeat deadline, Redis ms)."""
         return f"{self.tag}:waiters"
+
+    @property
+    def waiter_priorities(self) -> str:
+        """Hash of the waiters that wait with a priority: waiter id -> priority, then their scope keys and
+        limits (newline-joined), so a waiter of a larger number can see who goes first."""
+        return f"{self.tag}:waiter-priorities"
 
     @property
     def scopes(self) -> str:

@@ -155,6 +155,18 @@ DRAINREQUESTS = Kind("drainrequests", "drainctl.io", "v1alpha1")
 LEASES = Kind("leases", "coordination.k8s.io", "v1")
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """What another client needs to reach the same API server as a `Kube` (see `Kube.credentials`)."""
+
+    server: str
+    token: str | None
+    ca_file: str | None
+    cert_file: str | None
+    key_file: str | None
+    verify_ssl: bool
+
+
 class Kube:
     """A connection to one cluster. Create with `connect`, close with `close` (or `async with`)."""
 
@@ -186,6 +198,18 @@ class Kube:
 
     async def close(self) -> None:
         await self.api.close()
+
+    def credentials(self) -> Credentials:
+        """Where and how this connection reaches the API server, for a client of another library (kopf)."""
+        cfg = self.api.configuration
+        auth = str((cfg.api_key or {}).get("authorization") or (cfg.api_key or {}).get("BearerToken") or "")
+        prefix = str((cfg.api_key_prefix or {}).get("authorization") or "")
+        token = auth.removeprefix("Bearer ").strip() if auth else None
+        if prefix and prefix.lower() != "bearer":
+            token = None
+        return Credentials(server=str(cfg.host), token=token or None, ca_file=cfg.ssl_ca_cert or None,
+                           cert_file=cfg.cert_file or None, key_file=cfg.key_file or None,
+                           verify_ssl=bool(cfg.verify_ssl))
 
     async def __aenter__(self) -> Kube:
         return self

@@ -570,6 +570,8 @@ class DrainRequest:
     pending_timeout_s: float | None = None
     max_attempts: int | None = None
     uncordon_on_cancel: bool = True
+    tune: bool = False
+    """Apply limits computed for this drain to KubeVirt while it runs (orchestrator.tuning), then restore."""
 
     def __post_init__(self) -> None:
         # Accept plain strings and lists from callers; store the canonical enum and tuple forms so that
@@ -620,6 +622,9 @@ class DrainRequest:
         uncordon = data.get("uncordon_on_cancel", True)
         if not isinstance(uncordon, bool):
             raise ValueError(f"drain request: uncordon_on_cancel: expected true or false, got {uncordon!r}")
+        tune = data.get("tune", False)
+        if not isinstance(tune, bool):
+            raise ValueError(f"drain request: tune: expected true or false, got {tune!r}")
         max_parallel = _req_int(data, "max_parallel_nodes", 1)
         assert max_parallel is not None
         return cls(
@@ -632,6 +637,7 @@ class DrainRequest:
             pending_timeout_s=_req_float(data, "pending_timeout_s"),
             max_attempts=_req_int(data, "max_attempts", None),
             uncordon_on_cancel=uncordon,
+            tune=tune,
         )
 
 
@@ -761,6 +767,11 @@ class DrainPlan:
     max_parallel_nodes: int
     created_at: float
     drain_id: DrainId | None = None
+    tuning: Mapping[str, Any] | None = None
+    """Limits computed for this drain's window (orchestrator.tuning.Tuning.to_json); in force only when the
+    request asked to tune."""
+    tuned: bool = False
+    """Whether `limits` and `estimate` are the tuned ones (the request asked for --tune)."""
 
     def node_plan(self, node: str) -> NodePlan:
         for plan in self.nodes:
@@ -892,4 +903,6 @@ def _plan_from_json(data: Mapping[str, Any]) -> DrainPlan:
         max_parallel_nodes=int(data["max_parallel_nodes"]),
         created_at=float(data["created_at"]),
         drain_id=None if drain_id is None else DrainId(drain_id),
+        tuning=data.get("tuning"),
+        tuned=bool(data.get("tuned", False)),
     )

@@ -57,6 +57,11 @@ from orchestrator.model import (
 )
 from orchestrator.rules import PodAction, is_room, pod_verdict, spare_memory, vm_memory_on_target
 from orchestrator.settings import Settings
+from orchestrator.snapshot import parse_quantity
+from orchestrator.tuning import TuneVm, Tuning, tune
+
+BANDWIDTH_ANNOTATION = "drainctl.io/migration-bandwidth"
+"""On a node (annotation or label): its migration bandwidth in bytes per second, as a quantity ("2800M")."""
 
 _LIST_LIMIT = 5
 
@@ -661,6 +666,9 @@ def plan_drain(
     waves = [node_plans[i : i + step] for i in range(0, len(node_plans), step)]
 
     estimate = _estimate(waves, limits=limits, bandwidth=bandwidth, setup_s=setup_s, max_parallel_nodes=step)
+    tuning = _tuning(snapshot, settings, node_plans, waves)
+    if request.tune:
+        limits, estimate = _tuned(limits, estimate, tuning)
     warnings.extend(
         _warnings(
             snapshot,
@@ -685,7 +693,45 @@ def plan_drain(
         max_parallel_nodes=request.max_parallel_nodes,
         created_at=float(now),
         drain_id=drain_id,
+        tuning=tuning.to_json(),
+        tuned=request.tune,
     )
+
+
+def node_bandwidth(node: Node | None, settings: Settings) -> float:
+    """A node's migration bandwidth: its annotation or label BANDWIDTH_ANNOTATION, else the setting."""
+    if node is not None:
+        raw = node.annotations.get(BANDWIDTH_ANNOTATION) or node.labels.get(BANDWIDTH_ANNOTATION)
+        if raw:
+            try:
+                value = float(parse_quantity(raw))
+            except ValueError:
+                value = 0.0
+            if value > 0:
+                return value
+    return settings.estimate.node_bandwidth_bytes_per_s
+
+
+def _tuning(snapshot: ClusterSnapshot, settings: Settings, node_plans: Sequence[NodePlan],
+            waves: Sequence[Sequence[NodePlan]]) -> Tuning:
+    vms = [TuneVm(vmi=job.vmi, node=plan.node, memory_bytes=job.memory_bytes) for plan in node_plans
+           for job in plan.jobs]
+    return tune(vms, bandwidth={p.node: node_bandwidth(snapshot.node(p.node), settings) for p in node_plans},
+                waves=[[p.node for p in wave] for wave in waves], setup_s=settings.estimate.setup_s,
+                current_bandwidth_per_migration=snapshot.migration_config.bandwidth_per_migration_bytes)
+
+
+def _tuned(limits: EffectiveLimits, estimate: Estimate, tuning: Tuning) -> tuple[EffectiveLimits, Estimate]:
+    """The limits and estimate of a tuned drain: KubeVirt's settings will be the tuned ones."""
+    cluster, per_node = float(tuning.parallel_per_cluster), float(tuning.parallel_outbound_per_node)
+    limits = dataclasses.replace(
+        limits, in_flight_cluster=LimitValue(ours=cluster, kubevirt=cluster, effective=cluster),
+        outbound_per_node=LimitValue(ours=per_node, kubevirt=per_node, effective=per_node))
+    estimate = dataclasses.replace(
+        estimate, total_s=tuning.predicted_makespan_s, slots=tuning.parallel_per_cluster,
+        model="tuned limits (orchestrator.tuning): per node max(volume / NIC, sum(setup + cleanup + "
+              "volume / NIC) / parallel, longest job); waves one after another")
+    return limits, estimate
 
 
 def _warnings(

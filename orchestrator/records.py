@@ -42,6 +42,9 @@ class DrainLimits(BaseRecord):
     pending_timeout_s: float
     completion_timeout_per_gib: float
     progress_timeout_s: float
+    node_parallel: dict[str, int] = Field(default_factory=dict)
+    """Per source node outbound limits below `per_node` (a tuned drain: a node whose VMs need more bandwidth
+    runs fewer migrations at once)."""
 
 
 class CancelRequest(BaseRecord):

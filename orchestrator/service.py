@@ -59,6 +59,10 @@ class DrainService:
         self.store = DrainStore(redis)
 
     @property
+    def has_kube(self) -> bool:
+        return self._kube is not None
+
+    @property
     def kube(self) -> Kube:
         """The cluster connection; reading drain records does not need one (the CLI's status, list, cancel)."""
         if self._kube is None:

@@ -3,7 +3,8 @@
 Migration jobs follow their VMIMs through this view instead of opening a watch each: one list+watch of our
 VMIMs (label `drainctl.io/drain-id`), of nodes and of pods feeds caches that every job in the process reads,
 and a condition wakes the jobs waiting for a VMIM to change. Watches re-list on 410 and reconnect on errors
-(`Kube.watch`).
+(`Kube.watch`); the view's supervisor restarts a watch or the cancel listener that ends anyway (a Redis outage
+ends the listener) and names it in `problems()` while it is down.
 """
 
 from __future__ import annotations
@@ -20,12 +21,17 @@ from orchestrator import kube as k
 from orchestrator.model import VIRT_LAUNCHER_LABEL, VIRT_LAUNCHER_LABEL_VALUE, VMI_DOMAIN_ANNOTATION, Node
 from orchestrator.rules import pod_memory_bytes
 from orchestrator.snapshot import parse_node, quantity_to_int
+from orchestrator.supervise import Supervisor
 
 log = structlog.get_logger("orchestrator.view")
 
 DRAIN_LABEL = "drainctl.io/drain-id"
 ATTEMPT_LABEL = "drainctl.io/attempt"
 VMI_LABEL = "drainctl.io/vmi"
+NODE_DRAIN_ANNOTATION = DRAIN_LABEL
+"""On a node: the drain that cordoned it (written by the plan job, kept after the node is drained)."""
+NODE_DRAINED_ANNOTATION = "drainctl.io/drained-at"
+"""On a node: when its drain finished it."""
 Obj = dict[str, Any]
 FINAL = ("Succeeded", "Failed")
 
@@ -74,20 +80,18 @@ class ClusterView:
         self._launchers: dict[str, dict[str, int]] = defaultdict(dict)  # VMI ns/name -> {pod key: memory}
         self.node_used: dict[str, int] = defaultdict(int)
         self._changed = asyncio.Condition()
-        self._tasks: list[asyncio.Task[None]] = []
+        self.supervisor = Supervisor("cluster-view")
         self._ready = {name: asyncio.Event() for name in ("vmims", "nodes", "pods")}
         self._cancelled: set[str] = set()
         self._parsed: dict[str, tuple[str, Node]] = {}
 
     async def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self.kube.watch(k.VMIMS, label_selector=DRAIN_LABEL, on_list=self._vmim_list,
-                                                on_event=self._vmim_event), name="view-watch-vmims"),
-            asyncio.create_task(self.kube.watch(k.NODES, on_list=self._node_list, on_event=self._node_event),
-                                name="view-watch-nodes"),
-            asyncio.create_task(self.kube.watch(k.PODS, on_list=self._pod_list, on_event=self._pod_event),
-                                name="view-watch-pods"),
-        ]
+        self.supervisor.spawn("watch-vmims", lambda: self.kube.watch(
+            k.VMIMS, label_selector=DRAIN_LABEL, on_list=self._vmim_list, on_event=self._vmim_event))
+        self.supervisor.spawn("watch-nodes", lambda: self.kube.watch(
+            k.NODES, on_list=self._node_list, on_event=self._node_event))
+        self.supervisor.spawn("watch-pods", lambda: self.kube.watch(
+            k.PODS, on_list=self._pod_list, on_event=self._pod_event))
         async with asyncio.timeout(60):
             for ev in self._ready.values():
                 await ev.wait()
@@ -96,8 +100,13 @@ class ClusterView:
         """Whether a cancel of `drain_id` was announced (see `listen_for_cancels`)."""
         return drain_id in self._cancelled
 
-    async def listen_for_cancels(self, redis: Any, channel: str) -> None:
-        """Wake every job following a migration of a drain as soon as its cancel is announced."""
+    def listen_for_cancels(self, redis: Any, channel: str) -> None:
+        """Wake every job following a migration of a drain as soon as its cancel is announced (supervised:
+        a Redis outage ends the subscription, the supervisor subscribes again; a cancel announced meanwhile is
+        still seen by the jobs, which read the drain's phase from Redis)."""
+        self.supervisor.spawn("cancel-listener", lambda: self._listen_for_cancels(redis, channel))
+
+    async def _listen_for_cancels(self, redis: Any, channel: str) -> None:
         pubsub = redis.pubsub()
         await pubsub.subscribe(channel)
         try:
@@ -111,16 +120,8 @@ class ClusterView:
         finally:
             await pubsub.aclose()
 
-    def start_task(self, coro: Any, name: str) -> None:
-        self._tasks.append(asyncio.create_task(coro, name=name))
-
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        await self.supervisor.stop()
 
     # ------------------------------------------------------------------------------------------ feeds
     async def _notify(self) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import itertools
 import math
 import random
 from collections import defaultdict
@@ -195,6 +196,11 @@ class KubeVirtSim:
         self._queue_rand = random.Random(f"migration-queue-{seed}")
         self._queue = PriorityQueue()  # the migration controller's work queue (Pending VMIMs only here)
         self._pod_expectation_until = -math.inf
+        # Pending VMIMs held back by a limit, out of the queue while no slot can free (see _park).
+        self._parked: dict[str, _Parked] = {}
+        self._unparked: dict[str, _Parked] = {}  # back in the queue after a slot freed
+        self._park_order = itertools.count()
+        self._config_cache: tuple[str, dict[str, Any]] | None = None
         self._inbox: list[tuple[str, ResourceType, Obj, Obj | None]] = []
         self.pending: dict[str, Migration] = {}
         self.active: dict[str, Migration] = {}
@@ -228,9 +234,15 @@ class KubeVirtSim:
 
     # ================================================================================== configuration
     def config(self) -> dict[str, Any]:
+        """The migration configuration in force (cached per KubeVirt CR version; callers must not change it)."""
         kv = self.store.get(KUBEVIRTS, "kubevirt", "kubevirt")
+        version = (kv or {}).get("metadata", {}).get("resourceVersion", "")
+        if self._config_cache is not None and self._config_cache[0] == version:
+            return self._config_cache[1]
         migrations = ((kv or {}).get("spec") or {}).get("configuration", {}).get("migrations") or {}
-        return {**DEFAULT_MIGRATIONS, **migrations}
+        merged = {**DEFAULT_MIGRATIONS, **migrations}
+        self._config_cache = (version, merged)
+        return merged
 
     def cluster_eviction_strategy(self) -> str | None:
         kv = self.store.get(KUBEVIRTS, "kubevirt", "kubevirt")
@@ -428,7 +440,7 @@ class KubeVirtSim:
             if etype == "DELETED" or (obj["metadata"].get("deletionTimestamp") and
                                       not (old or {}).get("metadata", {}).get("deletionTimestamp")):
                 self._inbox.append((etype, rt, obj, old))
-        elif rt is VMIMS or rt is NODES:
+        elif rt is VMIMS or rt is NODES or rt is KUBEVIRTS:
             self._inbox.append((etype, rt, obj, old))
         elif rt is VMIS:
             if etype == "DELETED" or (obj.get("status") or {}).get("evacuationNodeName"):
@@ -457,6 +469,8 @@ class KubeVirtSim:
                         self._evac.setdefault(key, 0.0)
                 elif rt is NODES:
                     self._on_node(obj, old)
+                elif rt is KUBEVIRTS:
+                    self._release_capacity(now)  # the limits may have changed
 
     def _on_vmim(self, etype: str, obj: Obj, now: float) -> None:
         meta = obj["metadata"]
@@ -569,7 +583,10 @@ class KubeVirtSim:
     def _forget(self, mig: Migration) -> None:
         self.pending.pop(mig.key, None)
         self._queue.discard(mig.key)
-        self.active.pop(mig.key, None)
+        self._parked.pop(mig.key, None)
+        self._unparked.pop(mig.key, None)
+        if self.active.pop(mig.key, None) is not None:
+            self._release_capacity(self.clock.now())
         self._by_name.pop(mig.key, None)
         self._vmi_open.get(vmi_key(mig.namespace, mig.vmi), set()).discard(mig.key)
 
@@ -712,7 +729,48 @@ class KubeVirtSim:
                     self._sync_pending(mig, now)
 
     def _requeue(self, mig: Migration, at: float, *, priority: int | None = None) -> None:
+        self._unparked.pop(mig.key, None)
+        self._parked.pop(mig.key, None)
         self._queue.add(mig.key, priority=mig.priority if priority is None else priority, ready_at=at)
+
+    # A VMIM held back by parallelMigrationsPerCluster or parallelOutboundMigrationsPerNode is looked at again
+    # every 1/3/5 s by KubeVirt, and every such look changes nothing until a slot frees. So instead of waking
+    # for each look, it is parked with the time of its last look; when a slot frees (a migration ends, the
+    # configuration changes) it goes back into the queue at its next look (last + k x delay), and when the slots
+    # are taken again before that look, it is parked again. Same looks at the same times, far fewer wake-ups.
+    def _park(self, mig: Migration, now: float, source: str | None) -> None:
+        self._unparked.pop(mig.key, None)
+        self._parked[mig.key] = _Parked(now, requeue_delay(mig.priority), mig.priority, next(self._park_order),
+                                        source or "")
+
+    def _release_capacity(self, now: float) -> None:
+        if not self._parked:
+            return
+        parked = sorted(self._parked.items(), key=lambda kv: (kv[1].next_look(now), -kv[1].priority, kv[1].order))
+        self._parked.clear()
+        for key, p in parked:
+            self._queue.add(key, priority=p.priority, ready_at=p.next_look(now))
+            self._unparked[key] = p
+
+    def _repark_if_full(self, now: float, source: str) -> None:
+        """A slot was just taken: what came back into the queue for it and can no longer get one waits parked."""
+        if not self._unparked:
+            return
+        cfg = self.config()
+        cluster_full = len(self.active) >= int(cfg["parallelMigrationsPerCluster"])
+        node_full = sum(1 for m in self.active.values() if m.source == source) >= \
+            int(cfg["parallelOutboundMigrationsPerNode"])
+        if not cluster_full and not node_full:
+            return
+        for key, p in list(self._unparked.items()):
+            if not cluster_full and p.source != source:
+                continue
+            del self._unparked[key]
+            ready_at = self._queue.ready_at(key)
+            if ready_at is None:
+                continue
+            self._queue.discard(key)
+            self._parked[key] = _Parked(ready_at - p.delay, p.delay, p.priority, p.order, p.source)
 
     def _sync_pending(self, mig: Migration, now: float) -> None:
         vmi = self.store.get(VMIS, mig.namespace, mig.vmi)
@@ -735,15 +793,16 @@ class KubeVirtSim:
             return
         cfg = self.config()
         source = status.get("nodeName")
-        delay = requeue_delay(mig.priority)
-        if len(self.active) >= int(cfg["parallelMigrationsPerCluster"]) or not source or status.get("phase") != \
-                "Running":
-            self._requeue(mig, now + delay)
+        if not source or status.get("phase") != "Running":
+            self._requeue(mig, now + requeue_delay(mig.priority))
             return
-        outbound = sum(1 for m in self.active.values() if m.source == source)
-        if outbound >= int(cfg["parallelOutboundMigrationsPerNode"]):
-            self._requeue(mig, now + delay)
+        if len(self.active) >= int(cfg["parallelMigrationsPerCluster"]) or \
+                sum(1 for m in self.active.values() if m.source == source) >= \
+                int(cfg["parallelOutboundMigrationsPerNode"]):
+            self._park(mig, now, source)
             return
+        self._unparked.pop(mig.key, None)
+        self._parked.pop(mig.key, None)
         del self.pending[mig.key]
         self.active[mig.key] = mig
         mig.source = source
@@ -757,6 +816,7 @@ class KubeVirtSim:
         mig.scheduling_since = now
         self._try_schedule(mig, now)
         self._measure()
+        self._repark_if_full(now, source)
 
     def _reenqueue_pending(self, now: float) -> None:
         """reEnqueueHighestPriorityPendingMigrations: a slot is free, so the Pending VMIMs of highest priority
@@ -1116,7 +1176,9 @@ class KubeVirtSim:
         handed_off = mig.phase in HANDED_OFF
         self.pending.pop(mig.key, None)
         self._queue.discard(mig.key)
-        self.active.pop(mig.key, None)
+        self._parked.pop(mig.key, None)
+        self._unparked.pop(mig.key, None)
+        freed = self.active.pop(mig.key, None) is not None
         if phase == "Failed":
             mig.failed_at = now
         self._vmi_open.get(vmi_key(mig.namespace, mig.vmi), set()).discard(mig.key)
@@ -1163,6 +1225,8 @@ class KubeVirtSim:
         if vmim is None:
             self._by_name.pop(mig.key, None)
         self._garbage_collect(mig.namespace, mig.vmi)
+        if freed:
+            self._release_capacity(now)
         self._reenqueue_pending(now)
 
     def _finish_vmi(self, mig: Migration, now: float, phase: str, reason: str | None,
@@ -1347,6 +1411,20 @@ class KubeVirtSim:
             "vm_restarts": list(self.vm_restarts),
             "evictions": dict(self.evictions),
         }
+
+
+@dataclass(frozen=True)
+class _Parked:
+    last_look: float
+    delay: float
+    priority: int
+    order: int
+    source: str
+
+    def next_look(self, now: float) -> float:
+        """The first of KubeVirt's periodic looks (last_look + k x delay) at or after `now`."""
+        k = max(1, math.ceil((now - self.last_look) / self.delay - 1e-9))
+        return self.last_look + k * self.delay
 
 
 def requeue_delay(priority: int) -> float:

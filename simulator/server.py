@@ -3,6 +3,8 @@
 Promises, so that the real `kubectl` v1.32 and the real kubernetes-asyncio client work unchanged:
 - bearer-token authentication on every path except /healthz, /livez, /readyz and /version (401 Status
   otherwise); /version reports v1.32 (the installed kubectl is a dispatcher that picks its build from it);
+- RBAC (`rbac.py`): the cluster and admin tokens are administrators; ServiceAccount tokens issued by
+  `serviceaccounts/NAME/token` are held to the stored Roles and bindings (403 Forbidden Status otherwise);
 - the simulator's own endpoints (`/sim/v1/*`: ground truth, hidden physics, faults) answer only the admin
   token (`ClusterLike.admin_token`); the cluster token, or none, gets 403 there, as a real cluster shows no
   such thing to anyone;

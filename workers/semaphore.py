@@ -85,19 +85,60 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
+# Waiting with a priority, shared by both acquire scripts. A waiter's entry in the priority hash (the last
+# KEY) is its priority, then the scope keys and limits it waits for (newline-joined; every key shares the
+# hash tag). `defer` says whether a live waiter with a smaller number has room in all its scopes right now:
+# then the caller waits, so a freed slot goes to the most urgent waiter that can use it.
+_PRIORITY = """
+local function defer(prio_key, waiters_key, waiter, mine)
+  if mine == '' then
+    return false
+  end
+  mine = tonumber(mine)
+  for _, other in ipairs(redis.call('HKEYS', prio_key)) do
+    if other ~= waiter then
+      if not redis.call('ZSCORE', waiters_key, other) then
+        redis.call('HDEL', prio_key, other)
+      else
+        local parts = {}
+        for part in string.gmatch(redis.call('HGET', prio_key, other), '[^\\n]+') do
+          parts[#parts + 1] = part
+        end
+        if tonumber(parts[1]) < mine then
+          local room = true
+          for j = 2, #parts - 1, 2 do
+            if redis.call('ZCARD', parts[j]) >= tonumber(parts[j + 1]) then
+              room = false
+              break
+            end
+          end
+          if room then
+            return true
+          end
+        end
+      end
+    end
+  end
+  return false
+end
+"""
+
 # KEYS: 1 holders zset, 2 fence counter, 3 lease hash, 4 waiters zset, 5 scope-name set,
-#       6..5+n scope zsets
+#       6..5+n scope zsets, 6+n waiter-priority hash
 # ARGV: 1 holder, 2 lease ms, 3 meta json, 4 acquisition id, 5 waiter id or '', 6 waiter ttl ms,
-#       7 joined scope names, 8..7+n scope names, 8+n..7+2n limits
+#       7 joined scope names, 8..7+n scope names, 8+n..7+2n limits, 8+2n priority or '', 9+2n its entry
 # Returns {status, token, expires_at_ms, joined scopes}; status 1 granted, 2 renewed (re-entrant),
 # 3 re-adopted an expired lease of the same holder (new token), 0 no room, -1 held with other scopes.
 _ACQUIRE_LUA = (
     _NOW
+    + _PRIORITY
     + """
 local holder = ARGV[1]
 local lease_ms = tonumber(ARGV[2])
 local waiter = ARGV[5]
-local n = #KEYS - 5
+local n = #KEYS - 6
+local prio_key = KEYS[#KEYS]
+local prio = ARGV[8 + 2 * n]
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
 local token = redis.call('HGET', KEYS[3], 'token')
 if token then
@@ -119,16 +160,26 @@ if token then
   end
   if waiter ~= '' then
     redis.call('ZREM', KEYS[4], waiter)
+    redis.call('HDEL', prio_key, waiter)
   end
   return {status, token, expires, scopes}
 end
+local function wait()
+  if waiter ~= '' then
+    redis.call('ZADD', KEYS[4], now + tonumber(ARGV[6]), waiter)
+    if prio ~= '' then
+      redis.call('HSET', prio_key, waiter, ARGV[9 + 2 * n])
+    end
+  end
+  return {0, 0, now, ''}
+end
 for i = 1, n do
   if redis.call('ZCARD', KEYS[5 + i]) >= tonumber(ARGV[7 + n + i]) then
-    if waiter ~= '' then
-      redis.call('ZADD', KEYS[4], now + tonumber(ARGV[6]), waiter)
-    end
-    return {0, 0, now, ''}
+    return wait()
   end
+end
+if defer(prio_key, KEYS[4], waiter, prio) then
+  return wait()
 end
 token = redis.call('INCR', KEYS[2])
 local expires = now + lease_ms
@@ -141,6 +192,7 @@ for i = 1, n do
 end
 if waiter ~= '' then
   redis.call('ZREM', KEYS[4], waiter)
+  redis.call('HDEL', prio_key, waiter)
 end
 return {1, token, expires, ARGV[7]}
 """
@@ -148,18 +200,22 @@ return {1, token, expires, ARGV[7]}
 
 # Like _ACQUIRE_LUA for a holder without a lease, plus one scope picked among choices.
 # KEYS: 1 holders zset, 2 fence counter, 3 lease hash, 4 waiters zset, 5 scope-name set,
-#       6..5+n fixed scope zsets, 6+n..5+n+m choice scope zsets
+#       6..5+n fixed scope zsets, 6+n..5+n+m choice scope zsets, 6+n+m waiter-priority hash
 # ARGV: 1 holder, 2 lease ms, 3 meta json, 4 acquisition id, 5 waiter id or '', 6 waiter ttl ms, 7 n, 8 m,
-#       9..8+n fixed names, 9+n..8+2n fixed limits, 9+2n..8+2n+m choice names, 9+2n+m..8+2n+2m choice limits
+#       9..8+n fixed names, 9+n..8+2n fixed limits, 9+2n..8+2n+m choice names, 9+2n+m..8+2n+2m choice limits,
+#       9+2n+2m priority or '', 10+2n+2m its entry (the fixed scopes only)
 # Returns {status, token, expires_at_ms, joined scopes, chosen}; status 1 granted, 0 a fixed scope is full,
 # -2 every choice is full, -1 the holder already holds a lease (the caller checks for that first).
 _ACQUIRE_CHOICE_LUA = (
     _NOW
+    + _PRIORITY
     + """
 local holder = ARGV[1]
 local waiter = ARGV[5]
 local n = tonumber(ARGV[7])
 local m = tonumber(ARGV[8])
+local prio_key = KEYS[#KEYS]
+local prio = ARGV[9 + 2 * n + 2 * m]
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
 local token = redis.call('HGET', KEYS[3], 'token')
 if token then
@@ -168,6 +224,9 @@ end
 local function wait(status)
   if waiter ~= '' then
     redis.call('ZADD', KEYS[4], now + tonumber(ARGV[6]), waiter)
+    if prio ~= '' then
+      redis.call('HSET', prio_key, waiter, ARGV[10 + 2 * n + 2 * m])
+    end
   end
   return {status, 0, now, '', ''}
 end
@@ -175,6 +234,9 @@ for i = 1, n do
   if redis.call('ZCARD', KEYS[5 + i]) >= tonumber(ARGV[8 + n + i]) then
     return wait(0)
   end
+end
+if defer(prio_key, KEYS[4], waiter, prio) then
+  return wait(0)
 end
 local best, best_count = nil, nil
 for j = 1, m do
@@ -207,6 +269,7 @@ redis.call('ZADD', KEYS[5 + n + best], expires, holder)
 redis.call('SADD', KEYS[5], chosen)
 if waiter ~= '' then
   redis.call('ZREM', KEYS[4], waiter)
+  redis.call('HDEL', prio_key, waiter)
 end
 return {1, token, expires, joined, chosen}
 """
@@ -266,13 +329,16 @@ return {1, token, expires}
 """
 )
 
-# KEYS: 1 holders zset, 2 lease hash, 3 scope-name set, 4 waiters zset, 5..4+n scope zsets
+# KEYS: 1 holders zset, 2 lease hash, 3 scope-name set, 4 waiters zset, 5..4+n scope zsets,
+#       5+n waiter-priority hash
 # ARGV: 1 holder, 2 token or '', 3 acquisition id or '', 4 joined scope names, 5 waiter id or '',
 #       6 release channel, 7..6+n scope names
 # Returns 1 released, 0 not released (gone or not the owner), -1 the caller's scopes are stale.
 _RELEASE_LUA = """
+local last = #KEYS - 1
 if ARGV[5] ~= '' then
   redis.call('ZREM', KEYS[4], ARGV[5])
+  redis.call('HDEL', KEYS[#KEYS], ARGV[5])
 end
 local token = redis.call('HGET', KEYS[2], 'token')
 if not token then
@@ -289,7 +355,7 @@ if redis.call('HGET', KEYS[2], 'scopes') ~= ARGV[4] then
 end
 redis.call('DEL', KEYS[2])
 redis.call('ZREM', KEYS[1], ARGV[1])
-for i = 5, #KEYS do
+for i = 5, last do
   redis.call('ZREM', KEYS[i], ARGV[1])
   if redis.call('ZCARD', KEYS[i]) == 0 then
     redis.call('SREM', KEYS[3], ARGV[i + 2])
@@ -442,7 +508,8 @@ class RedisSemaphore:
     # Acquisition ----------------------------------------------------------------------------------
 
     async def try_acquire(
-        self, holder: str, scopes: Sequence[Scope], *, meta: Mapping[str, str] | None = None
+        self, holder: str, scopes: Sequence[Scope], *, meta: Mapping[str, str] | None = None,
+        priority: float | None = None,
     ) -> Lease | None:
         """Take a slot in every scope at once, or nothing; never waits.
 
@@ -455,7 +522,8 @@ class RedisSemaphore:
         meta_json = _meta_json(meta)
         acquisition = uuid.uuid4().hex
         try:
-            return await self._attempt(holder, ordered, meta_json, acquisition=acquisition, waiter="")
+            return await self._attempt(holder, ordered, meta_json, acquisition=acquisition, waiter="",
+                                       priority=priority)
         except BaseException:
             await self._abandon(holder, ordered, acquisition=acquisition, waiter="")
             raise
@@ -469,6 +537,7 @@ class RedisSemaphore:
         timeout_s: float | None = None,
         on_wait: Callable[[], Awaitable[None]] | None = None,
         choose: Chooser | None = None,
+        priority: float | None = None,
     ) -> Lease:
         """Like :meth:`try_acquire`, but wait for room; raise ``TimeoutError`` after ``timeout_s``.
 
@@ -483,6 +552,10 @@ class RedisSemaphore:
         exception it raises (no choice at all) ends the acquisition. Nothing is held while waiting, so
         waiters for different choices never deadlock. A holder that already holds a lease on the other
         scopes plus at most one more keeps that lease (its earlier choice stands, see ``Lease.chosen``).
+
+        With a ``priority`` the caller goes after every waiter of a smaller priority number that has room in
+        all its (fixed) scopes, so a freed slot goes to the most urgent waiter that can use it rather than to
+        whoever polls first; callers without a priority neither wait for others nor are waited for.
         """
         ordered = _canonical(scopes)
         meta_json = _meta_json(meta)
@@ -500,7 +573,7 @@ class RedisSemaphore:
         try:
             # The uncontended path needs no subscription (a dedicated connection).
             lease = await self._attempt(holder, ordered, meta_json, acquisition=acquisition, waiter="",
-                                        choose=choose)
+                                        choose=choose, priority=priority)
             if lease is not None:
                 return lease if earlier is None else replace(lease, chosen=earlier)
             log.info("semaphore.waiting", semaphore=self.name, holder=holder, scopes=_names(ordered))
@@ -511,7 +584,8 @@ class RedisSemaphore:
             pubsub = await self._subscribe()
             while True:
                 lease = await self._attempt(
-                    holder, ordered, meta_json, acquisition=acquisition, waiter=waiter, choose=choose
+                    holder, ordered, meta_json, acquisition=acquisition, waiter=waiter, choose=choose,
+                    priority=priority,
                 )
                 if lease is not None:
                     return lease if earlier is None else replace(lease, chosen=earlier)
@@ -556,10 +630,11 @@ class RedisSemaphore:
         acquisition: str,
         waiter: str,
         choose: Chooser | None = None,
+        priority: float | None = None,
     ) -> Lease | None:
         if choose is not None:
             return await self._attempt_choice(holder, scopes, await choose(), meta_json,
-                                              acquisition=acquisition, waiter=waiter)
+                                              acquisition=acquisition, waiter=waiter, priority=priority)
         names = _names(scopes)
         keys = self._acquire_keys(holder, names)
         args: list[str | int] = [
@@ -572,6 +647,7 @@ class RedisSemaphore:
             _SCOPE_SEPARATOR.join(names),
             *names,
             *(scope.limit for scope in scopes),
+            *_priority_args(priority, scopes, self._keys),
         ]
         status, token, expires, held = await self._acquire_script(keys=keys, args=args)
         status = int(status)
@@ -596,6 +672,7 @@ class RedisSemaphore:
             self._keys.waiters,
             self._keys.scopes,
             *(self._keys.scope(name) for name in scope_names),
+            self._keys.waiter_priorities,
         ]
 
     async def _attempt_choice(
@@ -607,6 +684,7 @@ class RedisSemaphore:
         *,
         acquisition: str,
         waiter: str,
+        priority: float | None = None,
     ) -> Lease | None:
         options = tuple(dict.fromkeys(choices))  # keep the caller's order, drop repeats
         if not options:
@@ -621,6 +699,7 @@ class RedisSemaphore:
             len(fixed), len(options),
             *fixed_names, *(scope.limit for scope in fixed),
             *(option.name for option in options), *(option.limit for option in options),
+            *_priority_args(priority, fixed, self._keys),
         ]
         status, token, expires, held, chosen = await self._acquire_choice_script(keys=keys, args=args)
         status = int(status)
@@ -770,6 +849,7 @@ class RedisSemaphore:
             self._keys.scopes,
             self._keys.waiters,
             *map(self._keys.scope, scopes),
+            self._keys.waiter_priorities,
         ]
         args: list[str | int] = [
             holder,
@@ -862,6 +942,15 @@ class RedisSemaphore:
             )
 
 
+def _priority_args(priority: float | None, scopes: Sequence[Scope], keys: SemaphoreKeys) -> tuple[str, str]:
+    """The two ARGV of a priority: the number and the waiter's entry (number, then scope key/limit pairs)."""
+    if priority is None:
+        return "", ""
+    number = repr(float(priority))
+    pairs = (f"{keys.scope(scope.name)}{_SCOPE_SEPARATOR}{scope.limit}" for scope in scopes)
+    return number, _SCOPE_SEPARATOR.join([number, *pairs])
+
+
 def _names(scopes: tuple[Scope, ...]) -> tuple[str, ...]:
     return tuple(scope.name for scope in scopes)
 
@@ -947,6 +1036,7 @@ async def hold(
     timeout_s: float | None = None,
     on_wait: Callable[[], Awaitable[None]] | None = None,
     choose: Chooser | None = None,
+    priority: float | None = None,
 ) -> AsyncIterator[HeldSlot]:
     """Acquire, renew every ``renew_every_s`` (default: a third of the lease TTL), release on exit.
 
@@ -954,7 +1044,7 @@ async def hold(
     longer ours to free) or kept (see :meth:`HeldSlot.keep`).
     """
     lease = await semaphore.acquire(holder, scopes, meta=meta, timeout_s=timeout_s, on_wait=on_wait,
-                                    choose=choose)
+                                    choose=choose, priority=priority)
     slot = HeldSlot(semaphore, lease)
     every_s = semaphore.lease_ttl_s / 3 if renew_every_s is None else renew_every_s
     renewer = asyncio.create_task(slot._renew_forever(every_s), name=f"semaphore-renew:{holder}")

@@ -121,9 +121,14 @@ EnvFactory = Callable[..., contextlib.AbstractAsyncContextManager[Env]]
 def cluster_env(tmp_path: Path) -> EnvFactory:
     @contextlib.asynccontextmanager
     async def make(scenario: str | scenarios.Scenario = "small", *, time_scale: float = 40.0, workers: int = 0,
-                   extra_env: dict[str, str] | None = None) -> AsyncIterator[Env]:
-        async with claimed_db() as redis_url, _env(scenario, redis_url, time_scale=time_scale, workers=workers,
-                        extra_env=extra_env) as e:
+                   extra_env: dict[str, str] | None = None, redis_url: str | None = None) -> AsyncIterator[Env]:
+        """`redis_url`: a Redis of the test's own (one it restarts) instead of a claimed shared database."""
+        if redis_url is not None:
+            async with _env(scenario, redis_url, time_scale=time_scale, workers=workers, extra_env=extra_env) as e:
+                yield e
+            return
+        async with claimed_db() as url, _env(scenario, url, time_scale=time_scale, workers=workers,
+                                             extra_env=extra_env) as e:
             yield e
 
     @contextlib.asynccontextmanager

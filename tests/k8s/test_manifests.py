@@ -13,6 +13,7 @@ import pytest
 import typer
 import yaml
 
+from bench.redis_server import APPENDFSYNC
 from orchestrator.cli import app
 from orchestrator.controller import FINALIZER, SPEC_FIELDS, request_from_spec
 from orchestrator.settings import ENV_VARS, TIME_SCALE_VAR, Settings
@@ -106,6 +107,10 @@ def test_redis_persists_with_append_only_file(rendered: list[dict[str, Any]]) ->
     sts = one(rendered, "StatefulSet", "drainctl-redis")
     args = _container(sts)["args"]
     assert args[args.index("--appendonly") + 1] == "yes"
+    # The Redis restart tests and bench.chaos run redis-server with the same fsync policy as deployed.
+    assert args[args.index("--appendfsync") + 1] == APPENDFSYNC == "always"
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert args[args.index("--dir") + 1] == "/data"
     assert _container(sts)["volumeMounts"] == [{"name": "data", "mountPath": "/data"}]
     assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
     assert sts["spec"]["serviceName"] == "drainctl-redis"

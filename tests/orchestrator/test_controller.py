@@ -21,9 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.worker import Worker
 
+from bench.redis_server import RedisServer
+from orchestrator.api import build_app
 from orchestrator.controller import FINALIZER, LEASE_NAME, LeaderElector, request_from_spec, run_controller
 from orchestrator.kube import LEASES, Kube
 from orchestrator.service import DrainService
@@ -176,7 +180,7 @@ async def env(tmp_path: Path, redis_base: str) -> AsyncIterator[Callable[..., Aw
     stack = contextlib.AsyncExitStack()
     pools: list[ArqRedis] = []
 
-    async def make(*, time_scale: float = 50.0) -> Env:
+    async def make(*, time_scale: float = 50.0, redis_url: str | None = None) -> Env:
         kubeconfig = tmp_path / "kubeconfig"
         cache = tmp_path / "home" / "kube-cache"
         cache.mkdir(parents=True)
@@ -186,7 +190,7 @@ async def env(tmp_path: Path, redis_base: str) -> AsyncIterator[Callable[..., Aw
         scenario = scenarios.load("small", seed=random.randrange(1 << 30))
         rc = await stack.enter_async_context(running_cluster(scenario, time_scale=time_scale, token=None,
                                                              kubeconfig_out=kubeconfig))
-        url = redis_base
+        url = redis_url or redis_base
         settings = Settings(time_scale=time_scale, connection=Connection(
             redis_url=url, kubeconfig=str(kubeconfig), queue_name=f"drainctl-test-{secrets.token_hex(6)}"))
         try:
@@ -340,3 +344,60 @@ def test_spec_errors_name_the_spec_field() -> None:
         request_from_spec({"nodes": ["n1"], "maxParallelNodes": "two"})
     with pytest.raises(ValueError, match=r"unknown field\(s\) color"):
         request_from_spec({"nodes": ["n1"], "color": "red"})
+
+
+@pytest.fixture
+async def own_redis() -> AsyncIterator[RedisServer]:
+    """A redis-server this test stops and starts (set up before `env`, so torn down after it)."""
+    async with RedisServer(aof=True) as server:
+        yield server
+
+
+async def test_the_controller_rides_out_a_redis_outage_and_readyz_says_so(
+        own_redis: RedisServer, env: Callable[..., Awaitable[Env]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`drainctl api` with its controller, against a redis-server of the test's own that goes away: the controller
+    keeps its Lease, /readyz answers 503 while Redis (and so the controller) cannot work, and a DrainRequest
+    applied during the outage gets its drain once Redis is back."""
+    monkeypatch.setenv("POD_NAMESPACE", "default")
+    server = own_redis
+    e = await env(redis_url=server.url)
+
+    @contextlib.asynccontextmanager
+    async def factory() -> AsyncIterator[DrainService]:
+        yield e.service
+
+    client: TestClient[web.Request, web.Application] = TestClient(
+        TestServer(build_app(factory, token="t", controller=True, readiness_timeout_s=2.0)))
+    await client.start_server()
+    try:
+        async def ready() -> bool:
+            return (await client.get("/readyz")).status == 200
+
+        await eventually(ready, timeout_s=30)
+        holder = await e.lease_holder()
+        assert holder is not None
+        await e.apply(drain_request("before-outage", ["worker-99"]))
+        await e.until("before-outage", lambda o: (o.get("status") or {}).get("phase") == "Failed")
+
+        await server.stop(kill=True)
+        await e.apply(drain_request("during-outage", ["worker-02"]))
+
+        async def not_ready() -> bool:
+            answer = await client.get("/readyz")
+            body = await answer.json()
+            return answer.status == 503 and body["checks"]["redis"] != "ok" and \
+                "during-outage" in body["checks"].get("controller", "")
+
+        await eventually(not_ready, timeout_s=30)
+        assert await e.lease_holder() == holder  # the Lease is in the cluster: leadership is kept
+        during = await e.get("during-outage")
+        assert during is not None and not (during.get("status") or {}).get("drainId")
+
+        await server.start()
+        after = await e.until("during-outage", lambda o: bool((o.get("status") or {}).get("drainId")),
+                              timeout_s=60)
+        assert after["status"]["phase"] in ("Pending", "Planning", "Running")
+        await eventually(ready, timeout_s=30)
+        assert await e.lease_holder() == holder
+    finally:
+        await client.close()

@@ -9,10 +9,13 @@ import itertools
 import math
 from collections.abc import Callable
 
+import pytest
+
 from simulator import scenarios
 from simulator.clock import ManualClock
 from simulator.cluster import SimCluster
 from simulator.errors import ApiError
+from simulator.kubevirt import KubeVirtSim
 from simulator.resources import NODES, PODS, VMIMS
 from simulator.workqueue import PriorityQueue
 
@@ -81,6 +84,12 @@ def _run_until(cluster: SimCluster, clock: ManualClock, pred: Callable[[], bool]
     raise AssertionError("condition not reached")
 
 
+def next_look(kv: KubeVirtSim, key: str) -> float | None:
+    """When the migration controller looks at a Pending VMIM next (queued, or parked until a slot frees)."""
+    parked = kv._parked.get(key)
+    return parked.next_look(kv.clock.now()) if parked is not None else kv._queue.ready_at(key)
+
+
 def test_held_back_vmims_are_requeued_by_priority_and_a_free_slot_goes_to_the_highest() -> None:
     """migration.go: at the cluster limit a user VMIM (priority 0) is looked at again after 5 s, an evacuation
     VMIM (system-critical) after 1 s; when a migration ends the highest priority Pending one gets the slot."""
@@ -96,7 +105,8 @@ def test_held_back_vmims_are_requeued_by_priority_and_a_free_slot_goes_to_the_hi
     cluster.step()  # the controllers see a change at the start of the next step: be there first
     _vmim(cluster, elsewhere, "user")
     cluster.step()
-    assert kv._queue.ready_at(f"{elsewhere.namespace}/user") == clock.now() + 5.0
+    # Held back by the limit: its next look is 5 s away (it waits parked, out of the queue, until a slot frees).
+    assert next_look(kv, f"{elsewhere.namespace}/user") == clock.now() + 5.0
     clock.advance(0.5)
     cluster.step()
     pod = next(p for p in cluster.store.on_node(PODS, node)
@@ -105,7 +115,7 @@ def test_held_back_vmims_are_requeued_by_priority_and_a_free_slot_goes_to_the_hi
         kv.evict(pod["metadata"]["namespace"], pod["metadata"]["name"], None)  # 429: evacuation instead
     cluster.step()
     evac = next(m for m in kv.pending.values() if m.evacuation)
-    assert kv._queue.ready_at(evac.key) == clock.now() + 1.0
+    assert next_look(kv, evac.key) == clock.now() + 1.0
     records = {r["name"]: r for r in kv.records}
     _run_until(cluster, clock, lambda: records["first"]["finished_s"] is not None, limit_s=600)
     # The evacuation VMIM came later than the user's but has the higher priority: it gets the freed slot at once.
@@ -139,3 +149,45 @@ def test_one_target_pod_at_a_time_and_ties_in_a_seeded_arbitrary_order() -> None
         orders.append([vmi for _, vmi in admitted])
     assert orders[0] == orders[1]
     assert orders[0] != sorted(orders[0]), "admitted in creation order: ties are not arbitrary"
+
+
+def test_a_held_back_vmim_not_re_enqueued_is_admitted_at_its_own_periodic_look() -> None:
+    """When a slot frees, KubeVirt re-enqueues only the highest priority Pending VMIMs; one that is not among them
+    gets the slot at its next periodic look (every 5 s for a user's VMIM), not earlier and not never."""
+    cluster, clock = _cluster(parallelMigrationsPerCluster=2, parallelOutboundMigrationsPerNode=1)
+    kv = cluster.kubevirt
+    node = cluster.scenario.drain_hint[0]
+    by_node: dict[str, list[scenarios.VMSpec]] = {}
+    for vm in cluster.scenario.vms:
+        by_node.setdefault(vm.node, []).append(vm)
+    n2, n3 = [n for n in sorted(by_node) if n != node][:2]
+
+    def at(seconds: float) -> None:
+        clock.advance(seconds)
+        cluster.step()
+
+    _vmim(cluster, by_node[node][0], "a")  # runs from the drained node for the whole test
+    cluster.step()
+    at(0.2)
+    _vmim(cluster, by_node[n2][0], "x")  # takes the second slot
+    cluster.step()
+    at(0.2)
+    _vmim(cluster, by_node[n3][0], "c")  # held back: a user VMIM, looked at every 5 s
+    cluster.step()
+    at(0.2)
+    for vm in by_node[node][1:3]:  # two evacuations from the busy node: higher priority, but that node is full
+        pod = next(p for p in cluster.store.on_node(PODS, node)
+                   if p["metadata"]["annotations"].get("kubevirt.io/domain") == vm.name)
+        with contextlib.suppress(ApiError):
+            kv.evict(pod["metadata"]["namespace"], pod["metadata"]["name"], None)
+    cluster.step()
+    at(0.2)
+    x = next(m for m in kv.active.values() if m.name == "x")
+    cluster.store.delete(VMIMS, x.namespace, "x")  # cancelled before hand-off: the slot frees at once
+    cluster.step()
+    records = {r["name"]: r for r in kv.records}
+    assert records["x"]["phase"] == "Failed"
+    _run_until(cluster, clock, lambda: records["c"]["admitted_s"] is not None, limit_s=60)
+    assert records["a"]["finished_s"] is None  # the drained node stayed busy throughout
+    assert records["c"]["admitted_s"] == pytest.approx(records["c"]["created_s"] + 5.0, abs=1e-6)
+    assert [r["admitted_s"] for r in kv.records if r["origin"] == "evacuation"] == [None, None]

@@ -14,6 +14,8 @@ from workers.jobs.decisions import (
     drain_verdict,
     feed_window,
     migration_timeout,
+    migration_work_s,
+    node_priorities,
     settle_attempt,
     wait_expired,
 )
@@ -140,3 +142,30 @@ def test_drain_verdict(phases: list[NodePhase], cancelling: bool, expect: str | 
 def test_a_wait_for_someone_elses_migration_has_a_deadline() -> None:
     assert not wait_expired(waited_s=100, limit_s=1110)
     assert wait_expired(waited_s=1111, limit_s=1110)
+
+
+# ------------------------------------------------------------------------------------------- slots
+@pytest.mark.parametrize(("work", "order", "first_to_last"), [
+    # the node with the most work left goes first
+    ({"a": 100.0, "b": 300.0, "c": 200.0}, ["a", "b", "c"], ["b", "c", "a"]),
+    # equal work: the request's order
+    ({"a": 50.0, "b": 50.0}, ["b", "a"], ["b", "a"]),
+    # estimates within a second keep the request's order
+    ({"a": 50.2, "b": 50.9}, ["a", "b"], ["a", "b"]),
+    # a node outside the order (never happens in a drain) goes after those in it at equal work
+    ({"x": 10.0, "a": 10.0}, ["a"], ["a", "x"]),
+])
+def test_node_priorities_most_work_left_first_then_request_order(
+        work: dict[str, float], order: list[str], first_to_last: list[str]) -> None:
+    prio = node_priorities(work, order)
+    assert sorted(prio, key=prio.__getitem__) == first_to_last
+
+
+@pytest.mark.parametrize(("memory", "setup", "bandwidth", "expected"), [
+    (0, 10.0, 1e9, 10.0),
+    (4_000_000_000, 10.0, 1e9, 14.0),
+    (8_000_000_000, 5.0, 2e9, 9.0),
+])
+def test_migration_work_is_setup_plus_memory_over_bandwidth(memory: int, setup: float, bandwidth: float,
+                                                            expected: float) -> None:
+    assert migration_work_s(memory, setup_s=setup, bandwidth_bytes_per_s=bandwidth) == pytest.approx(expected)

@@ -404,6 +404,71 @@ async def test_waiter_wakes_on_release_not_on_the_poll(make_semaphore: Semaphore
     assert await other.usage() == {"cluster": 1, "waiters": 0}
 
 
+@pytest.mark.parametrize("with_choice", [False, True])
+async def test_a_freed_slot_goes_to_the_waiter_with_the_smallest_priority_number_that_can_use_it(
+    make_semaphore: SemaphoreFactory, with_choice: bool,
+) -> None:
+    # Two cluster slots; node a is full. Waiters: a (priority 0, but its node has no room), b (priority 2),
+    # c (priority 1). When the cluster slot frees, c takes it: a has no room, b comes after c.
+    sem = make_semaphore(own_client=True)
+    two = Scope(keys.CLUSTER_SCOPE, 2)
+    node_a = Scope(keys.node_scope("a"), 1)
+    first = await sem.try_acquire("a-0", [two, node_a])
+    other = await sem.try_acquire("x-0", [two])
+    assert first is not None and other is not None
+    async def inbound() -> list[Scope]:
+        return [Scope(keys.inbound_scope("t1"), 10), Scope(keys.inbound_scope("t2"), 10)]
+
+    waiters = {
+        name: asyncio.create_task(make_semaphore(own_client=True).acquire(
+            name, scopes, priority=priority, choose=inbound if with_choice else None), name=name)
+        for name, scopes, priority in (("a-1", [two, node_a], 0.0), ("b-1", [two, keys_node("b")], 2.0),
+                                       ("c-1", [two, keys_node("c")], 1.0))
+    }
+    await eventually(lambda: _waiters_are(sem, 3), "three waiters")
+
+    assert await sem.release("x-0", token=other.token)
+    await eventually(lambda: _held(sem, "c-1"), "c-1 took the freed slot")
+    assert not waiters["b-1"].done()
+    assert not waiters["a-1"].done()
+    # A caller without a priority does not jump the queue of prioritised waiters either way when full.
+    assert await sem.try_acquire("d-0", [two]) is None
+
+    # Node a frees (and with it a cluster slot): a-1 (priority 0) has room now and goes before b-1.
+    assert await sem.release("a-0", token=first.token)
+    await eventually(lambda: _held(sem, "a-1"), "a-1 took node a's slot")
+    assert not waiters["b-1"].done()
+    for task in waiters.values():
+        task.cancel()
+    await asyncio.gather(*waiters.values(), return_exceptions=True)
+    assert await sem.waiters() == 0
+    assert await make_semaphore()._redis.hlen(keys.semaphore_keys(sem.name).waiter_priorities) == 0
+
+
+def keys_node(name: str) -> Scope:
+    return Scope(keys.node_scope(name), 1)
+
+
+async def _held(sem: RedisSemaphore, holder: str) -> bool:
+    return holder in {info.holder for info in await sem.holders()}
+
+
+async def test_a_prioritised_newcomer_waits_behind_a_more_urgent_waiter(make_semaphore: SemaphoreFactory) -> None:
+    sem = make_semaphore(own_client=True)
+    one = Scope(keys.CLUSTER_SCOPE, 1)
+    first = await sem.try_acquire("h", [one])
+    assert first is not None
+    urgent = asyncio.create_task(make_semaphore(own_client=True).acquire("u", [one], priority=-5.0))
+    await eventually(lambda: _waiters_are(sem, 1), "u waits")
+    # The slot is free for an instant between the release and u's attempt: a newcomer with a larger
+    # number must not take it.
+    await sem.release("h", token=first.token)
+    late = await sem.try_acquire("late", [one], priority=3.0)
+    lease = await asyncio.wait_for(urgent, PATIENCE_S)
+    assert late is None or lease is None  # never both
+    assert {info.holder for info in await sem.holders()} == {"u"}
+
+
 async def test_on_wait_is_awaited_once_before_waiting(make_semaphore: SemaphoreFactory) -> None:
     sem = make_semaphore()
     first = await sem.try_acquire("a", [CLUSTER])
@@ -628,6 +693,7 @@ def test_semaphore_keys_share_one_hash_tag() -> None:
         sem_keys.holders,
         sem_keys.fence,
         sem_keys.waiters,
+        sem_keys.waiter_priorities,
         sem_keys.scopes,
         sem_keys.released_channel,
         sem_keys.lease("d1/ns/vm/0"),

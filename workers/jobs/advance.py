@@ -3,7 +3,13 @@ finish nodes, close the drain)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from redis.asyncio.lock import Lock
+from redis.exceptions import LockError, LockNotOwnedError, RedisError
 
 from orchestrator import keys
 from orchestrator import kube as k
@@ -24,7 +30,17 @@ from workers.jobs.common import (
     log,
     retrying,
 )
-from workers.jobs.decisions import capacity_verdict, drain_verdict, feed_window
+from workers.jobs.decisions import (
+    capacity_verdict,
+    drain_verdict,
+    feed_window,
+    migration_work_s,
+    node_priorities,
+)
+from workers.jobs.tune import restore_tuning
+
+PRIORITIES_TTL_S = 2 * 24 * 3600
+"""The priorities hash lives as long as a drain's queued jobs may (rewritten on every advance)."""
 
 
 # ================================================================================================ advance
@@ -39,9 +55,51 @@ async def advance_job(ctx: Ctx, drain_id: str) -> str:
 async def advance_drain(ctx: Ctx, drain_id: str, *, ensure: bool = False) -> None:
     """Do whatever the drain needs next; safe to call any time, from any worker, any number of times.
     `ensure` (the reconciler) also re-enqueues the jobs of VMs that should have one, in case one was lost."""
-    lock = ctx["redis"].lock(keys.drain_lock_key(drain_id), timeout=60, blocking_timeout=30)
-    async with lock:
+    lock = ctx["redis"].lock(keys.drain_lock_key(drain_id), timeout=ADVANCE_LOCK_S, blocking_timeout=30)
+    async with _held(lock):
         await _advance(ctx, drain_id, ensure=ensure)
+
+
+ADVANCE_LOCK_S = 60
+_releasing: set[asyncio.Task[None]] = set()
+"""Lock releases still waiting for Redis (referenced until done)."""
+
+
+@contextlib.asynccontextmanager
+async def _held(lock: Lock) -> AsyncIterator[None]:
+    """Hold `lock` for the block. A release that fails because Redis is away goes on in the background until
+    Redis answers or the lock expires: otherwise a Redis restart during an advance left the drain's advance
+    step locked for the lock's whole timeout (every advance meanwhile waited 30 s and retried)."""
+    if not await lock.acquire():
+        # A RedisError, so `retrying` runs the job again later (redis-py leaves LockError's __init__ unannotated).
+        raise LockError("Unable to acquire lock within the time specified")  # type: ignore[no-untyped-call]
+    token = lock.local.token
+    try:
+        yield
+    finally:
+        try:
+            await lock.release()
+        except LockNotOwnedError:
+            pass  # expired meanwhile: nothing of ours to free
+        except (RedisError, OSError) as exc:
+            log.warning("advance.unlock_waits_for_redis", error=str(exc) or type(exc).__name__)
+            task = asyncio.create_task(_release_when_back(lock, token), name="advance-unlock")
+            _releasing.add(task)
+            task.add_done_callback(_releasing.discard)
+
+
+async def _release_when_back(lock: Lock, token: Any) -> None:
+    loop = asyncio.get_running_loop()
+    deadline, backoff = loop.time() + ADVANCE_LOCK_S, 0.25
+    while loop.time() < deadline:
+        await asyncio.sleep(backoff)
+        try:
+            await lock.do_release(token)
+            return
+        except LockNotOwnedError:
+            return
+        except (RedisError, OSError):
+            backoff = min(backoff * 2, 5.0)
 
 
 async def _advance(ctx: Ctx, drain_id: str, *, ensure: bool) -> None:
@@ -97,6 +155,7 @@ async def _advance(ctx: Ctx, drain_id: str, *, ensure: bool) -> None:
             await enqueue_control(ctx, "finish", drain_id, name, job_id=keys.finish_job_id(drain_id, name))
     if not cancelling:
         await _start_nodes(ctx, drain_id, drain, nodes, by_node, active)
+        await _write_priorities(ctx, drain_id, drain, nodes, by_node)
     nodes_now = await store.nodes(drain_id)
     verdict = drain_verdict([n.phase for n in nodes_now.values()], cancelling=cancelling)
     if verdict is not None:
@@ -160,6 +219,25 @@ async def _feed_node(ctx: Ctx, drain_id: str, drain: DrainRecord, open_vms: list
         await enqueue_migrate(ctx, drain_id, vm.vmi, vm.attempt)
 
 
+async def _write_priorities(ctx: Ctx, drain_id: str, drain: DrainRecord, nodes: list[NodeRecord],
+                            by_node: dict[str, list[VmRecord]]) -> None:
+    """Publish each open node's semaphore priority (decisions.node_priorities) for its migrate jobs."""
+    estimate = ctx["settings"].estimate
+    per_node = drain.limits.per_node if drain.limits else ctx["settings"].limits.max_in_flight_per_node
+    bandwidth = estimate.node_bandwidth_bytes_per_s / max(1, per_node)
+    work = {node.node: sum(migration_work_s(vm.memory_bytes, setup_s=estimate.setup_s,
+                                            bandwidth_bytes_per_s=bandwidth)
+                           for vm in by_node.get(node.node, []) if vm.phase in (VmPhase.QUEUED, VmPhase.WAITING))
+            for node in nodes if not node.phase.is_final}
+    if not work:
+        return
+    key = keys.drain_priorities_key(drain_id)
+    async with ctx["redis"].pipeline(transaction=True) as pipe:
+        pipe.hset(key, mapping={n: repr(p) for n, p in node_priorities(work, [n.node for n in nodes]).items()})
+        pipe.expire(key, PRIORITIES_TTL_S)
+        await pipe.execute()
+
+
 def _capacity_gate(ctx: Ctx, drain_nodes: set[str], nodes: list[NodeRecord],
                    by_node: dict[str, list[VmRecord]], name: str) -> tuple[bool, str]:
     """The spare-memory rule, live: free memory on the nodes that count as room must hold what is still to
@@ -198,6 +276,10 @@ async def close_drain(ctx: Ctx, drain_id: str, phase: DrainPhase, message: str) 
     store = ctx["store"]
     drain = await store.get(drain_id)
     nodes = drain.nodes
+    if not drain.phase.is_final:
+        # Before the record turns final: a failed restore runs this step again (the reconciler also
+        # restores for drains that ended without it).
+        await restore_tuning(ctx, drain_id)
     if not drain.phase.is_final and phase is DrainPhase.CANCELLED and drain.cancel is not None \
             and drain.cancel.uncordon:
         uncordoned = []

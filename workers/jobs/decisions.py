@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from orchestrator.model import FailureClass, NodePhase, VmPhase, format_bytes
@@ -118,6 +118,25 @@ def feed_window(open_vms: Sequence[VmRecord], *, window: int) -> Feed:
     fresh = [vm for vm in open_vms if vm.phase is VmPhase.QUEUED and vm.enqueued != vm.attempt]
     fresh.sort(key=lambda vm: (-vm.memory_bytes, vm.vmi))
     return Feed(tuple(live), tuple(fresh[: max(0, window - len(live))]))
+
+
+# ------------------------------------------------------------------------------------------- slots
+def migration_work_s(memory_bytes: int, *, setup_s: float, bandwidth_bytes_per_s: float) -> float:
+    """How long one migration holds a slot, estimated as the planner does: setup + memory / bandwidth."""
+    return setup_s + memory_bytes / max(1.0, bandwidth_bytes_per_s)
+
+
+def node_priorities(work_left_s: Mapping[str, float], order: Sequence[str]) -> dict[str, float]:
+    """The semaphore priority of each running node's migrations (smaller number first): the node with the
+    most slot-seconds of work left goes first, ties in the request's order.
+
+    Nodes drained at once share the cluster's slots but each uses at most its outbound limit; a slot that
+    goes to a nearly empty node leaves the fullest one alone at the end with its outbound limit, while the
+    other cluster slots sit idle (longest-remaining-first keeps the nodes finishing together). Whole
+    seconds, so that estimates a little apart keep the request's order."""
+    index = {node: i for i, node in enumerate(order)}
+    return {node: -float(math.floor(work)) + index.get(node, len(index)) / (len(index) + 1.0)
+            for node, work in work_left_s.items()}
 
 
 # ------------------------------------------------------------------------------------------- nodes

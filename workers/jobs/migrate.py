@@ -114,7 +114,8 @@ async def _migrate(ctx: Ctx, drain_id: str, vmi: str, attempt: int) -> str:
         await advance_drain(ctx, drain_id)
         return VmPhase.CANCELLED.value
     source = rec.node
-    scopes = [Scope(keys.CLUSTER_SCOPE, limits.cluster), Scope(keys.node_scope(source), limits.per_node)]
+    scopes = [Scope(keys.CLUSTER_SCOPE, limits.cluster),
+              Scope(keys.node_scope(source), limits.node_parallel.get(source, limits.per_node))]
     if rec.phase is VmPhase.QUEUED:
         await store.update_vm(drain_id, vmi, assign(phase=VmPhase.WAITING, message="waiting for a migration slot"))
     meta = {"drain_id": drain_id, "vmi": vmi, "attempt": str(attempt), "vmim": f"{ns}/{mig_name}",
@@ -123,9 +124,10 @@ async def _migrate(ctx: Ctx, drain_id: str, vmi: str, attempt: int) -> str:
     async def on_wait() -> None:
         bound.info("semaphore.waiting")
 
+    priority = await _priority(ctx, drain_id, rec)
     result: Outcome | _Busy | None = None
     try:
-        async with hold(ctx["semaphore"], holder, scopes, meta=meta, on_wait=on_wait,
+        async with hold(ctx["semaphore"], holder, scopes, meta=meta, on_wait=on_wait, priority=priority,
                         choose=_target_chooser(ctx, drain_id, vmi, rec, limits, mig_name)) as slot:
             bound.info("semaphore.acquired", token=slot.lease.token, target=keys.inbound_node(slot.lease.chosen))
             result = await _drive(ctx, slot, drain_id=drain_id, vmi=vmi, rec=rec, attempt=attempt,
@@ -142,6 +144,15 @@ async def _migrate(ctx: Ctx, drain_id: str, vmi: str, attempt: int) -> str:
     await _record_outcome(ctx, drain_id, vmi, attempt, result, bound)
     await advance_drain(ctx, drain_id)
     return result.phase.value
+
+
+async def _priority(ctx: Ctx, drain_id: str, rec: VmRecord) -> float | None:
+    """This VM's place in the semaphore's queue: its node's priority (written by the advance step), larger
+    VMs of the node first. None (no order) before the first advance wrote one."""
+    raw = await ctx["redis"].hget(keys.drain_priorities_key(drain_id), rec.node)  # type: ignore[misc]
+    if raw is None:
+        return None
+    return float(raw) - rec.memory_bytes / 1e15
 
 
 async def _wait_elsewhere(ctx: Ctx, drain_id: str, vmi: str, rec: VmRecord, limits: DrainLimits,

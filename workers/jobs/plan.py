@@ -18,6 +18,7 @@ from orchestrator.planner import PlanError, plan_drain
 from orchestrator.records import DrainLimits, DrainRecord, NodeRecord, VmRecord
 from workers.jobs.advance import advance_drain, close_drain
 from workers.jobs.common import NODE_ANNOTATION, Ctx, assign, guarded, log
+from workers.jobs.tune import TuneConflict, apply_tuning, tuned_values
 
 
 # =================================================================================================== plan
@@ -61,6 +62,9 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
             vms[decision.vmi] = _vm_record(decision.vmi, node_plan.node, VmPhase.BLOCKED, decision.verdict,
                                            decision.reason)
     limits = plan.limits
+    node_parallel: dict[str, int] = {}
+    if plan.tuned and plan.tuning is not None:
+        node_parallel = {n["node"]: int(n["parallel"]) for n in plan.tuning["nodes"]}
 
     def running(d: DrainRecord) -> bool | None:
         if d.phase is not DrainPhase.PLANNING:
@@ -75,7 +79,8 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
                                max_attempts=limits.max_attempts,
                                pending_timeout_s=limits.pending_timeout_s,
                                completion_timeout_per_gib=limits.completion_timeout_per_gib.effective,
-                               progress_timeout_s=limits.progress_timeout_s.effective)
+                               progress_timeout_s=limits.progress_timeout_s.effective,
+                               node_parallel=node_parallel)
         d.estimate_s = plan.estimate.total_s
         d.warnings = list(plan.warnings)
         return None
@@ -86,6 +91,13 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
         if (await store.get(drain_id)).phase is not DrainPhase.PLANNING:
             bound.info("drain.plan_dropped", reason="cancelled while planning")
         else:
+            if plan.tuned and plan.tuning is not None:
+                try:
+                    await apply_tuning(ctx, drain_id, tuned_values(dict(plan.tuning)))
+                except TuneConflict as exc:
+                    await close_drain(ctx, drain_id, DrainPhase.FAILED, f"cannot tune: {exc}")
+                    bound.warning("drain.refused", error=str(exc))
+                    return DrainPhase.FAILED.value
             await store.create_children(drain_id, nodes=nodes, vms=vms)
             for node in plan.drain_nodes:
                 await ctx["kube"].cordon(node, annotations={NODE_ANNOTATION: drain_id})

@@ -1,0 +1,163 @@
+"""Migration limits tuned for one drain's window: pure arithmetic, no I/O.
+
+KubeVirt's defaults (5 migrations per cluster, 2 outbound per node, bandwidth unlimited) are sized for a
+cluster at work, not for a maintenance window: at those limits the setup of each migration (its target pod,
+5-20 s) dominates a drain and the NICs sit idle most of the time. For the drain's window we pick, per
+source node, how many migrations may run at once so that the node's migration NIC stays busy, but no more
+than every VM on it can afford: a VM converges by pre-copy only if it gets more bandwidth than it dirties
+memory, or if its writable working set fits the downtime budget (migration-model.md 1.2: D < B or
+WWS <= B x d_max). A node with a VM that needs more bandwidth runs fewer migrations (fewer neighbours).
+
+Model (migration-model.md 1.2 and 3.3, with guest memory as the volume since the resident size is unknown
+to us): a migration holds a slot for a + V/b + z (setup, volume over its bandwidth, cleanup). With P at
+once sharing a node's NIC of bandwidth B, the transfers together take sum V / B whatever P, while the setups
+and cleanups overlap P at a time, so the node takes about
+
+    T(P) = max( sum (a + z) / P + sum V / B,  max (a + z + V/B) )
+
+More at once always helps, less and less: P is the smallest that brings the setup term down to
+SETUP_SHARE of the transfer term, capped by convergence (each VM keeps the share it needs), by the number
+of VMs and by `max_per_node`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+CONVERGENCE_MARGIN = 2.0
+"""A VM's share of bandwidth must be at least this many times its dirty rate (pre-copy rounds halve)."""
+SETUP_SHARE = 0.25
+"""Setups may add at most this fraction of the NIC time to a node's drain (what P aims for)."""
+DOWNTIME_S = 0.3
+"""KubeVirt's hard-coded switch-over budget (migration-model.md 1.5)."""
+
+
+@dataclass(frozen=True)
+class TuneVm:
+    """What the tuner knows of one VM to migrate."""
+
+    vmi: str
+    node: str
+    memory_bytes: int
+    dirty_bytes_per_s: float | None = None
+    """None: unknown (no metrics); the VM is then assumed to converge at any share above `min_share`."""
+    wws_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class NodeTuning:
+    node: str
+    bandwidth_bytes_per_s: float
+    parallel: int
+    """Migrations out of this node at once (drainctl's own per-node limit)."""
+    convergence_cap: int
+    """The most migrations the node's hungriest VM allows at once."""
+    limited_by: str | None
+    """The VM that set convergence_cap, when it is below what the NIC would use."""
+    predicted_s: float
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Limits for one drain's window and what they should achieve."""
+
+    parallel_per_cluster: int
+    parallel_outbound_per_node: int
+    """KubeVirt's parallelOutboundMigrationsPerNode: the largest of the nodes' own limits."""
+    bandwidth_per_migration_bytes: int
+    """KubeVirt's bandwidthPerMigration; 0 = unlimited (a VM may use a whole NIC when it is alone)."""
+    nodes: tuple[NodeTuning, ...]
+    predicted_makespan_s: float
+    reasons: tuple[str, ...]
+
+    def node(self, name: str) -> NodeTuning | None:
+        return next((n for n in self.nodes if n.node == name), None)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "parallel_per_cluster": self.parallel_per_cluster,
+            "parallel_outbound_per_node": self.parallel_outbound_per_node,
+            "bandwidth_per_migration_bytes": self.bandwidth_per_migration_bytes,
+            "predicted_makespan_s": round(self.predicted_makespan_s, 1),
+            "nodes": [{"node": n.node, "bandwidth_bytes_per_s": n.bandwidth_bytes_per_s, "parallel": n.parallel,
+                       "convergence_cap": n.convergence_cap, "limited_by": n.limited_by,
+                       "predicted_s": round(n.predicted_s, 1)} for n in self.nodes],
+            "reasons": list(self.reasons),
+        }
+
+
+def needed_share(vm: TuneVm, *, min_share: float) -> float:
+    """The least bandwidth with which `vm` still converges by pre-copy, with margin."""
+    if vm.dirty_bytes_per_s is None:
+        return min_share
+    if vm.wws_bytes is not None and vm.wws_bytes <= min_share * DOWNTIME_S:
+        return min_share  # its working set fits the downtime budget at any share we would give
+    return max(min_share, CONVERGENCE_MARGIN * vm.dirty_bytes_per_s)
+
+
+def node_time_s(vms: Sequence[TuneVm], *, parallel: int, bandwidth: float, setup_s: float,
+                cleanup_s: float) -> float:
+    """T(P) of the module docstring for one node's VMs."""
+    if not vms:
+        return 0.0
+    volume_s = sum(vm.memory_bytes for vm in vms) / bandwidth
+    longest = max(setup_s + cleanup_s + vm.memory_bytes / bandwidth for vm in vms)
+    return max(len(vms) * (setup_s + cleanup_s) / parallel + volume_s, longest)
+
+
+def tune(vms: Sequence[TuneVm], *, bandwidth: Mapping[str, float], waves: Sequence[Sequence[str]],
+         setup_s: float, cleanup_s: float = 2.0, max_per_node: int = 8, min_share: float = 125e6,
+         current_bandwidth_per_migration: int = 0) -> Tuning:
+    """Limits for draining `waves` (nodes drained at once, one wave after the other) of `vms`.
+
+    `bandwidth` is each source node's migration bandwidth in bytes/s; `min_share` the least bandwidth any
+    migration gets (1 Gbit/s by default); `max_per_node` caps the outbound limit whatever the model says."""
+    if max_per_node < 1:
+        raise ValueError(f"max_per_node: {max_per_node} must be >= 1")
+    by_node: dict[str, list[TuneVm]] = {}
+    for vm in vms:
+        by_node.setdefault(vm.node, []).append(vm)
+    reasons: list[str] = []
+    tuned: list[NodeTuning] = []
+    for wave in waves:
+        for node in wave:
+            node_vms = by_node.get(node, [])
+            b = float(bandwidth[node])
+            if b <= 0:
+                raise ValueError(f"bandwidth of {node}: {b} must be > 0")
+            # Convergence: P <= B / need for every VM on the node.
+            cap, limited_by = max_per_node, None
+            for vm in node_vms:
+                allowed = max(1, math.floor(b / needed_share(vm, min_share=min_share)))
+                if allowed < cap:
+                    cap, limited_by = allowed, vm.vmi
+            if node_vms:
+                volume_s = sum(vm.memory_bytes for vm in node_vms) / b
+                overhead_s = len(node_vms) * (setup_s + cleanup_s)
+                enough = max(1, math.ceil(overhead_s / max(SETUP_SHARE * volume_s, 1e-9)))
+            else:
+                enough = 1
+            parallel = max(1, min(cap, enough, max(1, len(node_vms))))
+            if limited_by is not None and cap < enough:
+                reasons.append(f"{node}: {parallel} at once, not {min(enough, max_per_node)}: {limited_by} needs "
+                               f"{b / cap / 1e6:.0f} MB/s or more to converge")
+            tuned.append(NodeTuning(node=node, bandwidth_bytes_per_s=b, parallel=parallel, convergence_cap=cap,
+                                    limited_by=limited_by if cap < enough else None,
+                                    predicted_s=node_time_s(node_vms, parallel=parallel, bandwidth=b,
+                                                            setup_s=setup_s, cleanup_s=cleanup_s)))
+    per = {n.node: n for n in tuned}
+    cluster = max((sum(per[n].parallel for n in wave) for wave in waves if wave), default=1)
+    outbound = max((n.parallel for n in tuned), default=1)
+    makespan = sum(max((per[n].predicted_s for n in wave), default=0.0) for wave in waves)
+    reasons.append(f"{cluster} migrations cluster-wide: the sum of the per-node limits of the largest wave")
+    per_migration = 0
+    if current_bandwidth_per_migration > 0:
+        need = max((needed_share(vm, min_share=min_share) for vm in vms), default=0.0)
+        per_migration = max(current_bandwidth_per_migration, math.ceil(need))
+        if per_migration > current_bandwidth_per_migration:
+            reasons.append(f"bandwidthPerMigration raised to {per_migration / 1e6:.0f} MB/s so every VM converges")
+    return Tuning(parallel_per_cluster=cluster, parallel_outbound_per_node=outbound,
+                  bandwidth_per_migration_bytes=per_migration, nodes=tuple(tuned), predicted_makespan_s=makespan,
+                  reasons=tuple(reasons))
