@@ -130,20 +130,23 @@ async def run_demo(*, scenario: str = "small", seed: int | None = None, time_sca
             def connect() -> Awaitable[Kube]:
                 return Kube.connect(kubeconfig=kubeconfig)
 
-            pool = [build_worker(settings, redis=await new_pool(), handle_signals=False, kube_factory=connect,
-                                 poll_delay=0.05) for _ in range(workers)]
             redis = await new_pool()
-            tasks = [asyncio.create_task(w.async_run(), name=f"demo-worker-{i}") for i, w in enumerate(pool)]
             kube = await Kube.connect(kubeconfig=kubeconfig)
+            pool: list[Any] = []
+            tasks: list[asyncio.Task[Any]] = []
             try:
                 service = DrainService(redis=redis, settings=settings, kube=kube)
                 parallel = max(1, min(loaded.parallel_hint, len(nodes)))
                 request = DrainRequest(nodes=tuple(NodeName(n) for n in nodes), max_parallel_nodes=parallel,
                                        non_migratable=NonMigratablePolicy(non_migratable))
+                # Plan before any worker starts: a refused drain (PlanError) leaves nothing running.
                 plan = await service.plan(request)
                 say(f"draining [bold]{', '.join(nodes)}[/]: {sum(1 for _ in plan.jobs())} VMs to migrate, "
                     f"{len(plan.blocked)} blocked, {len(plan.skipped)} skipped; capacity: {plan.capacity.message}; "
                     f"estimate {plan.estimate.total_s:.0f} cluster s")
+                pool = [build_worker(settings, redis=await new_pool(), handle_signals=False, kube_factory=connect,
+                                     poll_delay=0.05) for _ in range(workers)]
+                tasks = [asyncio.create_task(w.async_run(), name=f"demo-worker-{i}") for i, w in enumerate(pool)]
                 record, _ = await service.submit(request, source="demo")
                 drain_id = record.id
                 followed = await follow(service, drain_id, console=console, timeout_s=timeout_s,
