@@ -18,6 +18,7 @@ Layout (``{id}`` is substituted, ``{{...}}`` below is a literal Redis Cluster ha
 ``drainctl:node:{node}:drain``                  which drain owns a node (node lock)
 ``drainctl:idem:{key}``                         idempotency key of a request
 ``drainctl:epoch``                              this Redis's epoch (a Redis that lost its data has none)
+``drainctl:epoch:scanned``                      the epoch whose cluster scan for lost drains is done
 ``drainctl:lost:{id}``                          a drain found lost after Redis came back empty (report)
 ``{{drainctl:sem:{name}}}:...``                 one semaphore; see :class:`SemaphoreKeys`
 ``{queue}:health-check``                        arq's worker heartbeat (written by every live worker)
@@ -42,6 +43,9 @@ CANCEL_CHANNEL = f"{PREFIX}:cancel"
 EPOCH_KEY = f"{PREFIX}:epoch"
 """The epoch of this Redis's data: written once by the first process that finds it missing. A process that
 knew another epoch (or none at all in a Redis that holds nothing else) knows the data was lost."""
+
+EPOCH_SCANNED_KEY = f"{EPOCH_KEY}:scanned"
+"""The epoch for which the cluster was scanned for drains a data loss left behind (see orchestrator.epoch)."""
 
 CLUSTER_SCOPE = "cluster"
 TUNE_KEY = f"{PREFIX}:tune:kubevirt"
@@ -134,6 +138,11 @@ def migrate_job_id(drain_id: str, namespace: str, name: str, *, attempt: int) ->
         f"migrate:{_part(drain_id, 'drain id')}:{_part(namespace, 'namespace')}/"
         f"{_part(name, 'VMI name')}:{attempt}"
     )
+
+
+def dry_plan_job_id(nonce: str) -> str:
+    """A dry run planned by a worker for a caller that waits for the answer (`DrainService.plan`)."""
+    return f"dry-plan:{_part(nonce, 'nonce')}"
 
 
 def advance_job_id(drain_id: str, nonce: int) -> str:

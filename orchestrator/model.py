@@ -42,6 +42,17 @@ WORKLOAD_UPDATE_MIGRATION_ANNOTATION = "kubevirt.io/workloadUpdateMigration"
 DRAIN_ID_LABEL = "drainctl.io/drain-id"
 """Label on every VMIM drainctl creates; its value is the drain id (rule: writes carry their origin)."""
 ATTEMPT_LABEL = "drainctl.io/attempt"
+VMI_LABEL = "drainctl.io/vmi"
+"""Label on our VMIMs: the VMI's name (selectable, unlike spec.vmiName)."""
+NODE_DRAIN_ANNOTATION = "drainctl.io/drain-id"
+"""Annotation on a node cordoned by a drain: the drain id (an uncordon on cancel only touches its own)."""
+NODE_DRAINED_ANNOTATION = "drainctl.io/drained-at"
+"""Annotation on a node: when its drain finished it."""
+FENCING_TOKEN_ANNOTATION = "drainctl.io/fencing-token"
+"""Annotation on our VMIMs: the semaphore lease token that created it."""
+SOURCE_NODE_ANNOTATION = "drainctl.io/source-node"
+UNSCHEDULABLE_TIMEOUT_ANNOTATION = "kubevirt.io/migrationUnschedulablePodTimeoutSeconds"
+"""KubeVirt's per-VMIM limit on an unschedulable target pod; we set it to our pending timeout."""
 
 HOST_MODEL = "host-model"
 HOST_PASSTHROUGH = "host-passthrough"
@@ -446,6 +457,9 @@ class ClusterSnapshot:
     migration_config: MigrationConfig = MigrationConfig()
     cluster_eviction_strategy: EvictionStrategy | None = None
     """KubeVirt.spec.configuration.evictionStrategy; None when unset (KubeVirt then defaults to None)."""
+    pod_memory: Mapping[str, int] | None = field(default=None, hash=False, compare=False)
+    """Memory requested by the live pods of each node, when the snapshot carries the sums instead of every pod
+    (a snapshot for a drain holds only the pods of the nodes it drains); None: summed from ``pods``."""
 
     _nodes_by_name: Mapping[str, Node] = field(init=False, repr=False, compare=False, hash=False)
     _vmis_by_node: Mapping[str, tuple[Vmi, ...]] = field(init=False, repr=False, compare=False, hash=False)
@@ -495,6 +509,12 @@ class ClusterSnapshot:
 
     def vmi(self, key: str) -> Vmi | None:
         return self._vmis_by_key.get(key)
+
+    def pod_memory_on(self, node: str) -> int:
+        """Memory requested by the pods on ``node`` that are not final (what the node has given away)."""
+        if self.pod_memory is not None:
+            return self.pod_memory.get(node, 0)
+        return sum(p.memory_request_bytes for p in self.pods_on(node) if not p.is_final)
 
     def migrations_for(self, key: str) -> tuple[Migration, ...]:
         """Every VMIM naming the VMI ``key`` (namespace/name), final or not."""

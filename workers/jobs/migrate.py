@@ -17,15 +17,26 @@ from arq.worker import Retry
 
 from orchestrator import keys
 from orchestrator import kube as k
-from orchestrator.model import DrainPhase, FailureClass, VmPhase, split_vmi_key
+from orchestrator.model import (
+    ATTEMPT_LABEL,
+    DRAIN_ID_LABEL,
+    FENCING_TOKEN_ANNOTATION,
+    FINAL_MIGRATION_PHASES,
+    SOURCE_NODE_ANNOTATION,
+    UNSCHEDULABLE_TIMEOUT_ANNOTATION,
+    VMI_LABEL,
+    DrainPhase,
+    FailureClass,
+    VmPhase,
+    split_vmi_key,
+)
 from orchestrator.placement import choose_target
 from orchestrator.records import AttemptRecord, DrainLimits, DrainRecord, VmRecord
 from orchestrator.rules import vm_memory_on_target
 from orchestrator.snapshot import parse_vmi
-from orchestrator.view import ATTEMPT_LABEL, DRAIN_LABEL, VMI_LABEL, ClusterView
+from orchestrator.view import ClusterView
 from workers.jobs.advance import advance_drain
 from workers.jobs.common import (
-    FINAL_VMIM,
     QUARANTINE_AFTER,
     Ctx,
     Obj,
@@ -56,6 +67,8 @@ CANCEL_POLL_S = 5.0
 
 # ================================================================================================ migrate
 async def migrate_job(ctx: Ctx, drain_id: str, vmi: str, attempt: int) -> str:
+    # No per-job heartbeat: a started job leaves arq's queue and its worker's alive key stands for it; when that
+    # key expires (kill -9) the job goes back into the queue within seconds (workers.loop.requeue_orphans).
     async def failed(reason: str) -> None:
         await _record_outcome(ctx, drain_id, vmi, attempt,
                               Outcome(VmPhase.FAILED, target=None, reason=reason, failure=FailureClass.UNKNOWN),
@@ -192,7 +205,7 @@ async def _drive(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec: VmRe
     except BaseException:
         ns, _ = split_vmi_key(vmi)
         current = ctx["view"].vmims.get(f"{ns}/{mig_name}")
-        if touched and (current is None or (current.get("status") or {}).get("phase") not in FINAL_VMIM):
+        if touched and (current is None or (current.get("status") or {}).get("phase") not in FINAL_MIGRATION_PHASES):
             slot.keep()
         raise
 
@@ -240,10 +253,10 @@ async def _drive_inner(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec
         body = {
             "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
             "metadata": {"name": mig_name, "namespace": ns,
-                         "labels": {DRAIN_LABEL: drain_id, ATTEMPT_LABEL: str(attempt), VMI_LABEL: name},
-                         "annotations": {"drainctl.io/fencing-token": str(slot.lease.token),
-                                         "drainctl.io/source-node": source,
-                                         "kubevirt.io/migrationUnschedulablePodTimeoutSeconds":
+                         "labels": {DRAIN_ID_LABEL: drain_id, ATTEMPT_LABEL: str(attempt), VMI_LABEL: name},
+                         "annotations": {FENCING_TOKEN_ANNOTATION: str(slot.lease.token),
+                                         SOURCE_NODE_ANNOTATION: source,
+                                         UNSCHEDULABLE_TIMEOUT_ANNOTATION:
                                              str(int(limits.pending_timeout_s))}},
             "spec": {"vmiName": name, "addedNodeSelector": {"kubernetes.io/hostname": target}},
         }
@@ -322,6 +335,10 @@ def _target_chooser(ctx: Ctx, drain_id: str, vmi: str, rec: VmRecord, limits: Dr
                 raise _Settled(Outcome(VmPhase.SUCCEEDED, target=now_node, reason=f"already running on {now_node}"))
             fetched.append(vmi_obj)
         drain = await ctx["store"].get(drain_id)
+        if drain.phase is DrainPhase.CANCELLING or drain.phase.is_final:
+            # Cancelled while this job waited for room: it never started, and stops waiting now.
+            raise _Settled(Outcome(VmPhase.CANCELLED, target=None, reason="the drain was cancelled",
+                                   failure=FailureClass.ABORTED))
         choice = _choose(ctx, fetched[0], rec.node, rec, limits, quarantined=set(drain.quarantined),
                          max_inbound=None)
         if not choice.ranked:

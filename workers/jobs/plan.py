@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 from orchestrator import keys
 from orchestrator import kube as k
 from orchestrator.model import (
+    NODE_DRAIN_ANNOTATION,
     DrainPhase,
     DrainRequest,
     NodePhase,
@@ -16,9 +18,25 @@ from orchestrator.model import (
 )
 from orchestrator.planner import PlanError, plan_drain
 from orchestrator.records import DrainLimits, DrainRecord, NodeRecord, VmRecord
+from orchestrator.settings import Settings
+from orchestrator.view import drain_snapshot
 from workers.jobs.advance import advance_drain, close_drain
-from workers.jobs.common import NODE_ANNOTATION, Ctx, assign, guarded, log
+from workers.jobs.common import Ctx, assign, guarded, log
 from workers.jobs.tune import TuneConflict, apply_tuning, tuned_values
+
+
+# =============================================================================================== dry plan
+async def dry_plan_job(ctx: Ctx, request: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """A dry run for a caller (`DrainService.plan`) from this worker's warm view: the caller lists nothing.
+    Returns {"plan": plan JSON} or {"refused": [problems]}; the caller's settings, so the answer is the one it
+    would have computed itself."""
+    drain_request = DrainRequest.from_json(request)
+    snapshot = await drain_snapshot(ctx["kube"], [str(n) for n in drain_request.nodes], ctx.get("view"))
+    try:
+        plan = plan_drain(snapshot, drain_request, settings, now=time.time())
+    except PlanError as exc:
+        return {"refused": list(exc.problems)}
+    return {"plan": plan.to_json()}
 
 
 # =================================================================================================== plan
@@ -39,7 +57,7 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
     if drain.phase is DrainPhase.PENDING:
         await store.update(drain_id, _only_from(DrainPhase.PENDING, phase=DrainPhase.PLANNING, message="planning"))
     request = DrainRequest.from_json(drain.request)
-    snapshot = await ctx["kube"].snapshot()
+    snapshot = await drain_snapshot(ctx["kube"], [str(n) for n in request.nodes], ctx.get("view"))
     try:
         plan = plan_drain(snapshot, request, ctx["settings"], now=ctx["clock"].time(), drain_id=drain_id)  # type: ignore[arg-type]
     except PlanError as exc:
@@ -100,7 +118,7 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
                     return DrainPhase.FAILED.value
             await store.create_children(drain_id, nodes=nodes, vms=vms)
             for node in plan.drain_nodes:
-                await ctx["kube"].cordon(node, annotations={NODE_ANNOTATION: drain_id})
+                await ctx["kube"].cordon(node, annotations={NODE_DRAIN_ANNOTATION: drain_id})
                 await store.update_node(drain_id, node, assign(phase=NodePhase.CORDONED))
                 node_obj = await ctx["kube"].find(k.NODES, node)
                 if node_obj is not None:
