@@ -21,6 +21,7 @@ Layout (``{id}`` is substituted, ``{{...}}`` below is a literal Redis Cluster ha
 ``drainctl:epoch:scanned``                      the epoch whose cluster scan for lost drains is done
 ``drainctl:lost:{id}``                          a drain found lost after Redis came back empty (report)
 ``{{drainctl:sem:{name}}}:...``                 one semaphore; see :class:`SemaphoreKeys`
+``{queue}:health-check``                        arq's worker heartbeat (written by every live worker)
 ==============================================  =====================================================
 
 arq job ids are deterministic so that a job enqueued twice runs once (arq dedupes on the id):
@@ -61,6 +62,15 @@ def _part(value: str, what: str) -> str:
     if "\n" in value:
         raise ValueError(f"{what} must not contain a newline: {value!r}")
     return value
+
+
+# Workers ------------------------------------------------------------------------------------------
+
+
+def worker_health_key(queue_name: str) -> str:
+    """arq's heartbeat of the workers on one queue (``{queue}:health-check``, arq's own format): every live
+    worker rewrites it with a TTL just above its health-check interval, so its absence means no worker."""
+    return f"{_part(queue_name, 'queue name')}:health-check"
 
 
 # Drains -------------------------------------------------------------------------------------------
