@@ -161,6 +161,9 @@ class DrainRequestBody(BaseModel):
     uncordon_on_cancel: bool = Field(True, description="Uncordon the nodes when the drain is cancelled.")
     tune: bool = Field(False, description="Set KubeVirt's migration limits computed for this drain while it runs "
                                           "(the plan shows them), and restore the previous ones when it ends.")
+    last_resort_targets: list[NodeNameStr] = Field(
+        [], max_length=MAX_REQUEST_NODES, description="Nodes a VM goes to only when no other node has room "
+                                                      "(a rollout's nodes still waiting for maintenance).")
 
     @field_validator("nodes")
     @classmethod

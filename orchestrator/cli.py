@@ -483,6 +483,56 @@ def drain(ctx: typer.Context, nodes: NodesArg, max_parallel_nodes: ParallelOpt =
     raise typer.Exit(_run(g, with_service(g, go)))
 
 
+# ================================================================================================= rollout
+@app.command()
+def rollout(ctx: typer.Context, nodes: Annotated[list[str], typer.Argument(help="nodes to maintain, in order")],
+            step_command: Annotated[str, typer.Option(help="the maintenance step, run through the shell once per "
+                                                           "node with DRAIN_NODE set; exit 0 means done. It may "
+                                                           "run again for a node after a crash: make it idempotent")],
+            max_unavailable: Annotated[int, typer.Option(help="nodes under maintenance at once (the next "
+                                                              "node is drained meanwhile)")] = 1,
+            non_migratable: PolicyOpt = "block",
+            max_attempts: Annotated[int | None, typer.Option(help="attempts per VM, 1..100 (default 3)")] = None,
+            wait: Annotated[bool, typer.Option("--wait", help="run the rollout in this process until it ends "
+                                                               "(required)")] = False,
+            output: OutputOpt = None) -> None:
+    """Rolling maintenance of NODES: drain each in turn, run the step, uncordon, go on; each VM moves once
+    where room allows (nodes still waiting for maintenance are targets of last resort)."""
+    from orchestrator.planner import PlanError
+    from orchestrator.rollout import check_rollout
+    from orchestrator.rollout import rollout as run_rollout
+    from orchestrator.service import NodeConflict
+
+    out = _output(ctx, output)
+    problem = check_rollout(nodes, max_unavailable, step_command)
+    if problem:
+        fail(EXIT_USAGE, problem)
+    if not wait:
+        fail(EXIT_USAGE, "--wait: required: the rollout runs in this process (it is not kept by the workers)")
+    base = _request(nodes, 1, "given", non_migratable, max_attempts)
+
+    async def go(service: DrainService) -> int:
+        await check_time_scale(service.settings, service.kube, who="drainctl")
+        try:
+            result = await run_rollout(service, nodes, max_unavailable=max_unavailable, step_command=step_command,
+                                       base=base, notice=note)
+        except PlanError as exc:
+            _refused(exc, out)
+        except NodeConflict as exc:
+            fail(EXIT_CONFLICT, f"conflict: {exc}")
+        if out == "json":
+            print(json.dumps(result.to_json(), indent=2))
+        else:
+            console = stdout_console()
+            for n in result.nodes:
+                console.print(f"{n.node}: {'[green]maintained[/]' if n.done else '[red]not maintained[/]'}"
+                              f" (drain {n.drain_id or '-'}, step exit {n.step_exit})"
+                              + (f": {n.problem}" if n.problem else ""), highlight=False)
+        return EXIT_OK if result.ok else EXIT_NOT_DRAINED
+
+    raise typer.Exit(_run(ctx.obj, with_service(ctx.obj, go)))
+
+
 def _check_timeout(timeout: float | None, wait: bool) -> None:
     import math
 

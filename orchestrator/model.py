@@ -592,11 +592,14 @@ class DrainRequest:
     uncordon_on_cancel: bool = True
     tune: bool = False
     """Apply limits computed for this drain to KubeVirt while it runs (orchestrator.tuning), then restore."""
+    last_resort_targets: tuple[NodeName, ...] = ()
+    """Nodes a VM goes to only when no other node has room (a rollout's nodes still waiting for maintenance)."""
 
     def __post_init__(self) -> None:
         # Accept plain strings and lists from callers; store the canonical enum and tuple forms so that
         # identity checks (``is NodeOrder.PLANNER``) and hashing work. Bad values raise ValueError here.
         object.__setattr__(self, "nodes", tuple(NodeName(n) for n in self.nodes))
+        object.__setattr__(self, "last_resort_targets", tuple(NodeName(n) for n in self.last_resort_targets))
         object.__setattr__(self, "order", NodeOrder(self.order))
         object.__setattr__(self, "non_migratable", NonMigratablePolicy(self.non_migratable))
         for name, bound in REQUEST_BOUNDS.items():
@@ -645,6 +648,10 @@ class DrainRequest:
         tune = data.get("tune", False)
         if not isinstance(tune, bool):
             raise ValueError(f"drain request: tune: expected true or false, got {tune!r}")
+        last_resort = data.get("last_resort_targets", ())
+        if not isinstance(last_resort, Sequence) or isinstance(last_resort, str | bytes) \
+                or not all(isinstance(n, str) and n for n in last_resort):
+            raise ValueError(f"drain request: last_resort_targets: expected a list of node names, got {last_resort!r}")
         max_parallel = _req_int(data, "max_parallel_nodes", 1)
         assert max_parallel is not None
         return cls(
@@ -658,6 +665,7 @@ class DrainRequest:
             max_attempts=_req_int(data, "max_attempts", None),
             uncordon_on_cancel=uncordon,
             tune=tune,
+            last_resort_targets=tuple(NodeName(n) for n in last_resort),
         )
 
 

@@ -28,9 +28,11 @@ class Choice:
 
 def choose_target(vmi: Vmi, *, source: Node | None, nodes: Sequence[Node], free: Mapping[str, int],
                   inbound: Mapping[str, int], exclude: Collection[str], need_bytes: int,
-                  max_inbound: int | None) -> Choice:
+                  max_inbound: int | None, last_resort: Collection[str] = ()) -> Choice:
     """The best target and every fitting one, best first. `max_inbound` None leaves the inbound limit to the
-    caller (the migrate job takes it as a semaphore scope: this view of inbound migrations may be stale)."""
+    caller (the migrate job takes it as a semaphore scope: this view of inbound migrations may be stale).
+    Nodes in `last_resort` (a rollout's nodes still waiting for maintenance) are offered only when no other
+    node fits, so a VM is not moved to a node that is drained after it."""
     req = requirement_for(vmi, source)
     fitting: list[Node] = []
     why: dict[str, int] = {}
@@ -53,6 +55,9 @@ def choose_target(vmi: Vmi, *, source: Node | None, nodes: Sequence[Node], free:
             no(f"already receiving {max_inbound} migrations")
         else:
             fitting.append(node)
+    preferred = [n for n in fitting if n.name not in last_resort]
+    if preferred:
+        fitting = preferred
     if not fitting:
         detail = "; ".join(f"{n} node(s) {r}" for r, n in sorted(why.items()))
         return Choice(None, f"no target fits: {detail or 'no other nodes'}", 0)

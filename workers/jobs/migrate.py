@@ -239,7 +239,8 @@ async def _drive_inner(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec
         # Judge the target again on the VMI as it is now (the chooser read it before waiting); this also
         # parses it, so a VMI that became unreadable fails here.
         choice = _choose(ctx, vmi_obj, source, rec, limits, quarantined=set(drain.quarantined),
-                         max_inbound=None if target else limits.inbound)
+                         max_inbound=None if target else limits.inbound,
+                         last_resort=set(drain.request.get("last_resort_targets") or ()))
         if target is None:  # a lease granted before inbound scopes existed: choose as it was chosen then
             if choice.target is None:
                 return Outcome(VmPhase.FAILED, target=None, reason=choice.reason, failure=FailureClass.UNSCHEDULABLE)
@@ -340,7 +341,7 @@ def _target_chooser(ctx: Ctx, drain_id: str, vmi: str, rec: VmRecord, limits: Dr
             raise _Settled(Outcome(VmPhase.CANCELLED, target=None, reason="the drain was cancelled",
                                    failure=FailureClass.ABORTED))
         choice = _choose(ctx, fetched[0], rec.node, rec, limits, quarantined=set(drain.quarantined),
-                         max_inbound=None)
+                         max_inbound=None, last_resort=set(drain.request.get("last_resort_targets") or ()))
         if not choice.ranked:
             raise _Settled(Outcome(VmPhase.FAILED, target=None, reason=choice.reason,
                                    failure=FailureClass.UNSCHEDULABLE))
@@ -351,7 +352,7 @@ def _target_chooser(ctx: Ctx, drain_id: str, vmi: str, rec: VmRecord, limits: Dr
 
 
 def _choose(ctx: Ctx, vmi_obj: Obj, source: str, rec: VmRecord, limits: DrainLimits, *,
-            quarantined: set[str], max_inbound: int | None) -> Any:
+            quarantined: set[str], max_inbound: int | None, last_resort: set[str] | None = None) -> Any:
     view = ctx["view"]
     vmi = parse_vmi(vmi_obj)
     nodes = view.parsed_nodes()
@@ -361,7 +362,7 @@ def _choose(ctx: Ctx, vmi_obj: Obj, source: str, rec: VmRecord, limits: DrainLim
     need = vm_memory_on_target(vmi, launcher_pod_bytes=view.launcher_memory(vmi.namespace, vmi.name))
     return choose_target(vmi, source=by_name.get(source), nodes=nodes, free=free, inbound=inbound,
                          exclude=set(rec.failed_targets) | quarantined, need_bytes=need,
-                         max_inbound=max_inbound)
+                         max_inbound=max_inbound, last_resort=last_resort or ())
 
 
 async def _follow(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, key: str, target: str | None,
