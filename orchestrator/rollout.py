@@ -25,15 +25,13 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.model import NODE_DRAIN_ANNOTATION, DrainPhase, DrainRequest
-from orchestrator.progress import follow
+from orchestrator.model import NODE_DRAIN_ANNOTATION, DrainPhase, DrainRequest, NodeName
+from orchestrator.progress import Notice, follow
 from orchestrator.service import DrainService
-
-Notice = Callable[[str], None]
 
 
 @dataclass
@@ -126,7 +124,8 @@ async def rollout(service: DrainService, nodes: Sequence[str], *, max_unavailabl
                 break
             out = NodeOutcome(node)
             result.nodes.append(out)
-            request = dataclasses.replace(base, nodes=(node,), last_resort_targets=tuple(nodes[i + 1:]))
+            request = dataclasses.replace(base, nodes=(NodeName(node),),
+                                          last_resort_targets=tuple(NodeName(n) for n in nodes[i + 1:]))
             record, _created = await service.submit(request, source="rollout")
             out.drain_id = record.id
             notice(f"{node}: draining (drain {record.id})")

@@ -22,7 +22,8 @@ ROLLOUT = ["worker-02", "worker-03", "worker-04"]
 
 
 def vmis_on(env: Env, node: str) -> list[str]:
-    return sorted(f"{o['metadata']['namespace']}/{o['metadata']['name']}" for o in env.cluster.store.on_node(VMIS, node))
+    return sorted(f"{o['metadata']['namespace']}/{o['metadata']['name']}"
+                  for o in env.cluster.store.on_node(VMIS, node))
 
 
 def cordoned(env: Env, node: str) -> bool:
