@@ -6,7 +6,12 @@ often a node the loop drains next), a fixed maintenance pause in cluster seconds
 Figures from the simulator's ground truth (admin kubeconfig): total cluster seconds, migrations per VM moved
 (1.00 means every VM moved once), VMs moved more than once, bytes sent.
 
-    python -m bench.rollout [--scenario small] [--time-scale 5] [--pause 60] [--json PATH]
+`--modes drainctl,kubectl` runs `drainctl rollout --max-unavailable 1 --step-command "sleep PAUSE" --wait` too
+(emptiest node first: its VMs can only go to nodes the rollout maintains later unless a node is spare), on
+`drainctl worker` processes and a Redis database of its own (`--redis-db`, flushed first).
+
+    python -m bench.rollout [--scenario small] [--time-scale 5] [--pause 60] [--modes drainctl,kubectl]
+                            [--workers 2] [--redis-db 13] [--json PATH]
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ import asyncio
 import json
 import os
 import secrets
+import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.drain import KUBECTL
+from bench.drain import KUBECTL, _workers_ready
 from simulator import scenarios
 from simulator.cluster import running_cluster
 
@@ -62,21 +69,75 @@ async def kubectl_loop(sc: scenarios.Scenario, *, time_scale: float, pause_s: fl
             **rollout_figures(stats, t0, stats["sim_time_s"])}
 
 
+async def drainctl_rollout(sc: scenarios.Scenario, *, time_scale: float, pause_s: float, tmp: Path, workers: int,
+                           redis_db: int) -> dict[str, Any]:
+    """`drainctl rollout` of every worker, emptiest first, one under maintenance at a time."""
+    import redis.asyncio as aioredis
+
+    workers_vms = {n.name: sum(1 for v in sc.vms if v.node == n.name) for n in sc.nodes if not n.control_plane}
+    nodes = sorted(workers_vms, key=lambda n: (workers_vms[n], n))
+    redis_url = f"redis://127.0.0.1:6379/{redis_db}"
+    plain = aioredis.Redis.from_url(redis_url)
+    await plain.flushdb()
+    kubeconfig = tmp / "drainctl.kubeconfig"
+    async with running_cluster(sc, time_scale=time_scale, token=secrets.token_hex(8),
+                               kubeconfig_out=kubeconfig) as rc, rc.admin() as admin:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DRAIN_")}
+        env.update(KUBECONFIG=str(kubeconfig), DRAIN_REDIS_URL=redis_url, DRAIN_TIME_SCALE=str(time_scale),
+                   DRAIN_QUEUE_NAME=f"bench-{secrets.token_hex(3)}")
+        drainctl = str(Path(sys.executable).with_name("drainctl"))
+        procs = [subprocess.Popen([drainctl, "worker"], env=env, stdout=subprocess.DEVNULL,  # noqa: ASYNC220
+                                  stderr=subprocess.DEVNULL, start_new_session=True) for _ in range(workers)]
+        try:
+            await _workers_ready(plain, env["DRAIN_QUEUE_NAME"])
+            t0 = (await admin.stats())["sim_time_s"]
+            proc = await asyncio.create_subprocess_exec(
+                drainctl, "rollout", *nodes, "--max-unavailable", "1", "--step-command",
+                f"sleep {pause_s / time_scale:.3f}", "--wait", "-o", "json", env=env,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            _out, errout = await proc.communicate()
+            stats = await admin.stats()
+        finally:
+            for p in procs:
+                os.killpg(p.pid, signal.SIGTERM)
+            for p in procs:
+                p.wait(15)
+    await plain.aclose()
+    if proc.returncode != 0:
+        raise RuntimeError(f"drainctl rollout exited {proc.returncode}: {errout.decode()[-1000:]}")
+    return {"tool": "drainctl rollout", "nodes": nodes, "pause_s": pause_s,
+            **rollout_figures(stats, t0, stats["sim_time_s"])}
+
+
 async def amain(args: argparse.Namespace) -> int:
     sc = scenarios.builtin(args.scenario, seed=args.seed)
-    with tempfile.TemporaryDirectory(prefix="drainctl-rollout-") as tmp:
-        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-        result = await kubectl_loop(sc, time_scale=args.time_scale, pause_s=args.pause, tmp=Path(tmp))
-    result["load_before"] = load
-    print(f"scenario {sc.name} (seed {sc.seed}): rolling maintenance of {len(result['nodes'])} workers, "
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = sorted(set(modes) - {"drainctl", "kubectl"})
+    if unknown or not modes:
+        print(f"--modes: unknown mode(s) {', '.join(unknown) or '(none given)'}; use drainctl, kubectl",
+              file=sys.stderr)
+        return 2
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    results = []
+    for mode in modes:
+        with tempfile.TemporaryDirectory(prefix="drainctl-rollout-") as tmp:
+            if mode == "kubectl":
+                result = await kubectl_loop(sc, time_scale=args.time_scale, pause_s=args.pause, tmp=Path(tmp))
+            else:
+                result = await drainctl_rollout(sc, time_scale=args.time_scale, pause_s=args.pause, tmp=Path(tmp),
+                                                workers=args.workers, redis_db=args.redis_db)
+        result["load_before"] = load
+        results.append(result)
+    print(f"scenario {sc.name} (seed {sc.seed}): rolling maintenance of {len(results[0]['nodes'])} workers, "
           f"pause {args.pause:.0f} s, time scale {args.time_scale}, load {load}")
     print(f"{'tool':<32} {'total s':>8} {'VMs':>4} {'migr':>5} {'migr/VM':>7} {'moved 2x+':>9} {'failed':>6} "
           f"{'GB sent':>8}")
-    print(f"{result['tool']:<32} {result['total_s']:>8.1f} {result['vms_moved']:>4} {result['migrations']:>5} "
-          f"{result['migrations_per_vm']:>7.2f} {result['moved_more_than_once']:>9} {result['failed']:>6} "
-          f"{result['bytes_sent'] / 1e9:>8.1f}")
+    for result in results:
+        print(f"{result['tool']:<32} {result['total_s']:>8.1f} {result['vms_moved']:>4} {result['migrations']:>5} "
+              f"{result['migrations_per_vm']:>7.2f} {result['moved_more_than_once']:>9} {result['failed']:>6} "
+              f"{result['bytes_sent'] / 1e9:>8.1f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))  # noqa: ASYNC240 - once, at the end
+        Path(args.json).write_text(json.dumps(results, indent=2))  # noqa: ASYNC240 - once, at the end
     return 0
 
 
@@ -86,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--time-scale", type=float, default=5.0)
     parser.add_argument("--pause", type=float, default=60.0, help="maintenance pause per node, cluster seconds")
+    parser.add_argument("--modes", default="kubectl", help="comma-separated: drainctl, kubectl")
+    parser.add_argument("--workers", type=int, default=2, help="drainctl worker processes (drainctl mode)")
+    parser.add_argument("--redis-db", type=int, default=13, help="Redis database, flushed first (drainctl mode)")
     parser.add_argument("--json", default=None, metavar="PATH")
     return asyncio.run(amain(parser.parse_args(argv)))
 
