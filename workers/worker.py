@@ -241,6 +241,6 @@ def build_worker(settings: Settings, *, redis: ArqRedis | None = None, kube_fact
         kwargs["redis_pool"] = redis
     else:
         kwargs["redis_settings"] = RedisSettings.from_dsn(settings.connection.redis_url)
-    # No per-job in-progress renewal (workers.inprogress): it costs a command per running job every few
+    # No per-job in-progress renewal: it costs a command per running job every few
     # seconds, for as long as a migration runs; EventWorker's one alive key per busy worker replaces it.
     return DrainWorker(on_reconnect=check_epoch, **kwargs)

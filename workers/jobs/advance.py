@@ -265,7 +265,7 @@ def _summary(nodes: dict[str, NodeRecord], vms: dict[str, VmRecord]) -> str:
         node_counts[n.phase.value] = node_counts.get(n.phase.value, 0) + 1
     parts = ", ".join(f"{v} {p}" for p, v in sorted(node_counts.items()))
     vm_parts = ", ".join(f"{v} {p}" for p, v in sorted(counts.items()))
-    return f"nodes: {parts}; VMs: {vm_parts}"
+    return f"nodes: {parts}; VMs: {vm_parts or 'none'}"
 
 
 async def close_drain(ctx: Ctx, drain_id: str, phase: DrainPhase, message: str) -> None:

@@ -87,8 +87,7 @@ async def _finish_node(ctx: Ctx, drain_id: str, node: str) -> str:
         await store.update_node(drain_id, node, assign(phase=final, message=message, finished_at=clock.time(),
                                                      evicted=evicted))
         if node_obj is not None:
-            await kube.event(involved=node_obj, reason="DrainFailed", message=message, warning=True,
-                             now_iso=now_iso())
+            await kube.event(involved=node_obj, reason="DrainFailed", message=message, warning=True)
         await store.emit(drain_id, "node.failed", node=node, message=message)
     else:
         await kube.annotate(k.NODES, node, {NODE_DRAINED_ANNOTATION: now_iso(), NODE_DRAIN_ANNOTATION: drain_id})
@@ -96,8 +95,7 @@ async def _finish_node(ctx: Ctx, drain_id: str, node: str) -> str:
                                                      finished_at=clock.time(), evicted=evicted))
         if node_obj is not None:
             await kube.event(involved=node_obj, reason="NodeDrained",
-                             message=f"drainctl drain {drain_id}: every VM migrated, {evicted} pod(s) evicted",
-                             now_iso=now_iso())
+                             message=f"drainctl drain {drain_id}: every VM migrated, {evicted} pod(s) evicted")
         await store.emit(drain_id, "node.drained", node=node, evicted=evicted)
     log.info("node.finished", drain_id=drain_id, node=node, left=len(left), evicted=evicted)
     await advance_drain(ctx, drain_id)

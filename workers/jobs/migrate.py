@@ -46,7 +46,6 @@ from workers.jobs.common import (
     guarded,
     limits_of,
     log,
-    now_iso,
     vmim_name,
 )
 from workers.jobs.decisions import (
@@ -424,7 +423,7 @@ async def _follow(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, key: str
             cancel_seen = cancel_seen or view.cancel_requested(drain_id)
             drain = await store.get(drain_id)
             if drain.phase is DrainPhase.CANCELLING and (drain.cancel is None or drain.cancel.mode == "abort"):
-                abort = Abort("cancelled: the drain was cancelled", FailureClass.ABORTED)
+                abort = Abort("the drain was cancelled", FailureClass.ABORTED)
         if abort is not None:
             bound.warning("migration.abort", vmim=mig_name, reason=abort.reason)
             await store.emit(drain_id, "migration.abort", vmi=vmi, vmim=mig_name, reason=abort.reason)
@@ -496,7 +495,7 @@ async def _record_outcome(ctx: Ctx, drain_id: str, vmi: str, attempt: int, outco
             vm.phase, vm.target, vm.message = VmPhase.SUCCEEDED, outcome.target, outcome.reason
             vm.finished_at, vm.failure_class = now, None
         elif settle is Settle.CANCELLED:
-            vm.phase, vm.message, vm.finished_at = VmPhase.CANCELLED, f"cancelled in flight: {outcome.reason}", now
+            vm.phase, vm.message, vm.finished_at = VmPhase.CANCELLED, f"aborted in flight: {outcome.reason}", now
         elif settle is Settle.RETRY:
             vm.phase, vm.attempt, vm.enqueued = VmPhase.QUEUED, attempt + 1, attempt + 1
             vm.failure_class = outcome.failure
@@ -519,7 +518,7 @@ async def _record_outcome(ctx: Ctx, drain_id: str, vmi: str, attempt: int, outco
     if vmi_obj is not None:
         await ctx["kube"].event(involved=vmi_obj, reason="DrainMigration" + outcome.phase.value,
                                 message=f"drainctl drain {drain_id} attempt {attempt}: {outcome.reason}",
-                                warning=outcome.phase is not VmPhase.SUCCEEDED, now_iso=now_iso())
+                                warning=outcome.phase is not VmPhase.SUCCEEDED)
     if rec.phase is VmPhase.QUEUED and rec.attempt == attempt + 1:
         await enqueue_migrate(ctx, drain_id, vmi, attempt + 1, delay_s=backoff)
 
