@@ -119,6 +119,16 @@ class AttemptRecord(BaseRecord):
     outcome: VmPhase | None = None
     reason: str | None = None
     failure_class: FailureClass | None = None
+    convergence: str | None = None
+    """The last convergence verdict on the running pre-copy (orchestrator.convergence.Convergence's value:
+    Converging or CannotConverge; None: never judged, no metrics)."""
+    convergence_reason: str | None = None
+    dirty_rate: float | None = None
+    """Bytes/s the guest dirtied, as the verdict measured it."""
+    transfer_rate: float | None = None
+    """Bytes/s the network carried for this migration, as the verdict measured it."""
+    judged_at: float | None = None
+    """When the verdict was reached, in the metrics' time (Prometheus's clock: the cluster's, Unix seconds)."""
 
 
 class VmRecord(StoredRecord):

@@ -29,6 +29,7 @@ from orchestrator import kube as k
 from orchestrator.clock import ScaledClock
 from orchestrator.epoch import EpochGuard, check_epoch_forever
 from orchestrator.kube import Kube
+from orchestrator.prometheus import MigrationMetricsReader
 from orchestrator.settings import Settings
 from orchestrator.store import DrainStore
 from orchestrator.supervise import Supervisor
@@ -204,7 +205,7 @@ def build_worker(settings: Settings, *, redis: ArqRedis | None = None, kube_fact
             guard[0], every_s=EPOCH_CHECK_EVERY_S, report=lambda problem: supervisor.degraded("redis-epoch", problem)))
         ctx.update(settings=settings, kube=kube, view=view, store=DrainStore(ctx["redis"]),
                    semaphore=RedisSemaphore(ctx["redis"], lease_ttl_s=settings.timeouts.lease_ttl_s),
-                   clock=ScaledClock(settings.time_scale))
+                   clock=ScaledClock(settings.time_scale), prometheus=MigrationMetricsReader.from_settings(settings))
         log.info("worker.started", queue=settings.connection.queue_name, time_scale=settings.time_scale)
 
     async def shutdown(ctx: dict[str, Any]) -> None:
@@ -215,6 +216,9 @@ def build_worker(settings: Settings, *, redis: ArqRedis | None = None, kube_fact
         kube = ctx.get("kube")
         if kube is not None:
             await kube.close()
+        prometheus = ctx.get("prometheus")
+        if prometheus is not None:
+            await prometheus.close()
         log.info("worker.stopped")
 
     seconds = set(range(0, 60, max(1, reconcile_every_s)))

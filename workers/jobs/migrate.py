@@ -47,6 +47,7 @@ from workers.jobs.decisions import (
     settle_attempt,
     wait_expired,
 )
+from workers.jobs.verdict import VerdictWatch
 from workers.semaphore import Chooser, HeldSlot, Scope, SemaphoreLost, hold
 
 IN_FLIGHT_ELSEWHERE = "in-flight migration detected"
@@ -364,10 +365,11 @@ async def _follow(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, key: str
     last_cancel_check = 0.0
     abort: Abort | None = None
     cancel_seen = False
+    verdict = VerdictWatch(ctx, drain_id, vmi, ns, rec.name, rec.attempt)
     while True:
         watch_cancel = abort is None and not cancel_seen
         obj = await view.wait_vmim(key, _phase_changed(last_phase, view, drain_id if watch_cancel else None),
-                                   timeout_s=1.0)
+                                   timeout_s=verdict.wake_s(last_phase or ""))
         if obj is None:
             obj = await kube.find(k.VMIMS, mig_name, ns)
             if obj is None:
@@ -400,6 +402,8 @@ async def _follow(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, key: str
             since_running=None if running_at is None else clock.since(running_at),
             since_change=clock.since(last_change), pending_timeout_s=limits.pending_timeout_s,
             progress_timeout_s=limits.progress_timeout_s, completion_budget=completion_budget)
+        if abort is None and phase == "Running":
+            abort = await verdict.check()
         if abort is None and ((view.cancel_requested(drain_id) and not cancel_seen)
                               or clock.time() - last_cancel_check > CANCEL_POLL_S):
             # A cancel wakes us through the shared pub/sub listener; the slow poll covers a lost message.
