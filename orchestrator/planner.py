@@ -716,9 +716,13 @@ def _tuning(snapshot: ClusterSnapshot, settings: Settings, node_plans: Sequence[
             waves: Sequence[Sequence[NodePlan]]) -> Tuning:
     vms = [TuneVm(vmi=job.vmi, node=plan.node, memory_bytes=job.memory_bytes) for plan in node_plans
            for job in plan.jobs]
+    draining = {p.node for p in node_plans}
+    targets = sum(1 for n in snapshot.nodes if n.name not in draining and not n.unschedulable and n.ready
+                  and not n.control_plane)
     return tune(vms, bandwidth={p.node: node_bandwidth(snapshot.node(p.node), settings) for p in node_plans},
                 waves=[[p.node for p in wave] for wave in waves], setup_s=settings.estimate.setup_s,
-                current_bandwidth_per_migration=snapshot.migration_config.bandwidth_per_migration_bytes)
+                current_bandwidth_per_migration=snapshot.migration_config.bandwidth_per_migration_bytes,
+                max_cluster=targets * settings.limits.max_inbound_per_node)
 
 
 def _tuned(limits: EffectiveLimits, estimate: Estimate, tuning: Tuning) -> tuple[EffectiveLimits, Estimate]:

@@ -109,11 +109,14 @@ def node_time_s(vms: Sequence[TuneVm], *, parallel: int, bandwidth: float, setup
 
 def tune(vms: Sequence[TuneVm], *, bandwidth: Mapping[str, float], waves: Sequence[Sequence[str]],
          setup_s: float, cleanup_s: float = 2.0, max_per_node: int = 8, min_share: float = 125e6,
-         current_bandwidth_per_migration: int = 0) -> Tuning:
+         current_bandwidth_per_migration: int = 0, max_cluster: int | None = None) -> Tuning:
     """Limits for draining `waves` (nodes drained at once, one wave after the other) of `vms`.
 
     `bandwidth` is each source node's migration bandwidth in bytes/s; `min_share` the least bandwidth any
-    migration gets (1 Gbit/s by default); `max_per_node` caps the outbound limit whatever the model says."""
+    migration gets (1 Gbit/s by default); `max_per_node` caps the outbound limit whatever the model says. A
+    bandwidthPerMigration in force (`current_bandwidth_per_migration`, 0 = none) is kept but raised to what
+    the hungriest VM needs: a cap only ever lowers a migration's fair share of its NIC, so unlimited stays
+    unlimited. `max_cluster` caps the cluster-wide limit (the targets' inbound room: more would only wait)."""
     if max_per_node < 1:
         raise ValueError(f"max_per_node: {max_per_node} must be >= 1")
     by_node: dict[str, list[TuneVm]] = {}
@@ -151,7 +154,12 @@ def tune(vms: Sequence[TuneVm], *, bandwidth: Mapping[str, float], waves: Sequen
     cluster = max((sum(per[n].parallel for n in wave) for wave in waves if wave), default=1)
     outbound = max((n.parallel for n in tuned), default=1)
     makespan = sum(max((per[n].predicted_s for n in wave), default=0.0) for wave in waves)
-    reasons.append(f"{cluster} migrations cluster-wide: the sum of the per-node limits of the largest wave")
+    if max_cluster is not None and cluster > max(1, max_cluster):
+        reasons.append(f"{max(1, max_cluster)} migrations cluster-wide, not {cluster}: the targets' inbound room")
+        makespan *= cluster / max(1, max_cluster)
+        cluster = max(1, max_cluster)
+    else:
+        reasons.append(f"{cluster} migrations cluster-wide: the sum of the per-node limits of the largest wave")
     per_migration = 0
     if current_bandwidth_per_migration > 0:
         need = max((needed_share(vm, min_share=min_share) for vm in vms), default=0.0)

@@ -686,7 +686,10 @@ class RedisSemaphore:
         waiter: str,
         priority: float | None = None,
     ) -> Lease | None:
-        options = tuple(dict.fromkeys(choices))  # keep the caller's order, drop repeats
+        first: dict[str, Scope] = {}
+        for option in choices:  # the caller's order, each scope name once (its first occurrence)
+            first.setdefault(option.name, option)
+        options = tuple(first.values())
         if not options:
             raise ValueError(f"semaphore {self.name!r}: no choice offered to {holder!r}")
         fixed_names = _names(fixed)

@@ -101,3 +101,13 @@ def test_bad_input_is_named(kwargs: dict[str, object], message: str) -> None:
     args: dict[str, object] = {"bandwidth": {"n": NIC}, "waves": [["n"]], "setup_s": 10.0, **kwargs}
     with pytest.raises(ValueError, match=message):
         tune(vms("n", 3), **args)  # type: ignore[arg-type]
+
+
+def test_cluster_limit_stops_at_the_targets_inbound_room() -> None:
+    node_vms = vms("a", 40) + vms("b", 40)
+    free = tune(node_vms, bandwidth={"a": NIC, "b": NIC}, waves=[["a", "b"]], setup_s=10.0)
+    capped = tune(node_vms, bandwidth={"a": NIC, "b": NIC}, waves=[["a", "b"]], setup_s=10.0, max_cluster=6)
+    assert free.parallel_per_cluster == 16
+    assert capped.parallel_per_cluster == 6
+    assert capped.predicted_makespan_s > free.predicted_makespan_s
+    assert any("inbound" in r for r in capped.reasons)

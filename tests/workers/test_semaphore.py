@@ -794,3 +794,17 @@ async def test_a_chooser_that_raises_leaves_nothing_behind(make_semaphore: Semap
         await sem.acquire("a", [cluster], choose=nothing_fits)
     assert await sem.usage() == {"waiters": 0}
     assert await sem.holders() == []
+
+
+async def test_a_choice_offered_twice_counts_once_with_its_first_limit(make_semaphore: SemaphoreFactory) -> None:
+    sem = make_semaphore()
+    cluster = Scope(keys.CLUSTER_SCOPE, 10)
+    n1 = keys.inbound_scope("n1")
+
+    async def twice() -> list[Scope]:
+        return [Scope(n1, 1), Scope(keys.inbound_scope("n2"), 1), Scope(n1, 5)]
+
+    assert (await sem.acquire("a", [cluster], choose=twice)).chosen == n1
+    assert (await sem.acquire("b", [cluster], choose=twice)).chosen == keys.inbound_scope("n2")
+    with pytest.raises(TimeoutError):  # n1's limit is 1 (its first offer), not 5
+        await sem.acquire("c", [cluster], choose=twice, timeout_s=0.5)

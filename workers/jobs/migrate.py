@@ -324,6 +324,10 @@ def _target_chooser(ctx: Ctx, drain_id: str, vmi: str, rec: VmRecord, limits: Dr
                 raise _Settled(Outcome(VmPhase.SUCCEEDED, target=now_node, reason=f"already running on {now_node}"))
             fetched.append(vmi_obj)
         drain = await ctx["store"].get(drain_id)
+        if drain.phase is DrainPhase.CANCELLING or drain.phase.is_final:
+            # Cancelled while this job waited for room: it never started, and stops waiting now.
+            raise _Settled(Outcome(VmPhase.CANCELLED, target=None, reason="the drain was cancelled",
+                                   failure=FailureClass.ABORTED))
         choice = _choose(ctx, fetched[0], rec.node, rec, limits, quarantined=set(drain.quarantined),
                          max_inbound=None)
         if not choice.ranked:
