@@ -134,9 +134,11 @@ async def _with_service(g: Globals, fn: Callable[[Any], Awaitable[T]], *, need_k
 
 
 def _request(nodes: list[str], max_parallel_nodes: int, order: str, non_migratable: str,
-             max_attempts: int | None, tune: bool = False) -> DrainRequest:
+             max_attempts: int | None, tune: bool = False, allow_post_copy: bool = False) -> DrainRequest:
     body: dict[str, Any] = {"nodes": nodes, "max_parallel_nodes": max_parallel_nodes, "order": order,
                             "non_migratable": non_migratable, "tune": tune}
+    if allow_post_copy:
+        body["allow_post_copy"] = True
     if max_attempts is not None:
         body["max_attempts"] = max_attempts
     try:
@@ -225,6 +227,9 @@ def drain(ctx: typer.Context, nodes: NodesArg, max_parallel_nodes: ParallelOpt =
           non_migratable: PolicyOpt = "block",
           max_attempts: Annotated[int | None, typer.Option(help="attempts per VM (default 3)")] = None,
           tune: TuneOpt = False,
+          allow_post_copy: Annotated[bool, typer.Option(
+              "--allow-post-copy", help="a VM that cannot converge in pre-copy may try again in post-copy (not for "
+                                        "critical data or unstable networks)")] = False,
           wait: Annotated[bool, typer.Option("--wait", help="wait until the drain ends; exit 0 only if every "
                                                              "node is drained")] = False,
           timeout: Annotated[float | None, typer.Option(help="with --wait: give up after this many wall "
@@ -236,7 +241,7 @@ def drain(ctx: typer.Context, nodes: NodesArg, max_parallel_nodes: ParallelOpt =
     from orchestrator.service import NodeConflict
 
     out = _output(ctx, output)
-    request = _request(nodes, max_parallel_nodes, order, non_migratable, max_attempts, tune)
+    request = _request(nodes, max_parallel_nodes, order, non_migratable, max_attempts, tune, allow_post_copy)
 
     async def go(service: Any) -> int:
         try:
