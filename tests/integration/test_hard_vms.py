@@ -109,7 +109,6 @@ async def test_post_copy_rung_moves_the_vm_through_a_drain_owned_policy(cluster_
 
 async def test_ladder_objects_are_cleaned_after_a_worker_is_killed(cluster_env: EnvFactory) -> None:
     sc, hot = with_hard_vm(scenarios.builtin("small"))
-    ns, name = hot.split("/")
     async with cluster_env(sc, workers=2, prometheus=True) as env:
         # What a crash of an earlier drain left: a policy and VMI labels of a drain Redis does not know.
         env.cluster.store.create(MIGRATION_POLICIES, {
