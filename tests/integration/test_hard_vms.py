@@ -16,6 +16,7 @@ import signal
 
 import pytest
 
+from orchestrator.report import attempt_rows
 from simulator import scenarios
 from simulator.policies import MIGRATION_POLICIES
 from simulator.resources import VMIS
@@ -55,6 +56,8 @@ async def test_a_vm_that_cannot_converge_is_aborted_early_with_its_numbers(clust
         # No rung allowed: not retried elsewhere under the same conditions, reported with what would move it.
         assert "cannot converge: dirties" in vm["message"] and "the network carries" in vm["message"], vm
         assert "--allow-post-copy" in vm["message"] and "dedicated migration network" in vm["message"], vm
+        [row] = [r for r in attempt_rows(await (await env.service()).get(view["id"])) if r.vmi == hot]
+        assert "cannot converge: dirties" in row.reason, row  # the report shows it with its numbers
         # Ground truth: the transfer ran far shorter than KubeVirt's budget; aborted, not timed out by KubeVirt.
         [mig] = [m for m in (await env.stats())["migrations"] if m["vmi"] == hot]
         assert mig["phase"] == "Failed", mig
@@ -93,11 +96,14 @@ async def test_post_copy_rung_moves_the_vm_through_a_drain_owned_policy(cluster_
         node = sc.drain_hint[0]
         result = await env.adrainctl("drain", node, "--allow-post-copy", "--wait", "-o", "json", timeout_s=280)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:] + env.worker_logs()
-        vm = json.loads(result.stdout)["vms"][hot]
+        view = json.loads(result.stdout)
+        vm = view["vms"][hot]
         assert vm["phase"] == "Succeeded", vm
         first, second = vm["attempts"]
         assert first["convergence"] == "CannotConverge" and first["rung"] is None, first
         assert second["rung"] == "PostCopy" and second["outcome"] == "Succeeded", second
+        rows = [r for r in attempt_rows(await (await env.service()).get(view["id"])) if r.vmi == hot]
+        assert rows[1].reason.startswith("[PostCopy rung]"), rows
         migrations = [m for m in (await env.stats())["migrations"] if m["vmi"] == hot]
         assert [m["phase"] for m in migrations] == ["Failed", "Succeeded"], migrations
         assert migrations[0]["migration_policy"] == "aaa-users-db", migrations[0]
