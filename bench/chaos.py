@@ -26,6 +26,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -249,8 +250,8 @@ async def run_once(args: argparse.Namespace, run: int) -> Figures:
             figures = limit_figures(ours, now_s=float(stats["sim_time_s"]), limits=lim)
             drained = len({m["vmi"] for m in ours if m["source"] in nodes and m["phase"] == "Succeeded"})
             if workers.died():
-                print(f"run {run}: {workers.died()} worker(s) died on their own; logs in {tmp}", file=sys.stderr)
-            return Figures(
+                print(f"run {run}: {workers.died()} worker(s) died on their own", file=sys.stderr)
+            result = Figures(
                 run=run, phase=phase or "unknown", vms_drained=drained, vms_to_drain=to_drain,
                 vms_two_at_once=len(stats["vmis_with_concurrent_migrations"]),
                 over_cluster_limit=figures["cluster"][0], over_source_limit=figures["source"][0],
@@ -258,6 +259,11 @@ async def run_once(args: argparse.Namespace, run: int) -> Figures:
                 vmims_left=left[2], worker_kills=workers.kills, redis_restarts=server.restarts, api_faults=injected,
                 wall_s=round(wall, 1), max_in_flight=figures["cluster"][1], max_per_source=figures["source"][1],
                 max_inbound=figures["inbound"][1], limits=lim)
+            if result.clean and not workers.died():
+                shutil.rmtree(tmp, ignore_errors=True)  # keep the worker logs and Redis files of a bad run only
+            else:
+                print(f"run {run}: worker logs and Redis files kept in {tmp}", file=sys.stderr)
+            return result
         finally:
             workers.stop()
             await pool.aclose()

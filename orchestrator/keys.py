@@ -126,6 +126,11 @@ def migrate_job_id(drain_id: str, namespace: str, name: str, *, attempt: int) ->
     )
 
 
+def dry_plan_job_id(nonce: str) -> str:
+    """A dry run planned by a worker for a caller that waits for the answer (`DrainService.plan`)."""
+    return f"dry-plan:{_part(nonce, 'nonce')}"
+
+
 def advance_job_id(drain_id: str, nonce: int) -> str:
     """Job id of one "advance this drain" request: ``advance:{drain_id}:{nonce}`` (a fresh nonce each time,
     since advancing twice is harmless and a finished job's id stays taken while its result is kept)."""

@@ -150,6 +150,63 @@ DRAINREQUESTS = Kind("drainrequests", "drainctl.io", "v1alpha1")
 LEASES = Kind("leases", "coordination.k8s.io", "v1")
 
 
+PAGE_SIZE = 500
+"""Objects per list page (client-go's reflectors ask for 500)."""
+
+
+class Pages:
+    """One paged list (`Kube.pages`): iterate once; `resource_version` is the list's once the last page came.
+
+    Every page of one list shares the resourceVersion of its first page (the continue token pins it), so a
+    watch from that version misses nothing. When the token expires mid-list (410 Gone) the list restarts
+    and `restarted` counts it: a caller that reduces pages must start its reduction over (`on_restart`)."""
+
+    def __init__(self, kube: Kube, kind: Kind, namespace: str | None, *, label_selector: str | None,
+                 field_selector: str | None, page_size: int) -> None:
+        if page_size < 0:
+            raise ValueError(f"page_size: {page_size} is negative")
+        self._kube, self._kind, self._namespace = kube, kind, namespace
+        self._label_selector, self._field_selector, self._page_size = label_selector, field_selector, page_size
+        self.resource_version = ""
+        self.restarted = 0
+        self.on_restart: Callable[[], None] | None = None
+
+    def __aiter__(self) -> AsyncIterator[builtins.list[Obj]]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[builtins.list[Obj]]:
+        token: str | None = None
+        while True:
+            query: builtins.list[tuple[str, str]] = []
+            if self._label_selector:
+                query.append(("labelSelector", self._label_selector))
+            if self._field_selector:
+                query.append(("fieldSelector", self._field_selector))
+            if self._page_size:
+                query.append(("limit", str(self._page_size)))
+            if token:
+                query.append(("continue", token))
+            try:
+                data = await self._kube._call("GET", self._kind.path(self._namespace), query=query)
+            except Gone:
+                if not token:
+                    raise
+                # The continue token expired: list again from the start (client-go's reflector does the same).
+                log.info("list.restart", kind=self._kind.plural, reason="continue token expired")
+                token = None
+                self.restarted += 1
+                if self.on_restart is not None:
+                    self.on_restart()
+                continue
+            meta = data.get("metadata") or {}
+            if not token:
+                self.resource_version = str(meta.get("resourceVersion") or "")
+            yield list(data.get("items") or [])
+            token = meta.get("continue") or None
+            if not token:
+                return
+
+
 @dataclass(frozen=True)
 class Credentials:
     """What another client needs to reach the same API server as a `Kube` (see `Kube.credentials`)."""
@@ -237,14 +294,24 @@ class Kube:
             return None
 
     async def list(self, kind: Kind, namespace: str | None = None, *, label_selector: str | None = None,
-                   field_selector: str | None = None) -> tuple[builtins.list[Obj], str]:
-        query = []
-        if label_selector:
-            query.append(("labelSelector", label_selector))
-        if field_selector:
-            query.append(("fieldSelector", field_selector))
-        data = await self._call("GET", kind.path(namespace), query=query)
-        return list(data.get("items") or []), str((data.get("metadata") or {}).get("resourceVersion") or "")
+                   field_selector: str | None = None,
+                   page_size: int = PAGE_SIZE) -> tuple[builtins.list[Obj], str]:
+        """Every object of `kind`, read page by page (see `pages`); returns (items, list resourceVersion)."""
+        pages = self.pages(kind, namespace, label_selector=label_selector, field_selector=field_selector,
+                           page_size=page_size)
+        items: builtins.list[Obj] = []
+        async for page in pages:
+            items.extend(page)
+        return items, pages.resource_version
+
+    def pages(self, kind: Kind, namespace: str | None = None, *, label_selector: str | None = None,
+              field_selector: str | None = None, page_size: int = PAGE_SIZE) -> Pages:
+        """The list of `kind` as pages of at most `page_size` objects (`limit`/`continue`, as client-go's
+        reflectors list), so a caller can reduce each page and drop it instead of holding the whole cluster.
+        A server that ignores `limit` answers with one page; one whose continue token expired (410) is
+        listed again from the start, like client-go falls back to a full list."""
+        return Pages(self, kind, namespace, label_selector=label_selector, field_selector=field_selector,
+                     page_size=page_size)
 
     async def create(self, kind: Kind, body: Obj, namespace: str | None = None) -> Obj:
         return await self._call("POST", kind.path(namespace), body=body)
@@ -313,20 +380,30 @@ class Kube:
 
     # ---------------------------------------------------------------------------------------- watch
     async def watch(self, kind: Kind, *, label_selector: str | None = None,
-                    on_list: Callable[[builtins.list[Obj]], Awaitable[None]],
+                    on_list: Callable[[builtins.list[Obj]], Awaitable[None]] | None = None,
+                    on_pages: Callable[[Pages], Awaitable[None]] | None = None,
                     on_event: Callable[[str, Obj], Awaitable[None]],
                     timeout_s: int = 300) -> None:
-        """List, then watch, forever: re-list on 410 Gone, reconnect on errors with backoff.
+        """List (paged), then watch, forever: re-list on 410 Gone, reconnect on errors with backoff.
 
-        `on_list` gets the full list after every (re-)list so the caller can replace its cache;
+        After every (re-)list, `on_list` gets the full list so the caller can replace its cache, or `on_pages`
+        gets the pages to reduce one by one (a cache of sums need not hold the whole list at once);
         `on_event` gets ADDED/MODIFIED/DELETED. Cancel the task to stop."""
+        if (on_list is None) == (on_pages is None):
+            raise ValueError("watch: pass exactly one of on_list and on_pages")
         backoff = 0.2
         rv: str | None = None
         while True:
             try:
                 if rv is None:
-                    items, rv = await self.list(kind, label_selector=label_selector)
-                    await on_list(items)
+                    if on_pages is not None:
+                        pages = self.pages(kind, label_selector=label_selector)
+                        await on_pages(pages)
+                        rv = pages.resource_version
+                    else:
+                        assert on_list is not None
+                        items, rv = await self.list(kind, label_selector=label_selector)
+                        await on_list(items)
                 async for etype, obj, new_rv in self._stream(kind, label_selector, rv, timeout_s):
                     rv = new_rv or rv
                     if etype != "BOOKMARK":

@@ -446,6 +446,9 @@ class ClusterSnapshot:
     migration_config: MigrationConfig = MigrationConfig()
     cluster_eviction_strategy: EvictionStrategy | None = None
     """KubeVirt.spec.configuration.evictionStrategy; None when unset (KubeVirt then defaults to None)."""
+    pod_memory: Mapping[str, int] | None = field(default=None, hash=False, compare=False)
+    """Memory requested by the live pods of each node, when the snapshot carries the sums instead of every pod
+    (a snapshot for a drain holds only the pods of the nodes it drains); None: summed from ``pods``."""
 
     _nodes_by_name: Mapping[str, Node] = field(init=False, repr=False, compare=False, hash=False)
     _vmis_by_node: Mapping[str, tuple[Vmi, ...]] = field(init=False, repr=False, compare=False, hash=False)
@@ -495,6 +498,12 @@ class ClusterSnapshot:
 
     def vmi(self, key: str) -> Vmi | None:
         return self._vmis_by_key.get(key)
+
+    def pod_memory_on(self, node: str) -> int:
+        """Memory requested by the pods on ``node`` that are not final (what the node has given away)."""
+        if self.pod_memory is not None:
+            return self.pod_memory.get(node, 0)
+        return sum(p.memory_request_bytes for p in self.pods_on(node) if not p.is_final)
 
     def migrations_for(self, key: str) -> tuple[Migration, ...]:
         """Every VMIM naming the VMI ``key`` (namespace/name), final or not."""

@@ -551,7 +551,7 @@ def plan_drain(
     # 2. Capacity: the OpenShift rule on the nodes that stay...
     used: dict[str, int] = {}
     for node in targets:
-        used[node.name] = sum(p.memory_request_bytes for p in snapshot.pods_on(node.name) if not p.is_final)
+        used[node.name] = snapshot.pod_memory_on(node.name)
     free: dict[str, int] = {n.name: n.allocatable_memory_bytes - used[n.name] for n in targets}
     spare = spare_memory(targets, free=free, draining=drain_set)
     loads = {w.name: sum(need for _, _, need in w.migrate) for w in works}

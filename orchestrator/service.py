@@ -12,20 +12,27 @@ import builtins
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import structlog
 from arq.connections import ArqRedis
+from arq.constants import health_check_key_suffix
+from redis.exceptions import RedisError
 
 from orchestrator import keys, queue
 from orchestrator.kube import Kube
 from orchestrator.model import DrainPhase, DrainPlan, DrainRequest
-from orchestrator.planner import plan_drain
+from orchestrator.planner import PlanError, plan_drain
 from orchestrator.records import CancelRequest, DrainRecord
 from orchestrator.settings import Settings
 from orchestrator.store import DrainNotFound, DrainStore, DrainView
+from orchestrator.view import drain_snapshot
 
 log = structlog.get_logger("orchestrator.service")
+
+DRY_PLAN_TIMEOUT_S = 20.0
+"""Wall seconds a caller waits for a worker's dry run before it plans by itself."""
 
 
 class NodeConflict(Exception):
@@ -67,9 +74,47 @@ class DrainService:
         return self._kube
 
     async def plan(self, request: DrainRequest) -> DrainPlan:
-        """Dry run: raises PlanError (with every problem) when the drain could not be carried out."""
-        snapshot = await self.kube.snapshot()
+        """Dry run: raises PlanError (with every problem) when the drain could not be carried out.
+
+        Where workers run, one of them plans from its warm, watch-fed view of the cluster (a caller lists
+        nothing: the cost follows the drain, not the cluster); without a live worker, or when none answers in
+        time, the caller reads what the drain needs itself (`view.drain_snapshot`)."""
+        answer = await self._plan_by_worker(request)
+        if answer is not None:
+            if "refused" in answer:
+                raise PlanError(answer["refused"])
+            return DrainPlan.from_json(answer["plan"])
+        snapshot = await drain_snapshot(self.kube, [str(n) for n in request.nodes])
         return plan_drain(snapshot, request, self.settings, now=time.time())
+
+    async def _plan_by_worker(self, request: DrainRequest) -> dict[str, Any] | None:
+        """The answer of a worker's dry run, or None when no worker is alive or none answered in time."""
+        queue_name = self.settings.connection.queue_name
+        try:
+            if not await self.redis.exists(queue_name + health_check_key_suffix):
+                return None
+            job = await self.redis.enqueue_job("dry_plan", request.to_json(), self.settings,
+                                               _job_id=keys.dry_plan_job_id(uuid.uuid4().hex),
+                                               _defer_until=queue.CONTROL_SCORE, _queue_name=queue_name,
+                                               _expires=timedelta(seconds=DRY_PLAN_TIMEOUT_S))
+            if job is None:
+                return None
+            await queue.wake(self.redis, queue_name)
+            # Job.result() gives up on a job that is not in the queue, and a started job leaves it: read the
+            # result key until it appears.
+            deadline = time.monotonic() + DRY_PLAN_TIMEOUT_S
+            while (info := await job.result_info()) is None:
+                if time.monotonic() > deadline:
+                    log.warning("plan.worker_silent", timeout_s=DRY_PLAN_TIMEOUT_S)
+                    return None
+                await asyncio.sleep(0.05)
+        except (RedisError, OSError):
+            return None
+        if not info.success:  # the worker failed: say so, and plan here instead
+            log.warning("plan.worker_failed", error=repr(info.result))
+            return None
+        result = info.result
+        return result if isinstance(result, dict) and ("plan" in result or "refused" in result) else None
 
     async def submit(self, request: DrainRequest, *, idempotency_key: str | None = None,
                      source: str = "cli") -> tuple[DrainRecord, bool]:

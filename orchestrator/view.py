@@ -11,16 +11,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
 
 from orchestrator import kube as k
-from orchestrator.model import VIRT_LAUNCHER_LABEL, VIRT_LAUNCHER_LABEL_VALUE, VMI_DOMAIN_ANNOTATION, Node
+from orchestrator.model import (
+    VIRT_LAUNCHER_LABEL,
+    VIRT_LAUNCHER_LABEL_VALUE,
+    VMI_DOMAIN_ANNOTATION,
+    ClusterSnapshot,
+    Node,
+)
 from orchestrator.rules import pod_memory_bytes
-from orchestrator.snapshot import parse_node, quantity_to_int
+from orchestrator.snapshot import (
+    parse_kubevirt,
+    parse_migration,
+    parse_node,
+    parse_pod,
+    parse_vmi,
+    quantity_to_int,
+)
 from orchestrator.supervise import Supervisor
 
 log = structlog.get_logger("orchestrator.view")
@@ -64,6 +78,24 @@ def _launcher_of(pod: Obj) -> str | None:
     return f"{meta.get('namespace')}/{name}" if name else None
 
 
+_NODE_FIELDS = {
+    "metadata": ("name", "uid", "resourceVersion", "labels", "annotations"),
+    "spec": ("unschedulable", "taints"),
+    "status": ("allocatable", "capacity", "conditions"),
+}
+
+
+def slim_node(obj: Obj) -> Obj:
+    """The fields of a Node that `snapshot.parse_node` reads (a real node also carries images, managed fields,
+    addresses, daemon endpoints and node info: kilobytes each, times a thousand nodes, in every worker)."""
+    out: Obj = {"kind": obj.get("kind", "Node"), "apiVersion": obj.get("apiVersion", "v1")}
+    for part, names in _NODE_FIELDS.items():
+        src = obj.get(part)
+        if isinstance(src, dict):
+            out[part] = {name: src[name] for name in names if name in src}
+    return out
+
+
 def _rv(obj: Obj) -> int:
     try:
         return int(obj["metadata"].get("resourceVersion") or 0)
@@ -91,10 +123,15 @@ class ClusterView:
         self.supervisor.spawn("watch-nodes", lambda: self.kube.watch(
             k.NODES, on_list=self._node_list, on_event=self._node_event))
         self.supervisor.spawn("watch-pods", lambda: self.kube.watch(
-            k.PODS, on_list=self._pod_list, on_event=self._pod_event))
+            k.PODS, on_pages=self._pod_pages, on_event=self._pod_event))
         async with asyncio.timeout(60):
             for ev in self._ready.values():
                 await ev.wait()
+
+    @property
+    def warm(self) -> bool:
+        """Every feed has listed once: the caches follow the cluster from here on."""
+        return all(ev.is_set() for ev in self._ready.values())
 
     def cancel_requested(self, drain_id: str) -> bool:
         """Whether a cancel of `drain_id` was announced (see `listen_for_cancels`)."""
@@ -153,21 +190,27 @@ class ClusterView:
         self.vmims[key] = obj
 
     async def _node_list(self, items: list[Obj]) -> None:
-        self.nodes = {o["metadata"]["name"]: o for o in items}
+        self.nodes = {o["metadata"]["name"]: slim_node(o) for o in items}
         self._ready["nodes"].set()
 
     async def _node_event(self, etype: str, obj: Obj) -> None:
         if etype == "DELETED":
             self.nodes.pop(obj["metadata"]["name"], None)
         else:
-            self.nodes[obj["metadata"]["name"]] = obj
+            self.nodes[obj["metadata"]["name"]] = slim_node(obj)
 
-    async def _pod_list(self, items: list[Obj]) -> None:
-        self._pods.clear()
-        self._launchers.clear()
-        self.node_used = defaultdict(int)
-        for pod in items:
-            self._put_pod(pod)
+    async def _pod_pages(self, pages: k.Pages) -> None:
+        """Reduce the pod list page by page to (node, memory) per pod: no pod object outlives its page."""
+        def reset() -> None:
+            self._pods.clear()
+            self._launchers.clear()
+            self.node_used = defaultdict(int)
+
+        reset()
+        pages.on_restart = reset
+        async for page in pages:
+            for pod in page:
+                self._put_pod(pod)
         self._ready["pods"].set()
 
     def _put_pod(self, pod: Obj) -> None:
@@ -178,7 +221,7 @@ class ClusterView:
         node = (pod.get("spec") or {}).get("nodeName")
         mem = _pod_memory(pod)
         if node:
-            self._pods[key] = (node, mem)
+            self._pods[key] = (sys.intern(node), mem)
             self.node_used[node] += mem
         vmi = _launcher_of(pod)
         if vmi is not None:
@@ -186,6 +229,8 @@ class ClusterView:
                 self._launchers[vmi][key] = mem
             else:
                 self._launchers[vmi].pop(key, None)
+                if not self._launchers[vmi]:
+                    del self._launchers[vmi]
 
     async def _pod_event(self, etype: str, obj: Obj) -> None:
         if etype == "DELETED":
@@ -194,8 +239,10 @@ class ClusterView:
             if old is not None:
                 self.node_used[old[0]] -= old[1]
             vmi = _launcher_of(obj)
-            if vmi is not None:
+            if vmi is not None and vmi in self._launchers:
                 self._launchers[vmi].pop(key, None)
+                if not self._launchers[vmi]:
+                    del self._launchers[vmi]
         else:
             self._put_pod(obj)
 
@@ -236,3 +283,68 @@ class ClusterView:
                 async with asyncio.timeout(timeout_s):
                     await self._changed.wait_for(lambda: predicate(self.vmims.get(key)))
             return self.vmims.get(key)
+
+
+# ============================================================================================ plan snapshots
+VMI_NODE_LABEL = "kubevirt.io/nodeName"
+"""Set by KubeVirt on every scheduled VMI and moved with it by a migration: the way to list the VMIs of one node,
+since custom resources have no field selectors (KubeVirt's pkg/virt-controller/watch/vmi.go sets it from the
+launcher pod's node; shared/reference/kubevirt.md 1.2)."""
+
+
+async def drain_snapshot(kube: k.Kube, nodes: Sequence[str], view: ClusterView | None = None) -> ClusterSnapshot:
+    """What the planner needs to drain `nodes`, read at a cost that follows the drain, not the cluster.
+
+    - every node (the warm view's when there is one, else a paged list),
+    - the memory requested by the pods of every node as sums (the view's, else a paged list reduced page by
+      page: no pod object is kept),
+    - the pods and the VMIs of the drained nodes only (a field selector and KubeVirt's node label), plus the
+      VMIs that virt-launcher pods on those nodes belong to when they run elsewhere,
+    - every VMIM (few: KubeVirt garbage-collects them) and the KubeVirt CR.
+    The planner gives the same plan as from a snapshot of the whole cluster (`Kube.snapshot`)."""
+    if view is not None and view.warm:
+        node_objs: list[Obj] = list(view.nodes.values())
+        used: dict[str, int] = {name: value for name, value in view.node_used.items() if value}
+    else:
+        node_objs, _ = await kube.list(k.NODES)
+        node_objs = [slim_node(o) for o in node_objs]
+        used = defaultdict(int)
+        pages = kube.pages(k.PODS)
+        pages.on_restart = used.clear
+        async for page in pages:
+            for pod in page:
+                node = (pod.get("spec") or {}).get("nodeName")
+                if node:
+                    used[node] += _pod_memory(pod)
+        used = {name: value for name, value in used.items() if value}
+    drained = list(dict.fromkeys(nodes))
+    known = {o["metadata"]["name"] for o in node_objs}
+    pods: list[Obj] = []
+    vmis: dict[str, Obj] = {}
+    for name in drained:
+        if name not in known:
+            continue  # the planner names unknown nodes
+        found, _ = await kube.list(k.PODS, field_selector=f"spec.nodeName={name}")
+        pods.extend(found)
+        listed, _ = await kube.list(k.VMIS, label_selector=f"{VMI_NODE_LABEL}={name}")
+        for obj in listed:
+            vmis[f"{obj['metadata'].get('namespace')}/{obj['metadata']['name']}"] = obj
+    for pod in pods:
+        owner = _launcher_of(pod)
+        if owner is not None and owner not in vmis:
+            ns, _, name = owner.partition("/")
+            elsewhere = await kube.find(k.VMIS, name, ns)
+            if elsewhere is not None:
+                vmis[owner] = elsewhere
+    vmims, _ = await kube.list(k.VMIMS)
+    kubevirts, _ = await kube.list(k.KUBEVIRTS)
+    config, strategy = parse_kubevirt(kubevirts[0] if kubevirts else None)
+    return ClusterSnapshot(
+        nodes=tuple(parse_node(raw, i) for i, raw in enumerate(node_objs)),
+        vmis=tuple(parse_vmi(raw, i, cluster_eviction_strategy=strategy) for i, raw in enumerate(vmis.values())),
+        pods=tuple(parse_pod(raw, i) for i, raw in enumerate(pods)),
+        migrations=tuple(parse_migration(raw, i) for i, raw in enumerate(vmims)),
+        migration_config=config,
+        cluster_eviction_strategy=strategy,
+        pod_memory=used,
+    )

@@ -1,7 +1,8 @@
 """arq worker settings for drainctl: which jobs, how they retry, what every job's context holds.
 
 Any worker runs any job. Each worker process opens one cluster connection and one shared watch-fed view
-(`orchestrator.view`), and runs the reconcile cron (deduplicated across workers by arq's unique cron ids).
+(`orchestrator.view`), waits for work instead of polling for it and runs the reconciler in one worker at a time
+(`workers.loop.EventWorker`).
 
 A worker rides out a Redis outage (`DrainWorker`): it logs `redis.unavailable` once, probes with a doubling
 backoff, logs `redis.available` when Redis answers again and carries on; nothing it was doing is dropped. After
@@ -18,10 +19,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import structlog
-from arq import cron
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from arq.constants import in_progress_key_prefix
-from arq.worker import Worker, func
+from arq.worker import func
 from redis.exceptions import RedisError
 
 from orchestrator import keys
@@ -35,7 +34,7 @@ from orchestrator.store import DrainStore
 from orchestrator.supervise import Supervisor
 from orchestrator.view import ClusterView
 from workers import jobs
-from workers.inprogress import keep_in_progress_short
+from workers.loop import EventWorker
 from workers.semaphore import RedisSemaphore
 
 log = structlog.get_logger("workers.worker")
@@ -47,8 +46,8 @@ REDIS_ERRORS = (RedisError, OSError)
 EPOCH_CHECK_EVERY_S = 5.0
 
 
-class DrainWorker(Worker):
-    """arq's Worker, made to ride out a Redis outage instead of dying with it.
+class DrainWorker(EventWorker):
+    """arq's Worker (waiting for work: `EventWorker`), made to ride out a Redis outage instead of dying with it.
 
     arq lets a Redis error escape its poll loop (`main` -> `_poll_iteration`), which ends `run()`: a 3 s Redis
     restart killed every worker. Here:
@@ -58,8 +57,8 @@ class DrainWorker(Worker):
     - a worker started while Redis is away waits for it instead of exiting;
     - a job's bookkeeping after it ran (`finish_job`, `finish_failed_job`) waits for Redis instead of being
       dropped, so its result, retry or completion is recorded once Redis is back;
-    - a job whose start failed on a Redis error gives its in-progress key back once Redis is back, so it runs
-      again at once instead of after arq's in-progress timeout.
+    - a job whose start failed on a Redis error goes back into the queue with its in-progress key freed once
+      Redis is back, so it runs again at once.
     While stopping, nothing waits for Redis: what could not be recorded is logged (`job.bookkeeping_lost`) and
     the job runs again (jobs are idempotent)."""
 
@@ -154,8 +153,7 @@ class DrainWorker(Worker):
             await super().run_job(job_id, score)
         except REDIS_ERRORS as exc:
             log.warning("job.start_failed", job_id=job_id, error=str(exc) or type(exc).__name__)
-            await self._until_recorded("release", job_id,
-                                       lambda: self.pool.delete(in_progress_key_prefix + job_id))
+            await self._until_recorded("release", job_id, lambda: self.give_back(job_id))
 
     async def close(self) -> None:
         self._closing = True
@@ -167,14 +165,15 @@ class DrainWorker(Worker):
 
 def functions() -> list[Any]:
     # Migrations can run long in wall time at time scale 1; crash recovery does not wait for this timeout
-    # (every job's in-progress key is short-lived and renewed, see workers.inprogress). Crash re-runs count as
-    # tries.
+    # (a started job leaves the queue; when its worker's alive key expires, the job goes back in and its
+    # in-progress key is freed, see workers.loop). Crash re-runs count as tries.
     # The jobs take a TypedDict context; arq types ctx as a plain dict, hence the casts.
     return [
         func(cast(Any, jobs.plan_job), name="plan", timeout=600, max_tries=20),
         func(cast(Any, jobs.migrate_job), name="migrate", timeout=24 * 3600, max_tries=100),
         func(cast(Any, jobs.finish_job), name="finish", timeout=3600, max_tries=50),
         func(cast(Any, jobs.advance_job), name="advance", timeout=300, max_tries=20, keep_result=0),
+        func(cast(Any, jobs.dry_plan_job), name="dry_plan", timeout=120, max_tries=3, keep_result=120),
     ]
 
 
@@ -221,12 +220,12 @@ def build_worker(settings: Settings, *, redis: ArqRedis | None = None, kube_fact
             await prometheus.close()
         log.info("worker.stopped")
 
-    seconds = set(range(0, 60, max(1, reconcile_every_s)))
     kwargs: dict[str, Any] = dict(
         functions=functions(),
         queue_name=settings.connection.queue_name,
-        cron_jobs=[cron(cast(Any, jobs.reconcile_job), name="reconcile", second=seconds, run_at_startup=True,
-                        unique=True, timeout=120, keep_result=0, max_tries=1)],
+        # The reconciler runs in one worker at a time, every reconcile_every_s while work runs (EventWorker).
+        periodic=cast(Any, jobs.reconcile_job),
+        busy_period_s=float(max(1, reconcile_every_s)),
         on_startup=startup,
         on_shutdown=shutdown,
         max_jobs=max_jobs,
@@ -242,4 +241,6 @@ def build_worker(settings: Settings, *, redis: ArqRedis | None = None, kube_fact
         kwargs["redis_pool"] = redis
     else:
         kwargs["redis_settings"] = RedisSettings.from_dsn(settings.connection.redis_url)
-    return keep_in_progress_short(DrainWorker(on_reconnect=check_epoch, **kwargs))
+    # No per-job in-progress renewal (workers.inprogress): it costs a command per running job every few
+    # seconds, for as long as a migration runs; EventWorker's one alive key per busy worker replaces it.
+    return DrainWorker(on_reconnect=check_epoch, **kwargs)

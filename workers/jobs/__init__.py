@@ -20,7 +20,8 @@ from workers.jobs.advance import advance_drain, advance_job
 from workers.jobs.common import Ctx
 from workers.jobs.finish import finish_job
 from workers.jobs.migrate import migrate_job
-from workers.jobs.plan import plan_job
+from workers.jobs.plan import dry_plan_job, plan_job
 from workers.jobs.reconcile import reconcile_job
 
-__all__ = ["Ctx", "advance_drain", "advance_job", "finish_job", "migrate_job", "plan_job", "reconcile_job"]
+__all__ = ["Ctx", "advance_drain", "advance_job", "dry_plan_job", "finish_job", "migrate_job", "plan_job",
+           "reconcile_job"]

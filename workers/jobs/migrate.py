@@ -59,6 +59,8 @@ CANCEL_POLL_S = 5.0
 
 # ================================================================================================ migrate
 async def migrate_job(ctx: Ctx, drain_id: str, vmi: str, attempt: int) -> str:
+    # No per-job heartbeat: a started job leaves arq's queue and its worker's alive key stands for it; when that
+    # key expires (kill -9) the job goes back into the queue within seconds (workers.loop.requeue_orphans).
     async def failed(reason: str) -> None:
         await _record_outcome(ctx, drain_id, vmi, attempt,
                               Outcome(VmPhase.FAILED, target=None, reason=reason, failure=FailureClass.UNKNOWN),

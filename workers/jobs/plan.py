@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,9 +17,25 @@ from orchestrator.model import (
 )
 from orchestrator.planner import PlanError, plan_drain
 from orchestrator.records import DrainLimits, DrainRecord, NodeRecord, VmRecord
+from orchestrator.settings import Settings
+from orchestrator.view import drain_snapshot
 from workers.jobs.advance import advance_drain, close_drain
 from workers.jobs.common import NODE_ANNOTATION, Ctx, assign, guarded, log, now_iso
 from workers.jobs.tune import TuneConflict, apply_tuning, tuned_values
+
+
+# =============================================================================================== dry plan
+async def dry_plan_job(ctx: Ctx, request: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """A dry run for a caller (`DrainService.plan`) from this worker's warm view: the caller lists nothing.
+    Returns {"plan": plan JSON} or {"refused": [problems]}; the caller's settings, so the answer is the one it
+    would have computed itself."""
+    drain_request = DrainRequest.from_json(request)
+    snapshot = await drain_snapshot(ctx["kube"], [str(n) for n in drain_request.nodes], ctx.get("view"))
+    try:
+        plan = plan_drain(snapshot, drain_request, settings, now=time.time())
+    except PlanError as exc:
+        return {"refused": list(exc.problems)}
+    return {"plan": plan.to_json()}
 
 
 # =================================================================================================== plan
@@ -39,7 +56,7 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
     if drain.phase is DrainPhase.PENDING:
         await store.update(drain_id, _only_from(DrainPhase.PENDING, phase=DrainPhase.PLANNING))
     request = DrainRequest.from_json(drain.request)
-    snapshot = await ctx["kube"].snapshot()
+    snapshot = await drain_snapshot(ctx["kube"], [str(n) for n in request.nodes], ctx.get("view"))
     try:
         plan = plan_drain(snapshot, request, ctx["settings"], now=ctx["clock"].time(), drain_id=drain_id)  # type: ignore[arg-type]
     except PlanError as exc:
