@@ -70,10 +70,16 @@ async def own_redis(tmp: Path) -> AsyncIterator[str]:
         proc.wait(10)
 
 
-async def commands(redis: aioredis.Redis) -> int:
-    """Commands the server ran: the sum of INFO commandstats calls (script-internal calls included)."""
+async def command_counts(redis: aioredis.Redis) -> dict[str, int]:
+    """Calls per command from INFO commandstats (script-internal calls included)."""
     stats = await redis.info("commandstats")
-    return sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_") and isinstance(v, dict))
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()
+            if k.startswith("cmdstat_") and isinstance(v, dict)}
+
+
+async def commands(redis: aioredis.Redis) -> int:
+    """Commands the server ran: the sum of INFO commandstats calls."""
+    return sum((await command_counts(redis)).values())
 
 
 def rss_mib(pid: int) -> tuple[float, float]:
@@ -137,7 +143,8 @@ async def run(name: str, *, nodes: int, time_scale: float, workers: int, idle_s:
             to_move = sum(len(n["jobs"]) for n in json.loads(plan_out)["nodes"])
 
             before = await admin.stats()
-            api0, c1 = before["api_requests_total"], await commands(redis)
+            api0, counts1 = before["api_requests_total"], await command_counts(redis)
+            c1 = sum(counts1.values())
             known = len(before["migrations"])
             w1 = time.monotonic()
             proc = await asyncio.create_subprocess_exec(
@@ -163,7 +170,11 @@ async def run(name: str, *, nodes: int, time_scale: float, workers: int, idle_s:
             out["to_move"] = to_move
             out["exit"] = proc.returncode
             out["api_per_migration"] = (stats["api_requests_total"] - api0) / migrations
-            out["redis_per_migration"] = (await commands(redis) - c1) / migrations
+            counts2 = await command_counts(redis)
+            out["redis_per_migration"] = (sum(counts2.values()) - c1) / migrations
+            delta = {k: (n - counts1.get(k, 0)) / migrations for k, n in counts2.items()}
+            top = sorted(((k, round(v, 1)) for k, v in delta.items() if v), key=lambda kv: -kv[1])
+            out["redis_top"] = dict(top[:10])
             out["rss_peak_mib"] = max([peak, *(rss_mib(pid)[1] for pid in worker_pids(procs))])
             if proc.returncode != 0:
                 out["error"] = (drain_out.decode()[-300:] + drain_err.decode()[-300:]).strip()
@@ -205,6 +216,9 @@ def report(results: list[dict[str, Any]]) -> None:
         if ratio and key is not None and results[0].get(key) and results[1].get(key) is not None:
             line += f"{results[1][key] / results[0][key]:>9.2f}x"
         print(line)
+    for r in results:
+        top = ", ".join(f"{k} {v}" for k, v in r.get("redis_top", {}).items())
+        print(f"{r['scenario']}: Redis commands per migration by command: {top}")
     for r in results:
         if "error" in r:
             print(f"{r['scenario']}: drain exited {r['exit']}: {r['error']}")

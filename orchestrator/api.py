@@ -33,18 +33,15 @@ import asyncio
 import contextlib
 import hmac
 import json
-import os
 import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Protocol
 
 import structlog
-import typer
 from aiohttp import web
 from pydantic import (
     BaseModel,
@@ -506,13 +503,12 @@ class _Api:
 
     async def _node_events(self, nodes: list[Obj], *, reason: str, message: str) -> None:
         """Tell `kubectl describe node` readers who asked for what; a lost Event is logged, never fatal."""
-        now_iso = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         kube = self.service.kube
         async with asyncio.TaskGroup() as group:
             for node in nodes:
                 # Items of a list response carry no kind or apiVersion; the Event's involvedObject needs both.
                 involved = {**node, "kind": "Node", "apiVersion": "v1"}
-                group.create_task(kube.event(involved=involved, reason=reason, message=message, now_iso=now_iso),
+                group.create_task(kube.event(involved=involved, reason=reason, message=message),
                                   name=f"event:{reason}:{(node.get('metadata') or {}).get('name')}")
 
     # ------------------------------------------------------------------------------------------ drains
@@ -1012,31 +1008,3 @@ def read_token(token_file: Path | None, env: Mapping[str, str]) -> str:
     if not token:
         raise ValueError(f"no API token: set {TOKEN_ENV} or pass --token-file")
     return token
-
-
-class _HasSettings(Protocol):
-    def settings(self) -> Settings: ...
-
-
-def register(app: typer.Typer) -> None:
-    """Add ``drainctl api``."""
-
-    @app.command("api")
-    def api(ctx: typer.Context,
-            port: Annotated[int, typer.Option(help="TCP port")] = 8080,
-            host: Annotated[str, typer.Option(help="address to bind (0.0.0.0 in a pod)")] = "127.0.0.1",
-            token_file: Annotated[Path | None, typer.Option(help=f"file holding the bearer token (default: "
-                                                                 f"${TOKEN_ENV})")] = None,
-            controller: Annotated[bool, typer.Option(help="also run the DrainRequest controller (leader-elected "
-                                                          "with a Lease)")] = True) -> None:
-        """Serve the HTTP API (drains, plans, events, /metrics, /openapi.json) until interrupted."""
-        globals_: _HasSettings = ctx.obj
-        settings = globals_.settings()
-        try:
-            token = read_token(token_file, os.environ)
-        except (ValueError, OSError) as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from exc
-        application = build_app(lambda: connect_service(settings), token=token, controller=controller)
-        web.run_app(application, host=host, port=port, shutdown_timeout=5.0, access_log=None,
-                    print=lambda text: typer.echo(f"drainctl api on http://{host}:{port}", err=True))

@@ -15,20 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import secrets
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-import typer
-from rich.console import Console
-
-from orchestrator.model import GIB, DrainRequest, NodeName
+from orchestrator.model import GIB, DrainRequest, NodeName, NonMigratablePolicy
 from orchestrator.store import DrainView
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 EXIT_OK, EXIT_NOT_DRAINED, EXIT_TIMEOUT = 0, 1, 6
 DEFAULT_TIME_SCALE = 30.0
@@ -97,10 +96,10 @@ async def _redis(redis_url: str | None, *, queue_name: str) -> AsyncIterator[Cal
 async def run_demo(*, scenario: str = "small", seed: int | None = None, time_scale: float = DEFAULT_TIME_SCALE,
                    redis_url: str | None = None, workers: int = 2, report: Path | None = None,
                    timeout_s: float = 900.0, console: Console | None = None,
-                   env: dict[str, str] | None = None) -> DemoResult:
+                   env: dict[str, str] | None = None, non_migratable: str = "block") -> DemoResult:
     """Run the demo end to end; `console` None means silent (the JSON output uses that)."""
     from orchestrator.kube import Kube
-    from orchestrator.progress import live_progress, print_summary
+    from orchestrator.progress import follow, print_summary
     from orchestrator.report import render_html
     from orchestrator.service import DrainService
     from orchestrator.settings import Settings
@@ -131,26 +130,29 @@ async def run_demo(*, scenario: str = "small", seed: int | None = None, time_sca
             def connect() -> Awaitable[Kube]:
                 return Kube.connect(kubeconfig=kubeconfig)
 
-            pool = [build_worker(settings, redis=await new_pool(), handle_signals=False, kube_factory=connect,
-                                 poll_delay=0.05) for _ in range(workers)]
             redis = await new_pool()
-            tasks = [asyncio.create_task(w.async_run(), name=f"demo-worker-{i}") for i, w in enumerate(pool)]
             kube = await Kube.connect(kubeconfig=kubeconfig)
+            pool: list[Any] = []
+            tasks: list[asyncio.Task[Any]] = []
             try:
                 service = DrainService(redis=redis, settings=settings, kube=kube)
                 parallel = max(1, min(loaded.parallel_hint, len(nodes)))
-                request = DrainRequest(nodes=tuple(NodeName(n) for n in nodes), max_parallel_nodes=parallel)
+                request = DrainRequest(nodes=tuple(NodeName(n) for n in nodes), max_parallel_nodes=parallel,
+                                       non_migratable=NonMigratablePolicy(non_migratable))
+                # Plan before any worker starts: a refused drain (PlanError) leaves nothing running.
                 plan = await service.plan(request)
                 say(f"draining [bold]{', '.join(nodes)}[/]: {sum(1 for _ in plan.jobs())} VMs to migrate, "
                     f"{len(plan.blocked)} blocked, {len(plan.skipped)} skipped; capacity: {plan.capacity.message}; "
                     f"estimate {plan.estimate.total_s:.0f} cluster s")
+                pool = [build_worker(settings, redis=await new_pool(), handle_signals=False, kube_factory=connect,
+                                     poll_delay=0.05) for _ in range(workers)]
+                tasks = [asyncio.create_task(w.async_run(), name=f"demo-worker-{i}") for i, w in enumerate(pool)]
                 record, _ = await service.submit(request, source="demo")
                 drain_id = record.id
-                if console is not None:
-                    view = await live_progress(service, drain_id, console=console, timeout_s=timeout_s)
-                else:
-                    view = await service.wait(drain_id, timeout_s=timeout_s)
-                timed_out = not view.drain.phase.is_final
+                followed = await follow(service, drain_id, console=console, timeout_s=timeout_s,
+                                        notice=lambda text: console.print(text, markup=False, highlight=False)
+                                        if console is not None else None)
+                view, timed_out = followed.view, not followed.final
                 if console is not None:
                     console.print()
                     print_summary(view, console)
@@ -192,51 +194,3 @@ def _print_truth(console: Console, truth: dict[str, Any], view: DrainView) -> No
     console.print(f"  VMIs with two migrations at once: {len(concurrent)}", highlight=False)
     console.print(f"  cluster time: {float(truth.get('sim_time_s') or 0):.0f} s; API requests: "
                   f"{truth.get('api_requests_total')}", highlight=False)
-
-
-def wide_console() -> Console:
-    """A console for stdout; when it is not a terminal (a pipe, CI), wide enough that tables stay legible."""
-    console = Console()
-    return console if console.is_terminal else Console(width=max(console.width, 160))
-
-
-def register(app: typer.Typer) -> None:
-    """Add `drainctl demo` to the command line."""
-
-    @app.command("demo")
-    def demo(
-        ctx: typer.Context,
-        scenario: Annotated[str, typer.Option(help="simulated cluster: small, enterprise, hostile, large or a "
-                                                   "YAML file")] = "small",
-        seed: Annotated[int | None, typer.Option(help="scenario seed (default: the scenario's)")] = None,
-        time_scale: Annotated[float | None, typer.Option(help="cluster seconds per wall second (default 30)")]
-        = None,
-        redis_url: Annotated[str | None, typer.Option(help="use this Redis instead of the embedded one")] = None,
-        workers: Annotated[int, typer.Option(help="workers to run in-process")] = 2,
-        report: Annotated[Path, typer.Option(help="HTML report file")] = Path("drainctl-report.html"),
-        timeout: Annotated[float, typer.Option(help="give up after this many wall seconds (exit 6)")] = 900.0,
-        output: Annotated[str | None, typer.Option("--output", "-o", help="table (default) or json")] = None,
-    ) -> None:
-        """Drain a node of a simulated cluster with an embedded Redis and in-process workers (needs nothing)."""
-        from orchestrator import cli
-
-        out = cli._output(ctx, output)
-        globals_ = ctx.obj
-        scale = time_scale or globals_.time_scale or DEFAULT_TIME_SCALE
-        if workers < 1:
-            cli.err.print("[red]error:[/] --workers: must be at least 1")
-            raise typer.Exit(cli.EXIT_USAGE)
-        if not scale > 0:
-            cli.err.print("[red]error:[/] --time-scale: must be a positive number")
-            raise typer.Exit(cli.EXIT_USAGE)
-        try:
-            result = asyncio.run(run_demo(
-                scenario=scenario, seed=seed, time_scale=scale, redis_url=redis_url or globals_.redis_url,
-                workers=workers, report=report, timeout_s=timeout, console=None if out == "json" else wide_console()))
-        except (ValueError, OSError) as exc:
-            cli.err.print(f"[red]error:[/] {exc}")
-            raise typer.Exit(cli.EXIT_USAGE) from exc
-        if out == "json":
-            print(json.dumps({"drain": result.view.to_json(), "ground_truth": result.truth,
-                              "report": str(result.report) if result.report else None}, indent=2, default=str))
-        raise typer.Exit(result.exit_code)

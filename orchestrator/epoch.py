@@ -5,9 +5,11 @@ Promises:
   it connects and after every Redis outage. The first check remembers the epoch held in `keys.EPOCH_KEY`,
   creating it (SET NX) when it is missing.
 - A Redis that lost its data (restarted without persistence, flushed, failed over to an empty replica) has
-  no epoch. Exactly one process re-creates it (SET NX decides) and that process looks at the cluster for
-  what the loss left behind: nodes cordoned with our `drainctl.io/drain-id` annotation whose drain is no
-  longer recorded. Each such drain is reported once (`keys.lost_drain_key`, SET NX):
+  no epoch. One process re-creates it (SET NX decides). Until some process has looked at the cluster for
+  what the loss left behind (`keys.EPOCH_SCANNED_KEY` names the epoch scanned last), every check looks:
+  nodes cordoned with our `drainctl.io/drain-id` annotation whose drain is no longer recorded. So a scan
+  that failed, or whose process died, is done by the next check of any process. Each such drain is
+  reported once (`keys.lost_drain_key`, SET NX):
   - an error-level log line `drain.lost` naming the drain, its cordoned nodes and its VMIMs still running;
   - a Warning Event `DrainLost` on every one of those nodes;
   - a drain record in phase Failed (source "recovered") whose node records name each node and its state,
@@ -41,10 +43,9 @@ from redis.exceptions import RedisError
 
 from orchestrator import keys
 from orchestrator import kube as k
-from orchestrator.model import DrainPhase, DrainRequest, NodePhase
+from orchestrator.model import NODE_DRAIN_ANNOTATION, NODE_DRAINED_ANNOTATION, DrainPhase, DrainRequest, NodePhase
 from orchestrator.records import DrainRecord, NodeRecord
 from orchestrator.store import DrainStore
-from orchestrator.view import NODE_DRAIN_ANNOTATION, NODE_DRAINED_ANNOTATION
 
 log = structlog.get_logger("orchestrator.epoch")
 
@@ -164,7 +165,6 @@ class EpochGuard:
         self.epoch: str | None = None
         self.losses = 0
         """How many times this process saw Redis come back without its data."""
-        self._scan_pending = False
 
     async def check(self) -> list[LostDrain]:
         """Compare the epoch with the one we knew; on a loss (or a fresh Redis) report what the cluster shows.
@@ -184,15 +184,16 @@ class EpochGuard:
                       hint="Redis restarted without persistence (or was flushed); see docs/redis.md")
         elif known is None:
             log.info("redis.epoch", owner=self.owner, epoch=current, created=created)
-        # Only the creator scans; a scan that failed (API or Redis error) is owed and runs at the next check.
-        self._scan_pending = self._scan_pending or created
-        if not self._scan_pending or self.kube is None:
+        if self.kube is None or current is None:
+            return []
+        scanned = await self.redis.get(keys.EPOCH_SCANNED_KEY)
+        if scanned is not None and _text(scanned) == current:
             return []
         reported = []
         for lost in await find_lost_drains(self.redis, self.kube):
             if await report_lost_drain(self.redis, self.kube, lost):
                 reported.append(lost)
-        self._scan_pending = False
+        await self.redis.set(keys.EPOCH_SCANNED_KEY, current)
         return reported
 
 

@@ -18,8 +18,10 @@ Layout (``{id}`` is substituted, ``{{...}}`` below is a literal Redis Cluster ha
 ``drainctl:node:{node}:drain``                  which drain owns a node (node lock)
 ``drainctl:idem:{key}``                         idempotency key of a request
 ``drainctl:epoch``                              this Redis's epoch (a Redis that lost its data has none)
+``drainctl:epoch:scanned``                      the epoch whose cluster scan for lost drains is done
 ``drainctl:lost:{id}``                          a drain found lost after Redis came back empty (report)
 ``{{drainctl:sem:{name}}}:...``                 one semaphore; see :class:`SemaphoreKeys`
+``{queue}:health-check``                        arq's worker heartbeat (written by every live worker)
 ==============================================  =====================================================
 
 arq job ids are deterministic so that a job enqueued twice runs once (arq dedupes on the id):
@@ -42,6 +44,9 @@ EPOCH_KEY = f"{PREFIX}:epoch"
 """The epoch of this Redis's data: written once by the first process that finds it missing. A process that
 knew another epoch (or none at all in a Redis that holds nothing else) knows the data was lost."""
 
+EPOCH_SCANNED_KEY = f"{EPOCH_KEY}:scanned"
+"""The epoch for which the cluster was scanned for drains a data loss left behind (see orchestrator.epoch)."""
+
 CLUSTER_SCOPE = "cluster"
 TUNE_KEY = f"{PREFIX}:tune:kubevirt"
 """KubeVirt's migration settings as they were before a tuned drain changed them, with that drain's id (JSON);
@@ -57,6 +62,15 @@ def _part(value: str, what: str) -> str:
     if "\n" in value:
         raise ValueError(f"{what} must not contain a newline: {value!r}")
     return value
+
+
+# Workers ------------------------------------------------------------------------------------------
+
+
+def worker_health_key(queue_name: str) -> str:
+    """arq's heartbeat of the workers on one queue (``{queue}:health-check``, arq's own format): every live
+    worker rewrites it with a TTL just above its health-check interval, so its absence means no worker."""
+    return f"{_part(queue_name, 'queue name')}:health-check"
 
 
 # Drains -------------------------------------------------------------------------------------------

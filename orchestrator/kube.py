@@ -12,6 +12,7 @@ It speaks to a real cluster or to the simulator the same way, returns raw Kubern
     +-- Gone                410 (watch too old: re-list)                 retryable
     +-- Unauthorized        401/403
     +-- Unavailable         5xx, timeouts, connection errors              retryable
+    +-- BadConfig           the kubeconfig is missing, unreadable or names no usable context
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import builtins
 import contextlib
 import json
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +82,10 @@ class Unauthorized(KubeError):
 
 class Unavailable(KubeError):
     retryable = True
+
+
+class BadConfig(KubeError):
+    """The kubeconfig named (flag or KUBECONFIG) does not exist or cannot be used: fix the input."""
 
 
 def _map(exc: ApiException) -> KubeError:
@@ -225,6 +231,8 @@ class Kube:
     def __init__(self, api: client.ApiClient) -> None:
         self.api = api
         self.requests = 0
+        self._server_clock: tuple[float, float] | None = None
+        """(the API server's clock from the last Date header, our wall clock when it arrived)."""
 
     @classmethod
     async def connect(cls, *, kubeconfig: str | Path | None = None, context: str | None = None) -> Kube:
@@ -238,7 +246,12 @@ class Kube:
             return cls(client.ApiClient(cfg))
         if path is None:
             raise KubeError(0, "NoConfig", "no kubeconfig: pass --kubeconfig or set KUBECONFIG")
-        api = await config.new_client_from_config(config_file=path, context=context)
+        if not os.path.isfile(path):  # noqa: ASYNC240 - one stat before any I/O, like the client's own read
+            raise BadConfig(0, "NoConfig", f"kubeconfig {path}: no such file (pass --kubeconfig or set KUBECONFIG)")
+        try:
+            api = await config.new_client_from_config(config_file=path, context=context)
+        except (config.ConfigException, ValueError, OSError) as exc:
+            raise BadConfig(0, "BadConfig", f"kubeconfig {path}: {exc}") from exc
         return cls(api)
 
     async def close(self) -> None:
@@ -262,6 +275,14 @@ class Kube:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    async def server_date(self) -> tuple[float, float]:
+        """(the API server's clock from the `Date` header of GET /version, our wall clock at the answer)."""
+        self._server_clock = None
+        await self._call("GET", "/version")
+        if self._server_clock is None:
+            raise Unavailable(0, "NoDate", "the API server sent no usable Date header")
+        return self._server_clock
+
     # ------------------------------------------------------------------------------------------ raw
     async def _call(self, method: str, path: str, *, query: list[tuple[str, str]] | None = None,
                     body: Any = None, content_type: str = "application/json") -> Obj:
@@ -279,10 +300,28 @@ class Kube:
             raise _map(exc) from exc
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise Unavailable(0, "Unavailable", f"{method} {path}: {exc}") from exc
+        self._note_date(resp.headers.get("Date"))
         if not 200 <= resp.status <= 299:
             raise _from_body(resp.status, raw)
         data: Obj = json.loads(raw) if raw else {}
         return data
+
+    def _note_date(self, date: str | None) -> None:
+        from email.utils import parsedate_to_datetime
+
+        if date:
+            with contextlib.suppress(TypeError, ValueError):
+                self._server_clock = (parsedate_to_datetime(date).timestamp(), time.time())
+
+    async def server_now(self, *, max_age_s: float = 0.1) -> float:
+        """The API server's clock now (its Date header, one-second resolution). Cluster time, which runs at the
+        time scale: Events we write must carry it, not our wall clock, or their ages disagree with the
+        cluster's own. Asks GET /version when no answer arrived in the last `max_age_s` wall seconds."""
+        if self._server_clock is None or time.time() - self._server_clock[1] > max_age_s:
+            await self.server_date()
+        assert self._server_clock is not None
+        date, seen = self._server_clock
+        return date + (time.time() - seen)
 
     async def get(self, kind: Kind, name: str, namespace: str | None = None) -> Obj:
         return await self._call("GET", kind.path(namespace, name))
@@ -359,8 +398,15 @@ class Kube:
         await self._call("POST", PODS.path(namespace, name, "eviction"), body=body)
 
     async def event(self, *, involved: Obj, reason: str, message: str, warning: bool = False,
-                    component: str = "drainctl", now_iso: str) -> None:
-        """Record a Kubernetes Event; losing one is never fatal, so errors are logged, not raised."""
+                    component: str = "drainctl", now_iso: str | None = None) -> None:
+        """Record a Kubernetes Event stamped with the API server's clock (`now_iso` overrides it); losing one is
+        never fatal, so errors are logged, not raised."""
+        if now_iso is None:
+            try:
+                stamp = await self.server_now()
+            except KubeError:
+                stamp = time.time()
+            now_iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
         meta = involved.get("metadata") or {}
         ns = meta.get("namespace") or "default"
         body = {

@@ -13,23 +13,25 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from arq.connections import ArqRedis
 from arq.constants import health_check_key_suffix
 from redis.exceptions import RedisError
 
 from orchestrator import keys, queue
-from orchestrator.kube import Kube
 from orchestrator.model import DrainPhase, DrainPlan, DrainRequest
 from orchestrator.planner import PlanError, plan_drain
 from orchestrator.records import CancelRequest, DrainRecord
 from orchestrator.settings import Settings
 from orchestrator.store import DrainNotFound, DrainStore, DrainView
-from orchestrator.view import drain_snapshot
 
 log = structlog.get_logger("orchestrator.service")
+
+if TYPE_CHECKING:  # the CLI's Redis-only commands must not pay for importing the cluster client
+    from arq.connections import ArqRedis
+
+    from orchestrator.kube import Kube
 
 DRY_PLAN_TIMEOUT_S = 20.0
 """Wall seconds a caller waits for a worker's dry run before it plans by itself."""
@@ -84,6 +86,8 @@ class DrainService:
             if "refused" in answer:
                 raise PlanError(answer["refused"])
             return DrainPlan.from_json(answer["plan"])
+        from orchestrator.view import drain_snapshot  # the cluster client: imported when the cluster is read
+
         snapshot = await drain_snapshot(self.kube, [str(n) for n in request.nodes])
         return plan_drain(snapshot, request, self.settings, now=time.time())
 

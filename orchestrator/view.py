@@ -20,6 +20,9 @@ import structlog
 
 from orchestrator import kube as k
 from orchestrator.model import (
+    DRAIN_ID_LABEL,
+    FINAL_MIGRATION_PHASES,
+    FINAL_POD_PHASES,
     VIRT_LAUNCHER_LABEL,
     VIRT_LAUNCHER_LABEL_VALUE,
     VMI_DOMAIN_ANNOTATION,
@@ -39,15 +42,7 @@ from orchestrator.supervise import Supervisor
 
 log = structlog.get_logger("orchestrator.view")
 
-DRAIN_LABEL = "drainctl.io/drain-id"
-ATTEMPT_LABEL = "drainctl.io/attempt"
-VMI_LABEL = "drainctl.io/vmi"
-NODE_DRAIN_ANNOTATION = DRAIN_LABEL
-"""On a node: the drain that cordoned it (written by the plan job, kept after the node is drained)."""
-NODE_DRAINED_ANNOTATION = "drainctl.io/drained-at"
-"""On a node: when its drain finished it."""
 Obj = dict[str, Any]
-FINAL = ("Succeeded", "Failed")
 
 
 def _container_memory(containers: list[Obj]) -> list[int]:
@@ -66,7 +61,7 @@ def _pod_memory(pod: Obj) -> int:
     return pod_memory_bytes(containers=_container_memory(spec.get("containers") or []),
                             init_containers=_container_memory(spec.get("initContainers") or []),
                             overhead=0 if overhead is None else quantity_to_int(overhead),
-                            final=(pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"))
+                            final=(pod.get("status") or {}).get("phase") in FINAL_POD_PHASES)
 
 
 def _launcher_of(pod: Obj) -> str | None:
@@ -119,7 +114,7 @@ class ClusterView:
 
     async def start(self) -> None:
         self.supervisor.spawn("watch-vmims", lambda: self.kube.watch(
-            k.VMIMS, label_selector=DRAIN_LABEL, on_list=self._vmim_list, on_event=self._vmim_event))
+            k.VMIMS, label_selector=DRAIN_ID_LABEL, on_list=self._vmim_list, on_event=self._vmim_event))
         self.supervisor.spawn("watch-nodes", lambda: self.kube.watch(
             k.NODES, on_list=self._node_list, on_event=self._node_event))
         self.supervisor.spawn("watch-pods", lambda: self.kube.watch(
@@ -272,7 +267,7 @@ class ClusterView:
         counts: dict[str, int] = defaultdict(int)
         for o in self.vmims.values():
             target = ((o.get("spec") or {}).get("addedNodeSelector") or {}).get("kubernetes.io/hostname")
-            if target and (o.get("status") or {}).get("phase") not in FINAL:
+            if target and (o.get("status") or {}).get("phase") not in FINAL_MIGRATION_PHASES:
                 counts[target] += 1
         return counts
 

@@ -49,6 +49,7 @@ import ssl
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -1070,6 +1071,16 @@ def build_app(cluster: ClusterLike) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[_SERVER_KEY] = server
     app.router.add_route("*", "/{tail:.*}", server.handle)
+
+    async def cluster_date(_request: web.Request, response: web.StreamResponse) -> None:
+        # An API server's Date header is its own clock; here that is cluster time (it runs at the time scale),
+        # which is how clients can tell the time scale they face. Like kube-apiserver (WithCacheControl in
+        # k8s.io/apiserver/pkg/endpoints/filters/cachecontrol.go) every answer says "no-cache, private": with
+        # a Date ahead of the client's clock, kubectl's HTTP cache would otherwise keep stale discovery.
+        response.headers["Date"] = formatdate(cluster.clock.now(), usegmt=True)
+        response.headers.setdefault("Cache-Control", "no-cache, private")
+
+    app.on_response_prepare.append(cluster_date)
 
     async def close_watches(_app: web.Application) -> None:
         await server.shutdown()

@@ -44,6 +44,7 @@ KubeFactory = Callable[[], Awaitable[Kube]]
 REDIS_ERRORS = (RedisError, OSError)
 """What a Redis outage raises: redis-py's ConnectionError/TimeoutError (RedisError), socket errors (OSError)."""
 EPOCH_CHECK_EVERY_S = 5.0
+SEMAPHORE_POLL_S = 5.0
 
 
 class DrainWorker(EventWorker):
@@ -203,7 +204,10 @@ def build_worker(settings: Settings, *, redis: ArqRedis | None = None, kube_fact
         supervisor.spawn("redis-epoch", lambda: check_epoch_forever(
             guard[0], every_s=EPOCH_CHECK_EVERY_S, report=lambda problem: supervisor.degraded("redis-epoch", problem)))
         ctx.update(settings=settings, kube=kube, view=view, store=DrainStore(ctx["redis"]),
-                   semaphore=RedisSemaphore(ctx["redis"], lease_ttl_s=settings.timeouts.lease_ttl_s),
+                   # Waiters wake on every release (pub/sub); the poll only covers a lost message, so it is slow:
+                   # a waiting migration costs Redis commands per release, hardly per second.
+                   semaphore=RedisSemaphore(ctx["redis"], lease_ttl_s=settings.timeouts.lease_ttl_s,
+                                            poll_interval_s=SEMAPHORE_POLL_S),
                    clock=ScaledClock(settings.time_scale), prometheus=MigrationMetricsReader.from_settings(settings))
         log.info("worker.started", queue=settings.connection.queue_name, time_scale=settings.time_scale)
 
@@ -241,6 +245,6 @@ def build_worker(settings: Settings, *, redis: ArqRedis | None = None, kube_fact
         kwargs["redis_pool"] = redis
     else:
         kwargs["redis_settings"] = RedisSettings.from_dsn(settings.connection.redis_url)
-    # No per-job in-progress renewal (workers.inprogress): it costs a command per running job every few
+    # No per-job in-progress renewal: it costs a command per running job every few
     # seconds, for as long as a migration runs; EventWorker's one alive key per busy worker replaces it.
     return DrainWorker(on_reconnect=check_epoch, **kwargs)

@@ -1,6 +1,6 @@
 """The real path: the simulator over HTTPS, real Redis, `drainctl worker` processes.
 
-Each test gets its own Redis database flushed first (`DRAIN_TEST_REDIS_DB`, default 15), its own queue name,
+Each test gets its own Redis database flushed first (`tests.redis_db`, `DRAIN_TEST_REDIS_URL`), its own queue name,
 and a simulated cluster served from the test's event loop; worker processes talk to it over HTTP exactly as
 they would to a real cluster. Assertions read the simulator's ground truth over HTTP with the admin kubeconfig
 (`await env.stats()`); the workers only ever get the cluster kubeconfig, which gets 403 on `/sim/v1/*`.
@@ -29,23 +29,14 @@ from orchestrator.settings import Settings
 from simulator import scenarios
 from simulator.admin import SimAdmin
 from simulator.cluster import RunningCluster, running_cluster
+from tests import redis_db
 from tests.redis_db import claimed_db
 
 DRAINCTL = str(Path(sys.executable).with_name("drainctl"))
 
 
-def redis_available() -> bool:
-    import redis
-
-    try:
-        return bool(redis.Redis(host="127.0.0.1", port=6379, socket_timeout=1).ping())
-    except Exception:  # any failure means "not available"
-        return False
-
-
 # Without Redis these tests skip locally; in CI (CI=true) that is a failure (see tests.redis_db).
-requires_redis = pytest.mark.skipif(not redis_available() and os.environ.get("CI", "").lower() != "true",
-                                    reason="needs Redis on 127.0.0.1:6379")
+requires_redis = redis_db.requires_redis
 
 
 @dataclass

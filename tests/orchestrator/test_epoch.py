@@ -123,3 +123,24 @@ async def test_a_scan_that_failed_is_owed_to_the_next_check() -> None:
     else:
         raise AssertionError("the first scan should have failed")
     assert [lost.drain_id for lost in await a.check()] == ["gone"]
+
+
+async def test_a_scan_left_undone_by_one_process_is_done_by_another() -> None:
+    redis = fakeredis.FakeAsyncRedis()
+
+    class Down(Cluster):
+        async def list(self, kind: k.Kind, namespace: str | None = None, *, label_selector: str | None = None,
+                       field_selector: str | None = None) -> tuple[list[dict[str, Any]], str]:
+            raise k.Unavailable(503, "ServiceUnavailable", "injected")
+
+    nodes = [node("n1", drain="gone", cordoned=True)]
+    creator = guard(redis, Down(nodes), "api")  # creates the epoch, then cannot scan (and its process dies)
+    try:
+        await creator.check()
+    except k.Unavailable:
+        pass
+    else:
+        raise AssertionError("the scan should have failed")
+    other = guard(redis, Cluster(nodes), "worker")
+    assert [lost.drain_id for lost in await other.check()] == ["gone"]
+    assert await other.check() == []

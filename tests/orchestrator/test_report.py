@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Awaitable, Callable
+import re
+import time
 from html.parser import HTMLParser
 from typing import Any
 
 import pytest
 from rich.console import Console
 
-from orchestrator.progress import live_progress, print_summary
+from orchestrator.model import DrainPhase
+from orchestrator.progress import follow, print_summary
 from orchestrator.records import DrainRecord, NodeRecord, VmRecord
 from orchestrator.report import attempt_rows, drain_summary, format_seconds, render_html
+from orchestrator.settings import Settings
 from orchestrator.store import DrainView
 
 T0 = 1_700_000_000.0
@@ -158,26 +161,23 @@ def test_print_summary_lists_nodes_vms_and_failed_attempts() -> None:
 
 
 class StubService:
-    """The one method live_progress uses: `wait`, replaying views to `on_update`."""
+    """What `follow` uses of the service: `get` (replaying views) and the settings."""
 
     def __init__(self, views: list[DrainView]) -> None:
-        self.views = views
+        self.views = list(views)
+        self.settings = Settings()
 
-    async def wait(self, drain_id: str, *, timeout_s: float | None = None, poll_s: float = 0.5,
-                   on_update: Callable[[DrainView], Awaitable[None]] | None = None) -> DrainView:
-        for view in self.views:
-            assert on_update is not None
-            await on_update(view)
-        return self.views[-1]
+    async def get(self, drain_id: str) -> DrainView:
+        return self.views.pop(0) if len(self.views) > 1 else self.views[0]
 
 
 async def test_live_progress_prints_one_line_per_change_when_not_a_terminal() -> None:
     running, done = make_view(phase="Running"), make_view()
     buffer = io.StringIO()
     console = Console(file=buffer, width=200, force_terminal=False)
-    final = await live_progress(StubService([running, running, done]), "abc123def456",  # type: ignore[arg-type]
-                                console=console)
-    assert final is done
+    followed = await follow(StubService([running, running, done]), "abc123def456",  # type: ignore[arg-type]
+                            console=console, notice=print, poll_s=0)
+    assert followed.view is done and followed.final
     lines = buffer.getvalue().splitlines()
     assert sum("drain abc123def456: Running" in line for line in lines) == 1  # unchanged views print nothing
     assert any("drain abc123def456: Failed" in line for line in lines)
@@ -188,8 +188,46 @@ async def test_live_progress_prints_one_line_per_change_when_not_a_terminal() ->
 async def test_live_progress_draws_bars_on_a_terminal() -> None:
     buffer = io.StringIO()
     console = Console(file=buffer, width=200, force_terminal=True)
-    final = await live_progress(StubService([make_view(phase="Running"), make_view()]), "x",  # type: ignore[arg-type]
-                                console=console)
-    assert final.drain.phase == "Failed"
+    followed = await follow(StubService([make_view(phase="Running"), make_view()]), "x",  # type: ignore[arg-type]
+                            console=console, notice=print, poll_s=0)
+    assert followed.view.drain.phase == "Failed"
     text = buffer.getvalue()
     assert "drain abc123def456 [Failed]" in text and "n1 [Drained]" in text
+
+
+def test_a_cancelled_drain_shows_no_ratio_to_the_estimate() -> None:
+    view = make_view(phase="Cancelled")
+    console = Console(record=True, width=220)
+    print_summary(view, console)
+    out = console.export_text()
+    assert "drain abc123def456: Cancelled" in out and "took 5 m 00 s cluster time" in out
+    assert "x the estimate" not in out
+    page = render_html(view)
+    assert "actual / estimate" in page and ">-</div><div class=\"k\">actual / estimate" in page
+
+
+def test_summary_of_an_unstarted_drain_says_so() -> None:
+    drain = DrainRecord(id="pending12345", phase="Pending", message="waiting for a worker", created_at=T0,
+                        estimate_s=200.0, time_scale=SCALE, request={"nodes": ["n1", "n2"]})
+    console = Console(record=True, width=220)
+    print_summary(DrainView(drain, {}, {}), console)
+    out = console.export_text()
+    assert "Pending (not finished: it goes on in the workers)" in out
+    assert "nodes drained: 0/2; not started" in out
+    assert "took" not in out and "x the estimate" not in out
+
+
+async def test_progress_stamps_never_go_backwards_when_the_drain_starts() -> None:
+    """Stamps count from submission, so the line printed when planning ends is not earlier than the one
+    before it."""
+    running = make_view(phase="Running")
+    queued = DrainView(running.drain.model_copy(update={"phase": DrainPhase.PENDING, "started_at": None,
+                                                         "created_at": time.time() - 5}), running.nodes, running.vms)
+    started = DrainView(running.drain.model_copy(update={"created_at": queued.drain.created_at,
+                                                          "started_at": time.time()}), running.nodes, running.vms)
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=200, force_terminal=False)
+    await follow(StubService([queued, started, make_view()]), "x", console=console,  # type: ignore[arg-type]
+                 notice=print, poll_s=0)
+    stamps = [float(m.group(1)) for m in re.finditer(r"^\[\s*(\d+) s\]", buffer.getvalue(), re.MULTILINE)]
+    assert stamps and stamps == sorted(stamps), buffer.getvalue()

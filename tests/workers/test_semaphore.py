@@ -1,4 +1,4 @@
-"""The Redis semaphore, run against fakeredis (with lupa) and against the real Redis on 127.0.0.1:6379."""
+"""The Redis semaphore, run against fakeredis (with lupa) and against the real test Redis (tests.redis_db)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from orchestrator import keys
+from tests import redis_db
 from workers.semaphore import HeldSlot, Lease, RedisSemaphore, Scope, SemaphoreLost, hold
 
-REAL_REDIS_URL = "redis://127.0.0.1:6379"
+REAL_REDIS_URL = redis_db.db_url(0)
 # Generous bound for anything that should happen "soon"; tests assert on order, not on speed.
 PATIENCE_S = 30.0
 
@@ -47,7 +48,7 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
         try:
             await probe.ping()
         except RedisConnectionError:
-            pytest.skip(f"no Redis at {REAL_REDIS_URL}")
+            redis_db.no_redis(f"no Redis at {REAL_REDIS_URL}")
         finally:
             await probe.aclose()
         result = Backend(lambda: Redis.from_url(REAL_REDIS_URL))

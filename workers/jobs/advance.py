@@ -14,6 +14,7 @@ from redis.exceptions import LockError, LockNotOwnedError, RedisError
 from orchestrator import keys
 from orchestrator import kube as k
 from orchestrator.model import (
+    NODE_DRAIN_ANNOTATION,
     DrainPhase,
     NodePhase,
     VmPhase,
@@ -21,7 +22,6 @@ from orchestrator.model import (
 from orchestrator.records import DrainRecord, NodeRecord, VmRecord
 from orchestrator.rules import spare_memory
 from workers.jobs.common import (
-    NODE_ANNOTATION,
     Ctx,
     assign,
     cancel_vm_if_idle,
@@ -265,7 +265,7 @@ def _summary(nodes: dict[str, NodeRecord], vms: dict[str, VmRecord]) -> str:
         node_counts[n.phase.value] = node_counts.get(n.phase.value, 0) + 1
     parts = ", ".join(f"{v} {p}" for p, v in sorted(node_counts.items()))
     vm_parts = ", ".join(f"{v} {p}" for p, v in sorted(counts.items()))
-    return f"nodes: {parts}; VMs: {vm_parts}"
+    return f"nodes: {parts}; VMs: {vm_parts or 'none'}"
 
 
 async def close_drain(ctx: Ctx, drain_id: str, phase: DrainPhase, message: str) -> None:
@@ -285,10 +285,11 @@ async def close_drain(ctx: Ctx, drain_id: str, phase: DrainPhase, message: str) 
         uncordoned = []
         for node in nodes:
             obj = await ctx["kube"].find(k.NODES, node)
-            if obj is None or ((obj.get("metadata") or {}).get("annotations") or {}).get(NODE_ANNOTATION) != drain_id:
+            annotations = ((obj or {}).get("metadata") or {}).get("annotations") or {}
+            if obj is None or annotations.get(NODE_DRAIN_ANNOTATION) != drain_id:
                 continue  # not cordoned by this drain: leave it as it was
             with contextlib.suppress(k.NotFound):
-                await ctx["kube"].cordon(node, unschedulable=False, annotations={NODE_ANNOTATION: None})
+                await ctx["kube"].cordon(node, unschedulable=False, annotations={NODE_DRAIN_ANNOTATION: None})
             uncordoned.append(node)
         if uncordoned:
             await store.emit(drain_id, "nodes.uncordoned", nodes=uncordoned)

@@ -23,15 +23,12 @@ from orchestrator.prometheus import MigrationMetricsReader
 from orchestrator.records import DrainLimits, DrainRecord, NodeRecord, VmRecord
 from orchestrator.settings import Settings
 from orchestrator.store import DrainStore
-from orchestrator.view import NODE_DRAIN_ANNOTATION, NODE_DRAINED_ANNOTATION, ClusterView
+from orchestrator.view import ClusterView
 from workers.semaphore import RedisSemaphore
 
 log = structlog.get_logger("workers.jobs")
 T = TypeVar("T")
 
-FINAL_VMIM = ("Succeeded", "Failed")
-NODE_ANNOTATION = NODE_DRAIN_ANNOTATION
-DRAINED_ANNOTATION = NODE_DRAINED_ANNOTATION
 QUARANTINE_AFTER = 2
 """Distinct VMs a node must fail before the drain stops sending any VM there."""
 

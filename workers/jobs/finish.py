@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from orchestrator import kube as k
-from orchestrator.model import DrainPhase, NodePhase, VmiKey, VmPhase
+from orchestrator.model import NODE_DRAIN_ANNOTATION, NODE_DRAINED_ANNOTATION, DrainPhase, NodePhase, VmiKey, VmPhase
 from orchestrator.rules import PodAction, pod_verdict
 from orchestrator.snapshot import parse_pod
 from orchestrator.store import RecordNotFound
 from workers.jobs.advance import advance_drain, close_drain
-from workers.jobs.common import DRAINED_ANNOTATION, NODE_ANNOTATION, Ctx, assign, guarded, log, now_iso
+from workers.jobs.common import Ctx, assign, guarded, log, now_iso
 
 EVICTION_DEADLINE_S = 600.0
 """Cluster seconds of evictions (PodDisruptionBudgets refusing) before the node is reported failed."""
@@ -87,17 +87,15 @@ async def _finish_node(ctx: Ctx, drain_id: str, node: str) -> str:
         await store.update_node(drain_id, node, assign(phase=final, message=message, finished_at=clock.time(),
                                                      evicted=evicted))
         if node_obj is not None:
-            await kube.event(involved=node_obj, reason="DrainFailed", message=message, warning=True,
-                             now_iso=now_iso())
+            await kube.event(involved=node_obj, reason="DrainFailed", message=message, warning=True)
         await store.emit(drain_id, "node.failed", node=node, message=message)
     else:
-        await kube.annotate(k.NODES, node, {DRAINED_ANNOTATION: now_iso(), NODE_ANNOTATION: drain_id})
+        await kube.annotate(k.NODES, node, {NODE_DRAINED_ANNOTATION: now_iso(), NODE_DRAIN_ANNOTATION: drain_id})
         await store.update_node(drain_id, node, assign(phase=NodePhase.DRAINED, message="drained",
                                                      finished_at=clock.time(), evicted=evicted))
         if node_obj is not None:
             await kube.event(involved=node_obj, reason="NodeDrained",
-                             message=f"drainctl drain {drain_id}: every VM migrated, {evicted} pod(s) evicted",
-                             now_iso=now_iso())
+                             message=f"drainctl drain {drain_id}: every VM migrated, {evicted} pod(s) evicted")
         await store.emit(drain_id, "node.drained", node=node, evicted=evicted)
     log.info("node.finished", drain_id=drain_id, node=node, left=len(left), evicted=evicted)
     await advance_drain(ctx, drain_id)

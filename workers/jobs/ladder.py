@@ -25,9 +25,8 @@ import enum
 import hashlib
 
 from orchestrator import kube as k
-from orchestrator.model import format_bytes
+from orchestrator.model import DRAIN_ID_LABEL, format_bytes
 from orchestrator.records import AttemptRecord, VmRecord
-from orchestrator.view import DRAIN_LABEL
 from workers.jobs.common import Ctx, Obj, log
 
 __all__ = ["POST_COPY_TIMEOUT_PER_GIB", "RUNG_LABEL_PREFIX", "Rung", "apply_rung", "clean_ended", "hopeless",
@@ -35,7 +34,7 @@ __all__ = ["POST_COPY_TIMEOUT_PER_GIB", "RUNG_LABEL_PREFIX", "Rung", "apply_rung
 
 RUNG_LABEL_PREFIX = "rung.drainctl.io/"
 """Prefix of the labels drainctl puts on a VMI for one attempt's MigrationPolicy (its selector, and the drain)."""
-VMI_DRAIN_LABEL = f"{RUNG_LABEL_PREFIX}drain-id"
+VMI_DRAIN_ID_LABEL = f"{RUNG_LABEL_PREFIX}drain-id"
 POST_COPY_TIMEOUT_PER_GIB = 1
 """Seconds per GiB before KubeVirt switches the escalated migration to post-copy: at once, in effect."""
 CANNOT_CONVERGE = "CannotConverge"
@@ -82,13 +81,13 @@ async def apply_rung(ctx: Ctx, *, drain_id: str, namespace: str, name: str, poli
     if rung is Rung.POST_COPY:
         spec.update(allowPostCopy=True, completionTimeoutPerGiB=POST_COPY_TIMEOUT_PER_GIB)
     body = {"apiVersion": "migrations.kubevirt.io/v1alpha1", "kind": "MigrationPolicy",
-            "metadata": {"name": policy_name, "labels": {DRAIN_LABEL: drain_id}}, "spec": spec}
+            "metadata": {"name": policy_name, "labels": {DRAIN_ID_LABEL: drain_id}}, "spec": spec}
     try:
         await kube.create(k.MIGRATION_POLICIES, body)
     except k.AlreadyExists:
         current = await kube.get(k.MIGRATION_POLICIES, policy_name)
         selector = dict((current.get("spec") or {}).get("selectors", {}).get("virtualMachineInstanceSelector") or {})
-    await kube.patch(k.VMIS, name, {"metadata": {"labels": {**selector, VMI_DRAIN_LABEL: drain_id}}}, namespace)
+    await kube.patch(k.VMIS, name, {"metadata": {"labels": {**selector, VMI_DRAIN_ID_LABEL: drain_id}}}, namespace)
     log.info("ladder.applied", drain_id=drain_id, vmi=f"{namespace}/{name}", policy=policy_name, rung=rung.value)
 
 
@@ -117,15 +116,15 @@ async def clean_ended(ctx: Ctx) -> int:
         return ended[drain_id]
 
     cleaned = 0
-    policies, _ = await kube.list(k.MIGRATION_POLICIES, label_selector=DRAIN_LABEL)
+    policies, _ = await kube.list(k.MIGRATION_POLICIES, label_selector=DRAIN_ID_LABEL)
     for policy in policies:
-        if await is_ended(policy["metadata"]["labels"][DRAIN_LABEL]):
+        if await is_ended(policy["metadata"]["labels"][DRAIN_ID_LABEL]):
             await kube.delete(k.MIGRATION_POLICIES, policy["metadata"]["name"])
             cleaned += 1
-    vmis, _ = await kube.list(k.VMIS, label_selector=VMI_DRAIN_LABEL)
+    vmis, _ = await kube.list(k.VMIS, label_selector=VMI_DRAIN_ID_LABEL)
     for vmi in vmis:
         meta = vmi["metadata"]
-        if await is_ended(meta["labels"][VMI_DRAIN_LABEL]):
+        if await is_ended(meta["labels"][VMI_DRAIN_ID_LABEL]):
             await release_rung(ctx, namespace=meta["namespace"], name=meta["name"], policy_name=None)
             cleaned += 1
     return cleaned

@@ -17,15 +17,26 @@ from arq.worker import Retry
 
 from orchestrator import keys
 from orchestrator import kube as k
-from orchestrator.model import DrainPhase, FailureClass, VmPhase, split_vmi_key
+from orchestrator.model import (
+    ATTEMPT_LABEL,
+    DRAIN_ID_LABEL,
+    FENCING_TOKEN_ANNOTATION,
+    FINAL_MIGRATION_PHASES,
+    SOURCE_NODE_ANNOTATION,
+    UNSCHEDULABLE_TIMEOUT_ANNOTATION,
+    VMI_LABEL,
+    DrainPhase,
+    FailureClass,
+    VmPhase,
+    split_vmi_key,
+)
 from orchestrator.placement import choose_target
 from orchestrator.records import AttemptRecord, DrainLimits, DrainRecord, VmRecord
 from orchestrator.rules import vm_memory_on_target
 from orchestrator.snapshot import parse_vmi
-from orchestrator.view import ATTEMPT_LABEL, DRAIN_LABEL, VMI_LABEL, ClusterView
+from orchestrator.view import ClusterView
 from workers.jobs.advance import advance_drain
 from workers.jobs.common import (
-    FINAL_VMIM,
     QUARANTINE_AFTER,
     Ctx,
     Obj,
@@ -35,7 +46,6 @@ from workers.jobs.common import (
     guarded,
     limits_of,
     log,
-    now_iso,
     vmim_name,
 )
 from workers.jobs.decisions import (
@@ -199,7 +209,7 @@ async def _drive(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec: VmRe
     except BaseException:
         ns, _ = split_vmi_key(vmi)
         current = ctx["view"].vmims.get(f"{ns}/{mig_name}")
-        if touched and (current is None or (current.get("status") or {}).get("phase") not in FINAL_VMIM):
+        if touched and (current is None or (current.get("status") or {}).get("phase") not in FINAL_MIGRATION_PHASES):
             slot.keep()
         raise
 
@@ -252,10 +262,10 @@ async def _drive_inner(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec
         body = {
             "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
             "metadata": {"name": mig_name, "namespace": ns,
-                         "labels": {DRAIN_LABEL: drain_id, ATTEMPT_LABEL: str(attempt), VMI_LABEL: name},
-                         "annotations": {"drainctl.io/fencing-token": str(slot.lease.token),
-                                         "drainctl.io/source-node": source,
-                                         "kubevirt.io/migrationUnschedulablePodTimeoutSeconds":
+                         "labels": {DRAIN_ID_LABEL: drain_id, ATTEMPT_LABEL: str(attempt), VMI_LABEL: name},
+                         "annotations": {FENCING_TOKEN_ANNOTATION: str(slot.lease.token),
+                                         SOURCE_NODE_ANNOTATION: source,
+                                         UNSCHEDULABLE_TIMEOUT_ANNOTATION:
                                              str(int(limits.pending_timeout_s))}},
             "spec": {"vmiName": name, "addedNodeSelector": {"kubernetes.io/hostname": target}},
         }
@@ -430,7 +440,7 @@ async def _follow(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, key: str
             cancel_seen = cancel_seen or view.cancel_requested(drain_id)
             drain = await store.get(drain_id)
             if drain.phase is DrainPhase.CANCELLING and (drain.cancel is None or drain.cancel.mode == "abort"):
-                abort = Abort("cancelled: the drain was cancelled", FailureClass.ABORTED)
+                abort = Abort("the drain was cancelled", FailureClass.ABORTED)
         if abort is not None:
             bound.warning("migration.abort", vmim=mig_name, reason=abort.reason)
             await store.emit(drain_id, "migration.abort", vmi=vmi, vmim=mig_name, reason=abort.reason)
@@ -503,7 +513,7 @@ async def _record_outcome(ctx: Ctx, drain_id: str, vmi: str, attempt: int, outco
             vm.phase, vm.target, vm.message = VmPhase.SUCCEEDED, outcome.target, outcome.reason
             vm.finished_at, vm.failure_class = now, None
         elif settle is Settle.CANCELLED:
-            vm.phase, vm.message, vm.finished_at = VmPhase.CANCELLED, f"cancelled in flight: {outcome.reason}", now
+            vm.phase, vm.message, vm.finished_at = VmPhase.CANCELLED, f"aborted in flight: {outcome.reason}", now
         elif report is not None:
             vm.phase, vm.finished_at, vm.failure_class = VmPhase.FAILED, now, outcome.failure
             vm.message = f"failed after {attempt} attempt(s): {report}"
@@ -529,7 +539,7 @@ async def _record_outcome(ctx: Ctx, drain_id: str, vmi: str, attempt: int, outco
     if vmi_obj is not None:
         await ctx["kube"].event(involved=vmi_obj, reason="DrainMigration" + outcome.phase.value,
                                 message=f"drainctl drain {drain_id} attempt {attempt}: {outcome.reason}",
-                                warning=outcome.phase is not VmPhase.SUCCEEDED, now_iso=now_iso())
+                                warning=outcome.phase is not VmPhase.SUCCEEDED)
     if rec.phase is VmPhase.QUEUED and rec.attempt == attempt + 1:
         await enqueue_migrate(ctx, drain_id, vmi, attempt + 1, delay_s=backoff)
 

@@ -9,6 +9,7 @@ from typing import Any
 from orchestrator import keys
 from orchestrator import kube as k
 from orchestrator.model import (
+    NODE_DRAIN_ANNOTATION,
     DrainPhase,
     DrainRequest,
     NodePhase,
@@ -20,7 +21,7 @@ from orchestrator.records import DrainLimits, DrainRecord, NodeRecord, VmRecord
 from orchestrator.settings import Settings
 from orchestrator.view import drain_snapshot
 from workers.jobs.advance import advance_drain, close_drain
-from workers.jobs.common import NODE_ANNOTATION, Ctx, assign, guarded, log, now_iso
+from workers.jobs.common import Ctx, assign, guarded, log
 from workers.jobs.tune import TuneConflict, apply_tuning, tuned_values
 
 
@@ -54,7 +55,7 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
         await advance_drain(ctx, drain_id)
         return drain.phase.value
     if drain.phase is DrainPhase.PENDING:
-        await store.update(drain_id, _only_from(DrainPhase.PENDING, phase=DrainPhase.PLANNING))
+        await store.update(drain_id, _only_from(DrainPhase.PENDING, phase=DrainPhase.PLANNING, message="planning"))
     request = DrainRequest.from_json(drain.request)
     snapshot = await drain_snapshot(ctx["kube"], [str(n) for n in request.nodes], ctx.get("view"))
     try:
@@ -87,6 +88,7 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
         if d.phase is not DrainPhase.PLANNING:
             return False  # cancelled meanwhile: keep the cancel
         d.phase = DrainPhase.RUNNING
+        d.message = f"draining {', '.join(plan.drain_nodes)}"
         d.plan = plan.to_json()
         d.started_at = ctx["clock"].time()
         d.limits = DrainLimits(cluster=int(limits.in_flight_cluster.effective),
@@ -116,12 +118,12 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
                     return DrainPhase.FAILED.value
             await store.create_children(drain_id, nodes=nodes, vms=vms)
             for node in plan.drain_nodes:
-                await ctx["kube"].cordon(node, annotations={NODE_ANNOTATION: drain_id})
+                await ctx["kube"].cordon(node, annotations={NODE_DRAIN_ANNOTATION: drain_id})
                 await store.update_node(drain_id, node, assign(phase=NodePhase.CORDONED))
                 node_obj = await ctx["kube"].find(k.NODES, node)
                 if node_obj is not None:
                     await ctx["kube"].event(involved=node_obj, reason="DrainStarted",
-                                            message=f"drainctl drain {drain_id}: node cordoned", now_iso=now_iso())
+                                            message=f"drainctl drain {drain_id}: node cordoned")
             await store.update(drain_id, running)
     if (await store.get(drain_id)).phase is not DrainPhase.RUNNING:
         await advance_drain(ctx, drain_id)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from orchestrator import kube as k
+from orchestrator.model import FINAL_MIGRATION_PHASES
 from workers.jobs.advance import advance_drain
-from workers.jobs.common import FINAL_VMIM, Ctx, enqueue_migrate, log
+from workers.jobs.common import Ctx, enqueue_migrate, log
 from workers.jobs.ladder import clean_ended
 from workers.jobs.tune import restore_orphaned
 
@@ -31,7 +32,7 @@ async def reconcile_job(ctx: Ctx) -> str:
         ns, _, name = vmim.partition("/")
         obj = await kube.find(k.VMIMS, name, ns) if name else None
         phase = ((obj or {}).get("status") or {}).get("phase")
-        if obj is not None and phase not in FINAL_VMIM:
+        if obj is not None and phase not in FINAL_MIGRATION_PHASES:
             await sem.adopt(info.holder, expected_token=info.token)
             adopted += 1
         else:
