@@ -161,6 +161,8 @@ class DrainRequestBody(BaseModel):
     uncordon_on_cancel: bool = Field(True, description="Uncordon the nodes when the drain is cancelled.")
     tune: bool = Field(False, description="Set KubeVirt's migration limits computed for this drain while it runs "
                                           "(the plan shows them), and restore the previous ones when it ends.")
+    allow_post_copy: bool = Field(False, description="A VM that cannot converge in pre-copy may try again in "
+                                                     "post-copy (not for critical data or unstable networks).")
 
     @field_validator("nodes")
     @classmethod

@@ -592,6 +592,9 @@ class DrainRequest:
     uncordon_on_cancel: bool = True
     tune: bool = False
     """Apply limits computed for this drain to KubeVirt while it runs (orchestrator.tuning), then restore."""
+    allow_post_copy: bool = False
+    """A VM judged unable to converge may try again in post-copy (through a drain-owned MigrationPolicy).
+    Never by default: a post-copy that loses its network loses the VM."""
 
     def __post_init__(self) -> None:
         # Accept plain strings and lists from callers; store the canonical enum and tuple forms so that
@@ -645,6 +648,9 @@ class DrainRequest:
         tune = data.get("tune", False)
         if not isinstance(tune, bool):
             raise ValueError(f"drain request: tune: expected true or false, got {tune!r}")
+        allow_post_copy = data.get("allow_post_copy", False)
+        if not isinstance(allow_post_copy, bool):
+            raise ValueError(f"drain request: allow_post_copy: expected true or false, got {allow_post_copy!r}")
         max_parallel = _req_int(data, "max_parallel_nodes", 1)
         assert max_parallel is not None
         return cls(
@@ -658,6 +664,7 @@ class DrainRequest:
             max_attempts=_req_int(data, "max_attempts", None),
             uncordon_on_cancel=uncordon,
             tune=tune,
+            allow_post_copy=allow_post_copy,
         )
 
 
