@@ -9,7 +9,8 @@ The makespan that compares fairly is "VMs off the nodes": from the start to the 
 migration off a drained node, in cluster seconds, read from the simulator's ground truth (the commands' exit
 times add their polling intervals in wall seconds: kubectl retries evictions every 5 wall seconds). It also
 prints the lower bounds of migration-model.md section 3 (physical and pre-copy), API requests and Redis
-commands per migration.
+commands per migration, and the cluster-slot seconds spent on attempts that failed. drainctl's workers read the
+cluster's Prometheus API (convergence verdicts); mode `post-copy` adds `--allow-post-copy`.
 
     python -m bench.drain [--scenario small] [--time-scale 10] [--workers 3] [--redis-db 14]
                           [--fail-node auto] [--kubectl-timeout 3600]
@@ -108,11 +109,13 @@ async def run_drainctl(sc: scenarios.Scenario, *, time_scale: float, workers: in
     await plain.flushdb()
     drain = list(sc.drain_hint)
     kubeconfig = tmp / "drainctl.kubeconfig"
-    async with running_cluster(sc, time_scale=time_scale, token=secrets.token_hex(8),
-                               kubeconfig_out=kubeconfig) as rc, rc.admin() as admin:
+    token = secrets.token_hex(8)
+    async with running_cluster(sc, time_scale=time_scale, token=token, kubeconfig_out=kubeconfig,
+                               prometheus_port=0) as rc, rc.admin() as admin:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DRAIN_")}
         env.update(KUBECONFIG=str(kubeconfig), DRAIN_REDIS_URL=redis_url, DRAIN_TIME_SCALE=str(time_scale),
-                   DRAIN_QUEUE_NAME=f"bench-{secrets.token_hex(3)}", **(extra_env or {}))
+                   DRAIN_QUEUE_NAME=f"bench-{secrets.token_hex(3)}", DRAIN_PROMETHEUS_URL=str(rc.prometheus_url),
+                   DRAIN_PROMETHEUS_TOKEN=token, **(extra_env or {}))
         drainctl = str(Path(sys.executable).with_name("drainctl"))
         await _faults(admin, fail_nodes)
         procs = [subprocess.Popen([drainctl, "worker"], env=env, stdout=subprocess.DEVNULL,  # noqa: ASYNC220
@@ -221,6 +224,7 @@ class Mode:
 MODES = {
     "drainctl": Mode("drainctl", "drainctl", True),
     "tuned": Mode("drainctl --tune", "drainctl", True, ("--tune",)),
+    "post-copy": Mode("drainctl postcopy", "drainctl", True, ("--allow-post-copy",)),
     "kubectl": Mode("kubectl drain", "kubectl", True),
     "drainctl-seq": Mode("drainctl 1 node", "drainctl", False),
     "kubectl-seq": Mode("kubectl seq", "kubectl", False),
@@ -269,7 +273,7 @@ async def amain(args: argparse.Namespace) -> int:
           f"(busiest source {lb.busiest_source}, {lb.non_converging} VM(s) cannot converge by pre-copy)")
     print(f"{'tool':<16} {'run':>3} {'exit':>4} {'moved':>5} {'failed':>6} {'VMs off s':>9} {'/LB phys':>8} "
           f"{'slot LB':>7} {'/slot LB':>8} {'idle slot s':>11} {'max infl':>8} {'API/mig':>7} {'Redis/mig':>9} "
-          f"{'moved 2x':>8} {'1st VMIM':>8} {'load':>16}")
+          f"{'moved 2x':>8} {'1st VMIM':>8} {'failed slot s':>13} {'load':>16}")
     for r in results:
         ms = r["makespan_s"]
         ratio = (ms / lb.phys) if ms and lb.phys else float("nan")
@@ -279,7 +283,7 @@ async def amain(args: argparse.Namespace) -> int:
               f"{(f'{ms:.1f}' if ms is not None else '-'):>9} {ratio:>8.2f} {r['slot_bound_s']:>7.1f} "
               f"{slot_ratio:>8.3f} {idle:>11} {r['max_in_flight']:>8} {r['api_per_migration']:>7.1f} "
               f"{r['redis_per_migration']:>9.1f} {r['remigrated']:>8} {r['first_vmim_s'] or 0:>8.1f} "
-              f"{r['load_before']:>16}")
+              f"{r['failed_slot_s']:>13.0f} {r['load_before']:>16}")
     by_tool: dict[str, list[float]] = {}
     for r in results:
         if r["makespan_s"] is not None:

@@ -3,7 +3,8 @@
 For each scenario: a simulated cluster, a Redis server of the bench's own (a temporary `redis-server` on a free
 port, so INFO commandstats counts drainctl alone), `drainctl worker` processes started and given time to warm
 their views, then:
-- plan: wall seconds of `drainctl plan NODES -o json` (a process, start-up included);
+- plan: wall seconds of `drainctl plan NODES -o json` (a process, start-up included; the median of
+  `--plan-runs`);
 - first migration: wall seconds from starting `drainctl drain NODES --wait` to the first VMIM of the drain in
   the simulator's ground truth;
 - API requests and Redis commands per migration over the whole drain (Redis: the sum of INFO commandstats
@@ -26,6 +27,7 @@ import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,7 +101,7 @@ def worker_pids(procs: list[subprocess.Popen[bytes]]) -> list[int]:
     return [p.pid for p in procs]
 
 
-async def run(name: str, *, nodes: int, time_scale: float, workers: int, idle_s: float,
+async def run(name: str, *, nodes: int, time_scale: float, workers: int, idle_s: float, plan_runs: int,
               tmp: Path) -> dict[str, Any]:
     sc = scenarios.builtin(name)
     drain = [str(n) for n in sc.drain_hint[:nodes]]
@@ -132,14 +134,17 @@ async def run(name: str, *, nodes: int, time_scale: float, workers: int, idle_s:
             await asyncio.sleep(idle_s)
             out["idle_per_worker_s"] = (await commands(redis) - c0 - 1) / idle_s / workers
 
-            w0 = time.monotonic()
-            plan = await asyncio.create_subprocess_exec(drainctl, "plan", *drain, "--max-parallel-nodes", "2",
-                                                        "-o", "json", env=env, stdout=asyncio.subprocess.PIPE,
-                                                        stderr=asyncio.subprocess.PIPE)
-            plan_out, plan_err = await plan.communicate()
-            out["plan_s"] = time.monotonic() - w0
-            if plan.returncode != 0:
-                raise SystemExit(f"{name}: drainctl plan failed ({plan.returncode}): {plan_err.decode()[-500:]}")
+            walls = []
+            for _ in range(plan_runs):
+                w0 = time.monotonic()
+                plan = await asyncio.create_subprocess_exec(drainctl, "plan", *drain, "--max-parallel-nodes", "2",
+                                                            "-o", "json", env=env, stdout=asyncio.subprocess.PIPE,
+                                                            stderr=asyncio.subprocess.PIPE)
+                plan_out, plan_err = await plan.communicate()
+                walls.append(time.monotonic() - w0)
+                if plan.returncode != 0:
+                    raise SystemExit(f"{name}: drainctl plan failed ({plan.returncode}): {plan_err.decode()[-500:]}")
+            out["plan_s"] = statistics.median(walls)
             to_move = sum(len(n["jobs"]) for n in json.loads(plan_out)["nodes"])
 
             before = await admin.stats()
@@ -195,7 +200,7 @@ async def run(name: str, *, nodes: int, time_scale: float, workers: int, idle_s:
 ROWS: list[tuple[str, Callable[[dict[str, Any]], str], str | None]] = [
     ("cluster (nodes / VMs)", lambda r: f"{r['nodes']} / {r['vms']}", None),
     ("worker start + warm view, s", lambda r: f"{r['worker_start_s']:.1f}", "worker_start_s"),
-    ("drainctl plan, wall s", lambda r: f"{r['plan_s']:.2f}", "plan_s"),
+    ("drainctl plan, wall s (median)", lambda r: f"{r['plan_s']:.2f}", "plan_s"),
     ("first migration after drain, wall s",
      lambda r: "-" if r["first_migration_s"] is None else f"{r['first_migration_s']:.2f}", "first_migration_s"),
     ("migrations (exit code)", lambda r: f"{r['migrations']} ({r['exit']})", None),
@@ -229,7 +234,7 @@ async def amain(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="drainctl-bench-scale-") as tmp:
         for name in args.scenarios.split(","):
             results.append(await run(name, nodes=args.nodes, time_scale=args.time_scale, workers=args.workers,
-                                     idle_s=args.idle_s, tmp=Path(tmp)))
+                                     idle_s=args.idle_s, plan_runs=args.plan_runs, tmp=Path(tmp)))
             print(f"{name}: done", file=sys.stderr, flush=True)
     print(f"drain of {args.nodes} nodes (2 in parallel), {args.workers} workers, time scale {args.time_scale}")
     report(results)
@@ -245,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-scale", type=float, default=20.0)
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--idle-s", type=float, default=10.0, help="seconds of idle workers measured")
+    parser.add_argument("--plan-runs", type=int, default=3, help="drainctl plan runs (the median is printed)")
     parser.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
     return asyncio.run(amain(parser.parse_args(argv)))
 

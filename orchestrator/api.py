@@ -164,6 +164,8 @@ class DrainRequestBody(BaseModel):
     last_resort_targets: list[NodeNameStr] = Field(
         [], max_length=MAX_REQUEST_NODES, description="Nodes a VM goes to only when no other node has room "
                                                       "(a rollout's nodes still waiting for maintenance).")
+    allow_post_copy: bool = Field(False, description="A VM that cannot converge in pre-copy may try again in "
+                                                     "post-copy (not for critical data or unstable networks).")
 
     @field_validator("nodes")
     @classmethod

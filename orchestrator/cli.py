@@ -329,7 +329,7 @@ async def check_time_scale(settings: Settings, kube: Kube, *, who: str) -> None:
 
 # ================================================================================================ requests
 def _request(nodes: list[str], max_parallel_nodes: int, order: str, non_migratable: str,
-             max_attempts: int | None, tune: bool = False) -> DrainRequest:
+             max_attempts: int | None, tune: bool = False, allow_post_copy: bool = False) -> DrainRequest:
     """The drain request, checked by the same schema as the HTTP API's (bounds, duplicates)."""
     from pydantic import ValidationError
 
@@ -337,6 +337,8 @@ def _request(nodes: list[str], max_parallel_nodes: int, order: str, non_migratab
 
     body: dict[str, Any] = {"nodes": nodes, "max_parallel_nodes": max_parallel_nodes, "order": order,
                             "non_migratable": non_migratable, "tune": tune}
+    if allow_post_copy:
+        body["allow_post_copy"] = True
     if max_attempts is not None:
         body["max_attempts"] = max_attempts
     flags = {"nodes": "NODES", "max_parallel_nodes": "--max-parallel-nodes", "order": "--order",
@@ -439,6 +441,9 @@ def drain(ctx: typer.Context, nodes: NodesArg, max_parallel_nodes: ParallelOpt =
           non_migratable: PolicyOpt = "block",
           max_attempts: Annotated[int | None, typer.Option(help="attempts per VM, 1..100 (default 3)")] = None,
           tune: TuneOpt = False,
+          allow_post_copy: Annotated[bool, typer.Option(
+              "--allow-post-copy", help="a VM that cannot converge in pre-copy may try again in post-copy (not for "
+                                        "critical data or unstable networks)")] = False,
           wait: Annotated[bool, typer.Option("--wait", help="wait until the drain ends; exit 0 only if every "
                                                              "node is drained")] = False,
           timeout: Annotated[float | None, typer.Option(help="with --wait: stop waiting after this many wall "
@@ -452,7 +457,7 @@ def drain(ctx: typer.Context, nodes: NodesArg, max_parallel_nodes: ParallelOpt =
 
     out = _output(ctx, output)
     _check_timeout(timeout, wait)
-    request = _request(nodes, max_parallel_nodes, order, non_migratable, max_attempts, tune)
+    request = _request(nodes, max_parallel_nodes, order, non_migratable, max_attempts, tune, allow_post_copy)
     g: Globals = ctx.obj
 
     async def go(service: DrainService) -> int:

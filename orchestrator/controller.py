@@ -73,7 +73,8 @@ FINALIZER = "drainctl.io/cancel-drain"
 LEASE_NAME = "drainctl-controller"
 SOURCE = "drainrequest"
 SPEC_FIELDS = {"nodes": "nodes", "maxParallelNodes": "max_parallel_nodes", "order": "order",
-               "nonMigratable": "non_migratable", "maxAttempts": "max_attempts", "tune": "tune"}
+               "nonMigratable": "non_migratable", "maxAttempts": "max_attempts", "tune": "tune",
+               "allowPostCopy": "allow_post_copy"}
 """DrainRequest spec field -> DrainRequest (model) field."""
 FINAL_PHASES = frozenset(p.value for p in DrainPhase if p.is_final)
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")

@@ -151,6 +151,7 @@ EVENTS = Kind("events")
 VMIS = Kind("virtualmachineinstances", *KUBEVIRT)
 VMIMS = Kind("virtualmachineinstancemigrations", *KUBEVIRT)
 KUBEVIRTS = Kind("kubevirts", *KUBEVIRT)
+MIGRATION_POLICIES = Kind("migrationpolicies", "migrations.kubevirt.io", "v1alpha1", namespaced=False)
 DRAINREQUESTS = Kind("drainrequests", "drainctl.io", "v1alpha1")
 LEASES = Kind("leases", "coordination.k8s.io", "v1")
 

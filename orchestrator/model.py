@@ -594,6 +594,9 @@ class DrainRequest:
     """Apply limits computed for this drain to KubeVirt while it runs (orchestrator.tuning), then restore."""
     last_resort_targets: tuple[NodeName, ...] = ()
     """Nodes a VM goes to only when no other node has room (a rollout's nodes still waiting for maintenance)."""
+    allow_post_copy: bool = False
+    """A VM judged unable to converge may try again in post-copy (through a drain-owned MigrationPolicy).
+    Never by default: a post-copy that loses its network loses the VM."""
 
     def __post_init__(self) -> None:
         # Accept plain strings and lists from callers; store the canonical enum and tuple forms so that
@@ -652,6 +655,9 @@ class DrainRequest:
         if not isinstance(last_resort, Sequence) or isinstance(last_resort, str | bytes) \
                 or not all(isinstance(n, str) and n for n in last_resort):
             raise ValueError(f"drain request: last_resort_targets: expected a list of node names, got {last_resort!r}")
+        allow_post_copy = data.get("allow_post_copy", False)
+        if not isinstance(allow_post_copy, bool):
+            raise ValueError(f"drain request: allow_post_copy: expected true or false, got {allow_post_copy!r}")
         max_parallel = _req_int(data, "max_parallel_nodes", 1)
         assert max_parallel is not None
         return cls(
@@ -666,6 +672,7 @@ class DrainRequest:
             uncordon_on_cancel=uncordon,
             tune=tune,
             last_resort_targets=tuple(NodeName(n) for n in last_resort),
+            allow_post_copy=allow_post_copy,
         )
 
 

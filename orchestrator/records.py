@@ -85,6 +85,10 @@ class DrainRecord(StoredRecord):
         return int(self.request.get("max_parallel_nodes") or 1)
 
     @property
+    def allow_post_copy(self) -> bool:
+        return bool(self.request.get("allow_post_copy", False))
+
+    @property
     def uncordon_on_cancel(self) -> bool:
         return bool(self.request.get("uncordon_on_cancel", True))
 
@@ -119,6 +123,18 @@ class AttemptRecord(BaseRecord):
     outcome: VmPhase | None = None
     reason: str | None = None
     failure_class: FailureClass | None = None
+    convergence: str | None = None
+    """The last convergence verdict on the running pre-copy (orchestrator.convergence.Convergence's value:
+    Converging or CannotConverge; None: never judged, no metrics)."""
+    convergence_reason: str | None = None
+    dirty_rate: float | None = None
+    """Bytes/s the guest dirtied, as the verdict measured it."""
+    transfer_rate: float | None = None
+    """Bytes/s the network carried for this migration, as the verdict measured it."""
+    rung: str | None = None
+    """The escalation rung this attempt ran on (workers.jobs.ladder.Rung's value; None: a plain attempt)."""
+    judged_at: float | None = None
+    """When the verdict was reached, in the metrics' time (Prometheus's clock: the cluster's, Unix seconds)."""
 
 
 class VmRecord(StoredRecord):

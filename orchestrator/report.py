@@ -116,6 +116,12 @@ def _outcome(entry: AttemptRecord, vm: VmRecord) -> str:
     return RUNNING
 
 
+def _reason(entry: AttemptRecord) -> str:
+    """The attempt's reason, else its convergence verdict (with the rates) while it runs; its rung first."""
+    reason = entry.reason or entry.convergence_reason or ""
+    return f"[{entry.rung} rung] {reason}" if entry.rung else reason
+
+
 def attempt_rows(view: DrainView) -> list[AttemptRow]:
     """Every attempt recorded in the drain, ordered by node order, VM and attempt number."""
     origin, scale = drain_origin(view), time_scale_of(view)
@@ -127,7 +133,7 @@ def attempt_rows(view: DrainView) -> list[AttemptRow]:
             end = _cluster_s(entry.finished_at, origin, scale)
             rows.append(AttemptRow(
                 vmi=vmi, node=vm.node, attempt=entry.attempt,
-                target=entry.target, outcome=_outcome(entry, vm), reason=entry.reason or "",
+                target=entry.target, outcome=_outcome(entry, vm), reason=_reason(entry),
                 failure_class=entry.failure_class.value if entry.failure_class else None, vmim=entry.vmim,
                 start_s=start, end_s=end))
     rows.sort(key=lambda r: (node_index.get(r.node, 1 << 30), r.node, r.vmi, r.attempt))

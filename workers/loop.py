@@ -142,13 +142,11 @@ class EventWorker(Worker):
                             return
                 await self._wait()
         finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
-            if self._periodic_task is not None:
-                self._periodic_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await self._periodic_task
+            # Cancel the helpers and give them a bounded time to end: a stop never hangs on them.
+            helpers = [t for t in (listener, self._periodic_task) if t is not None]
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.wait(helpers, timeout=5.0)
 
     def _busy(self) -> bool:
         return any(not t.done() for t in self.tasks.values())

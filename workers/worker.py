@@ -28,6 +28,7 @@ from orchestrator import kube as k
 from orchestrator.clock import ScaledClock
 from orchestrator.epoch import EpochGuard, check_epoch_forever
 from orchestrator.kube import Kube
+from orchestrator.prometheus import MigrationMetricsReader
 from orchestrator.settings import Settings
 from orchestrator.store import DrainStore
 from orchestrator.supervise import Supervisor
@@ -207,7 +208,7 @@ def build_worker(settings: Settings, *, redis: ArqRedis | None = None, kube_fact
                    # a waiting migration costs Redis commands per release, hardly per second.
                    semaphore=RedisSemaphore(ctx["redis"], lease_ttl_s=settings.timeouts.lease_ttl_s,
                                             poll_interval_s=SEMAPHORE_POLL_S),
-                   clock=ScaledClock(settings.time_scale))
+                   clock=ScaledClock(settings.time_scale), prometheus=MigrationMetricsReader.from_settings(settings))
         log.info("worker.started", queue=settings.connection.queue_name, time_scale=settings.time_scale)
 
     async def shutdown(ctx: dict[str, Any]) -> None:
@@ -218,6 +219,9 @@ def build_worker(settings: Settings, *, redis: ArqRedis | None = None, kube_fact
         kube = ctx.get("kube")
         if kube is not None:
             await kube.close()
+        prometheus = ctx.get("prometheus")
+        if prometheus is not None:
+            await prometheus.close()
         log.info("worker.stopped")
 
     kwargs: dict[str, Any] = dict(

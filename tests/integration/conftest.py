@@ -121,28 +121,35 @@ EnvFactory = Callable[..., contextlib.AbstractAsyncContextManager[Env]]
 def cluster_env(tmp_path: Path) -> EnvFactory:
     @contextlib.asynccontextmanager
     async def make(scenario: str | scenarios.Scenario = "small", *, time_scale: float = 40.0, workers: int = 0,
-                   extra_env: dict[str, str] | None = None, redis_url: str | None = None) -> AsyncIterator[Env]:
-        """`redis_url`: a Redis of the test's own (one it restarts) instead of a claimed shared database."""
+                   extra_env: dict[str, str] | None = None, redis_url: str | None = None,
+                   prometheus: bool = False) -> AsyncIterator[Env]:
+        """`redis_url`: a Redis of the test's own (one it restarts) instead of a claimed shared database;
+        `prometheus`: the cluster serves its Prometheus API too and the workers read it."""
         if redis_url is not None:
-            async with _env(scenario, redis_url, time_scale=time_scale, workers=workers, extra_env=extra_env) as e:
+            async with _env(scenario, redis_url, time_scale=time_scale, workers=workers, extra_env=extra_env,
+                            prometheus=prometheus) as e:
                 yield e
             return
         async with claimed_db() as url, _env(scenario, url, time_scale=time_scale, workers=workers,
-                                             extra_env=extra_env) as e:
+                                             extra_env=extra_env, prometheus=prometheus) as e:
             yield e
 
     @contextlib.asynccontextmanager
     async def _env(scenario: str | scenarios.Scenario, redis_url: str, *, time_scale: float, workers: int,
-                   extra_env: dict[str, str] | None) -> AsyncIterator[Env]:
+                   extra_env: dict[str, str] | None, prometheus: bool = False) -> AsyncIterator[Env]:
         sc = scenarios.builtin(scenario) if isinstance(scenario, str) else scenario
         kubeconfig = tmp_path / "kubeconfig.yaml"
         admin_kubeconfig = tmp_path / "admin-kubeconfig.yaml"
         queue = f"drainctl-test-{secrets.token_hex(4)}"
-        async with running_cluster(sc, time_scale=time_scale, token=secrets.token_hex(8),
-                                   kubeconfig_out=kubeconfig, admin_kubeconfig_out=admin_kubeconfig) as rc:
+        token = secrets.token_hex(8)
+        async with running_cluster(sc, time_scale=time_scale, token=token, kubeconfig_out=kubeconfig,
+                                   admin_kubeconfig_out=admin_kubeconfig,
+                                   prometheus_port=0 if prometheus else None) as rc:
             env = {k: v for k, v in os.environ.items() if not k.startswith("DRAIN_")}
             env.update(KUBECONFIG=str(kubeconfig), DRAIN_REDIS_URL=redis_url, DRAIN_TIME_SCALE=str(time_scale),
                        DRAIN_QUEUE_NAME=queue, HOME=str(tmp_path), PYTHONUNBUFFERED="1")
+            if rc.prometheus_url is not None:
+                env.update(DRAIN_PROMETHEUS_URL=rc.prometheus_url, DRAIN_PROMETHEUS_TOKEN=token)
             env.update(extra_env or {})
             settings = Settings.from_env(env)
             redis = await create_pool(RedisSettings.from_dsn(redis_url))

@@ -52,7 +52,8 @@ async def test_records_come_back_typed_and_json_keeps_its_field_names(store: Dra
     assert body["vms"]["ns/a"]["phase"] == "Migrating"
     assert body["vms"]["ns/a"]["attempts"][0] == {
         "attempt": 1, "vmim": "m-1", "target": "n2", "started_at": 2.0, "running_at": None, "finished_at": None,
-        "outcome": None, "reason": None, "failure_class": None}
+        "outcome": None, "reason": None, "failure_class": None, "convergence": None, "convergence_reason": None,
+        "dirty_rate": None, "transfer_rate": None, "rung": None, "judged_at": None}
     assert body["nodes"]["n1"]["node"] == "n1"
 
 

@@ -19,6 +19,7 @@ from orchestrator.model import (
     VmPhase,
     split_vmi_key,
 )
+from orchestrator.prometheus import MigrationMetricsReader
 from orchestrator.records import DrainLimits, DrainRecord, NodeRecord, VmRecord
 from orchestrator.settings import Settings
 from orchestrator.store import DrainStore
@@ -42,6 +43,7 @@ class Ctx(TypedDict, total=False):
     store: DrainStore
     semaphore: RedisSemaphore
     clock: Clock
+    prometheus: MigrationMetricsReader
     job_id: str
     job_try: int
 

@@ -57,6 +57,8 @@ from workers.jobs.decisions import (
     settle_attempt,
     wait_expired,
 )
+from workers.jobs.ladder import Rung, apply_rung, hopeless, next_rung, release_rung
+from workers.jobs.verdict import VerdictWatch
 from workers.semaphore import Chooser, HeldSlot, Scope, SemaphoreLost, hold
 
 IN_FLIGHT_ELSEWHERE = "in-flight migration detected"
@@ -152,6 +154,8 @@ async def _migrate(ctx: Ctx, drain_id: str, vmi: str, attempt: int) -> str:
         bound.warning("semaphore.lost", error=str(exc))
         raise Retry(defer=1) from exc
     assert result is not None
+    if next_rung(rec, attempt, allow_post_copy=drain.allow_post_copy) is not None:
+        await release_rung(ctx, namespace=ns, name=name, policy_name=mig_name)
     if isinstance(result, _Busy):
         result = await _wait_elsewhere(ctx, drain_id, vmi, rec, limits, result.message)
     await _record_outcome(ctx, drain_id, vmi, attempt, result, bound)
@@ -251,6 +255,11 @@ async def _drive_inner(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec
             raise Retry(defer=1)
         why = choice.reason if choice.target == target else f"{target}: inbound slot taken"
         await slot.confirm()  # fencing: never create while our lease is not ours any more
+        rung = next_rung(fresh, attempt, allow_post_copy=drain.allow_post_copy)
+        if rung is not None:
+            touched.append(True)  # the rung's policy and labels are released with the attempt
+            await apply_rung(ctx, drain_id=drain_id, namespace=ns, name=name, policy_name=mig_name, rung=rung)
+            why += f", escalated: {rung.value}"
         body = {
             "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
             "metadata": {"name": mig_name, "namespace": ns,
@@ -283,7 +292,8 @@ async def _drive_inner(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec
                 vm.started_at = now
             entry = vm.attempt_entry(attempt)
             if entry is None or entry.vmim != mig_name:
-                vm.put_attempt(AttemptRecord(attempt=attempt, vmim=mig_name, target=target, started_at=now))
+                vm.put_attempt(AttemptRecord(attempt=attempt, vmim=mig_name, target=target, started_at=now,
+                                             rung=_rung_value(rung)))
 
         rec = await ctx["store"].update_vm(drain_id, vmi, created)
         await ctx["store"].emit(drain_id, "migration.created", vmi=vmi, attempt=attempt, vmim=mig_name,
@@ -305,6 +315,10 @@ async def _drive_inner(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec
         rec = await ctx["store"].update_vm(drain_id, vmi, adopted)
     return await _follow(ctx, slot, drain_id=drain_id, vmi=vmi, key=key, target=target, rec=rec,
                          limits=limits, bound=bound)
+
+
+def _rung_value(rung: Rung | None) -> str | None:
+    return None if rung is None else rung.value
 
 
 def _target_chooser(ctx: Ctx, drain_id: str, vmi: str, rec: VmRecord, limits: DrainLimits,
@@ -381,10 +395,11 @@ async def _follow(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, key: str
     last_cancel_check = 0.0
     abort: Abort | None = None
     cancel_seen = False
+    verdict = VerdictWatch(ctx, drain_id, vmi, ns, rec.name, rec.attempt)
     while True:
         watch_cancel = abort is None and not cancel_seen
         obj = await view.wait_vmim(key, _phase_changed(last_phase, view, drain_id if watch_cancel else None),
-                                   timeout_s=1.0)
+                                   timeout_s=verdict.wake_s(last_phase or ""))
         if obj is None:
             obj = await kube.find(k.VMIMS, mig_name, ns)
             if obj is None:
@@ -417,6 +432,8 @@ async def _follow(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, key: str
             since_running=None if running_at is None else clock.since(running_at),
             since_change=clock.since(last_change), pending_timeout_s=limits.pending_timeout_s,
             progress_timeout_s=limits.progress_timeout_s, completion_budget=completion_budget)
+        if abort is None and phase == "Running":
+            abort = await verdict.check()
         if abort is None and ((view.cancel_requested(drain_id) and not cancel_seen)
                               or clock.time() - last_cancel_check > CANCEL_POLL_S):
             # A cancel wakes us through the shared pub/sub listener; the slow poll covers a lost message.
@@ -489,6 +506,7 @@ async def _record_outcome(ctx: Ctx, drain_id: str, vmi: str, attempt: int, outco
         entry.vmim = outcome.vmim or entry.vmim
         vm.put_attempt(entry)
         vm.busy_since = None
+        report = hopeless(entry, allow_post_copy=drain.allow_post_copy) if settle is Settle.RETRY else None
         if outcome.target and outcome.phase is VmPhase.FAILED and outcome.failure is not None \
                 and outcome.failure.avoid_target:
             vm.failed_targets = sorted(set(vm.failed_targets) | {outcome.target})
@@ -497,6 +515,9 @@ async def _record_outcome(ctx: Ctx, drain_id: str, vmi: str, attempt: int, outco
             vm.finished_at, vm.failure_class = now, None
         elif settle is Settle.CANCELLED:
             vm.phase, vm.message, vm.finished_at = VmPhase.CANCELLED, f"aborted in flight: {outcome.reason}", now
+        elif report is not None:
+            vm.phase, vm.finished_at, vm.failure_class = VmPhase.FAILED, now, outcome.failure
+            vm.message = f"failed after {attempt} attempt(s): {report}"
         elif settle is Settle.RETRY:
             vm.phase, vm.attempt, vm.enqueued = VmPhase.QUEUED, attempt + 1, attempt + 1
             vm.failure_class = outcome.failure

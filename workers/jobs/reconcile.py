@@ -6,6 +6,7 @@ from orchestrator import kube as k
 from orchestrator.model import FINAL_MIGRATION_PHASES
 from workers.jobs.advance import advance_drain
 from workers.jobs.common import Ctx, enqueue_migrate, log
+from workers.jobs.ladder import clean_ended
 from workers.jobs.tune import restore_orphaned
 
 
@@ -22,6 +23,8 @@ async def reconcile_job(ctx: Ctx) -> str:
         await advance_drain(ctx, drain_id, ensure=True)
     if await restore_orphaned(ctx):
         log.info("reconcile.kubevirt_restored")
+    if cleaned := await clean_ended(ctx):
+        log.info("reconcile.ladder_cleaned", objects=cleaned)
     adopted = released = 0
     for info in await sem.expired():
         meta = dict(info.meta)
