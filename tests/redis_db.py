@@ -142,7 +142,10 @@ class RedisServer:
             with socket.socket() as sock:
                 if sock.connect_ex(("127.0.0.1", self.port)) == 0:
                     return
-            assert self.proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}; see {self.directory}/redis.log")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not listen on port {self.port}")
             time.sleep(0.05)
 
     def stop(self) -> None:

@@ -11,8 +11,6 @@ import os
 import random
 import secrets
 import shutil
-import socket
-import subprocess
 import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -35,6 +33,7 @@ from orchestrator.settings import Connection, Settings
 from orchestrator.store import DrainStore
 from simulator import scenarios
 from simulator.cluster import RunningCluster, running_cluster
+from tests.redis_db import own_redis_server
 from workers.worker import build_worker
 
 pytestmark = pytest.mark.integration
@@ -146,30 +145,9 @@ async def clear_stale_node_locks(redis: ArqRedis, nodes: list[str], *, older_tha
 @pytest.fixture(scope="module")
 def redis_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real redis-server of this module's own on a free port: drain records, node locks and semaphore keys
-    have fixed names, so sharing 127.0.0.1:6379 with other test runs would let their drains collide with ours.
-    Falls back to the shared server (a random database) when redis-server is not installed."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        yield f"{SHARED_REDIS}/{random.randrange(1, 16)}"
-        return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    have fixed names, so sharing 127.0.0.1:6379 with other test runs would let their drains collide with ours."""
+    with own_redis_server(tmp_path_factory.mktemp("redis"), appendonly=False) as server:
+        yield server.url
 
 
 @pytest.fixture
