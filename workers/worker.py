@@ -155,6 +155,14 @@ class DrainWorker(EventWorker):
         except REDIS_ERRORS as exc:
             log.warning("job.start_failed", job_id=job_id, error=str(exc) or type(exc).__name__)
             await self._until_recorded("release", job_id, lambda: self.give_back(job_id))
+        except asyncio.CancelledError:
+            if not self._closing:
+                raise
+            # A stop cancels every job task (arq's handle_sig); arq absorbs that inside the job function, but not
+            # in its start or bookkeeping pipelines. Ending here lets close() go on (its gather would pass the
+            # CancelledError to the caller); the job is still registered as running for this worker, whose alive
+            # key close() deletes, so the sweep puts it back in the queue for another worker.
+            log.info("job.cancelled_by_stop", job_id=job_id)
 
     async def close(self) -> None:
         self._closing = True
