@@ -243,6 +243,19 @@ async def test_wait_without_a_worker_says_so_and_keeps_the_summary_true(cluster_
         assert f"queue {e.env['DRAIN_QUEUE_NAME']}, time scale 40" in log
 
 
+async def test_worker_at_the_default_log_level_prints_its_start_up_line(cluster_env: EnvFactory) -> None:
+    """No --log-level (warning): the worker still says which cluster, Redis, queue and time scale it serves."""
+    async with cluster_env("small", workers=0) as e:
+        with popen("worker", env=e.env) as proc:
+            await read_until(proc.stderr, re.escape(f"drainctl worker: cluster {e.rc.url}, Redis "
+                                                    f"{e.env['DRAIN_REDIS_URL']}, queue {e.env['DRAIN_QUEUE_NAME']}, "
+                                                    "time scale 40"))
+            proc.send_signal(signal.SIGTERM)
+            _, err = await asyncio.to_thread(proc.communicate, timeout=30)
+        # A SIGTERM before arq's handlers are installed ends the process by the signal: stopped either way.
+        assert proc.returncode in (0, -signal.SIGTERM) and "Traceback" not in err, (proc.returncode, err)
+
+
 async def test_ctrl_c_says_the_drain_goes_on(cluster_env: EnvFactory) -> None:
     async with cluster_env("small", workers=0) as e:
         with popen("drain", "worker-01", "--wait", env=e.env) as proc:
