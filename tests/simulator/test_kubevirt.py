@@ -494,14 +494,17 @@ async def test_kubectl_drain_completes_through_kubevirt_evacuation(sim_factory: 
           f"{stats['api_requests_total']} API requests")
 
 
-async def test_eviction_of_a_vm_with_strategy_none_restarts_it_elsewhere(sim_factory: Any) -> None:
+async def _evict_strategy_none_vm(sim_factory: Any, **changes: Any) -> tuple[Sim, Any, Obj, Obj]:
+    """Evict the launcher pod of a drain-hint VM with evictionStrategy None (and `changes`); wait until the VM
+    runs again on another node. Returns the VM spec and its VMI as read over HTTP before and after."""
     base = scenarios.builtin("small")
     vms = list(base.vms)
     node = base.drain_hint[0]
     index = next(i for i, vm in enumerate(vms) if vm.node == node)
-    vms[index] = dataclasses.replace(vms[index], eviction_strategy="None")
+    vms[index] = dataclasses.replace(vms[index], eviction_strategy="None", **changes)
     sim: Sim = await sim_factory(dataclasses.replace(base, vms=tuple(vms)), time_scale=50.0)
     vm = vms[index]
+    before = await sim.vmi(vm.namespace, vm.name)
     pod = next(p for p in sim.cluster.store.on_node(PODS, node)
                if p["metadata"]["annotations"].get("kubevirt.io/domain") == vm.name)
     await sim.core.create_namespaced_pod_eviction(pod["metadata"]["name"], vm.namespace, client.V1Eviction(
@@ -517,8 +520,31 @@ async def test_eviction_of_a_vm_with_strategy_none_restarts_it_elsewhere(sim_fac
     # The drained node is not cordoned here, so cordon it like a drain would.
     await sim.core.patch_node(node, {"spec": {"unschedulable": True}})
     await sim.wait(restarted, within_s=60, what="VM restarted elsewhere")
+    return sim, vm, before, await sim.vmi(vm.namespace, vm.name)
+
+
+def live_migratable(vmi: Obj) -> dict[str, Any]:
+    """The VMI's LiveMigratable condition: status, reason and message (its times left out)."""
+    conds = [c for c in vmi["status"].get("conditions") or [] if c.get("type") == "LiveMigratable"]
+    assert len(conds) == 1, vmi["status"].get("conditions")
+    return {k: conds[0].get(k) for k in ("status", "reason", "message")}
+
+
+async def test_eviction_of_a_vm_with_strategy_none_restarts_it_elsewhere(sim_factory: Any) -> None:
+    sim, vm, before, after = await _evict_strategy_none_vm(sim_factory)
+    assert after["metadata"]["uid"] != before["metadata"]["uid"]
     assert [r["vmi"] for r in (await sim.stats())["vm_restarts"]] == [f"{vm.namespace}/{vm.name}"]
     assert json.dumps((await sim.stats())["migrations"]) == "[]"
+    # The new VMI is live-migratable, as the old one was.
+    assert live_migratable(after) == live_migratable(before) == {"status": "True", "reason": None, "message": None}
+
+
+async def test_a_restarted_vm_that_cannot_migrate_keeps_its_live_migratable_reason(sim_factory: Any) -> None:
+    _, _, before, after = await _evict_strategy_none_vm(
+        sim_factory, not_migratable_reason="HostDeviceNotLiveMigratable",
+        not_migratable_message="VMI uses a PCI host devices")
+    expected = {"status": "False", "reason": "HostDeviceNotLiveMigratable", "message": "VMI uses a PCI host devices"}
+    assert live_migratable(after) == live_migratable(before) == expected
 
 
 async def test_typed_models_parse_every_object_before_and_after_migrations(sim_factory: Any) -> None:
