@@ -235,6 +235,22 @@ def _kube_errors(imported: bool) -> tuple[type[BaseException], ...]:
     return (KubeError,)
 
 
+def _unreachable(imported: bool) -> tuple[type[BaseException], ...]:
+    if not imported:
+        return ()
+    from orchestrator.kube import Unreachable
+
+    return (Unreachable,)
+
+
+def fail_unreachable(kube: Kube | None, exc: BaseException) -> NoReturn:
+    """Nothing answers at the kubeconfig's server: say where we looked and what to check (exit 5)."""
+    where = f" at {kube.api.configuration.host}" if kube is not None else ""
+    fail(EXIT_UNREACHABLE, f"cannot reach the cluster{where}: "
+                           f"{getattr(exc, 'message', exc)} (is the API server up? check the server of the "
+                           f"kubeconfig's context: --kubeconfig / KUBECONFIG, --context)")
+
+
 async def open_redis(settings: Settings) -> ArqRedis:
     """An arq pool, checked with one PING (no retries: a wrong URL is reported at once, exit 5)."""
     from arq.connections import ArqRedis, RedisSettings
@@ -284,6 +300,8 @@ async def with_service(g: Globals, fn: Callable[[DrainService], Awaitable[T]], *
         raise
     try:
         return await fn(DrainService(redis=redis, settings=settings, kube=kube))
+    except _unreachable(need_kube) as exc:
+        fail_unreachable(kube, exc)
     except _kube_errors(need_kube) as exc:
         fail(EXIT_UNREACHABLE, f"cluster: {getattr(exc, 'message', exc)}")
     except _redis_errors() as exc:
@@ -296,12 +314,14 @@ async def with_service(g: Globals, fn: Callable[[DrainService], Awaitable[T]], *
 
 async def retry_cluster(what: str, call: Callable[[], Awaitable[T]]) -> T:
     """`call()`, again after a backoff while the cluster answers with a retryable error (5xx, timeout)."""
-    from orchestrator.kube import KubeError
+    from orchestrator.kube import KubeError, Unreachable
 
     delay = 0.5
     for attempt in range(1, PLAN_RETRIES + 1):
         try:
             return await call()
+        except Unreachable:
+            raise  # nothing answers: said at once, with the fix (a down server does not come up in seconds)
         except KubeError as exc:
             if not exc.retryable or attempt == PLAN_RETRIES:
                 raise
@@ -686,10 +706,12 @@ def worker(ctx: typer.Context,
     async def preflight() -> str:
         kube = await connect_kube(settings)
         try:
-            from orchestrator.kube import NODES, KubeError
+            from orchestrator.kube import NODES, KubeError, Unreachable
 
             try:
                 await retry_cluster("worker", lambda: kube.list(NODES))
+            except Unreachable as exc:
+                fail_unreachable(kube, exc)
             except KubeError as exc:
                 fail(EXIT_UNREACHABLE, f"cannot reach the cluster: {exc.message}")
             await check_time_scale(settings, kube, who="the worker")

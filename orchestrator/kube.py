@@ -12,6 +12,7 @@ It speaks to a real cluster or to the simulator the same way, returns raw Kubern
     +-- Gone                410 (watch too old: re-list)                 retryable
     +-- Unauthorized        401/403
     +-- Unavailable         5xx, timeouts, connection errors              retryable
+    |   +-- Unreachable     no answer at all (refused, no such host, TLS)  retryable
     +-- BadConfig           the kubeconfig is missing, unreadable or names no usable context
 """
 
@@ -82,6 +83,11 @@ class Unauthorized(KubeError):
 
 class Unavailable(KubeError):
     retryable = True
+
+
+class Unreachable(Unavailable):
+    """Nothing answered: the connection was refused, the host name did not resolve, or TLS failed. Retryable
+    for the engine (an API server restarts); a command line reports it at once with the fix."""
 
 
 class BadConfig(KubeError):
@@ -298,6 +304,8 @@ class Kube:
                 resp.release()
         except ApiException as exc:
             raise _map(exc) from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise Unreachable(0, "Unreachable", f"{method} {path}: {exc}") from exc
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise Unavailable(0, "Unavailable", f"{method} {path}: {exc}") from exc
         self._note_date(resp.headers.get("Date"))

@@ -147,6 +147,26 @@ def test_set_up_mistakes_are_one_line_with_the_documented_code(tmp_path: Path) -
     one_line_error(run("drain", "worker-01", "worker-02", "worker-01", env=env), 2, "more than once: worker-01")
 
 
+async def test_plan_against_an_api_server_that_is_down_names_it_and_the_fix(tmp_path: Path) -> None:
+    """The kubeconfig's server refuses connections (a port bound, nothing listening): exit 5 at once, one line
+    with the server, the cause and what to check; no retry notes, no traceback."""
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))  # held, never listened on: connections are refused
+        server = f"https://127.0.0.1:{bound.getsockname()[1]}"
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "down",
+            "clusters": [{"name": "down", "cluster": {"server": server, "insecure-skip-tls-verify": True}}],
+            "users": [{"name": "u", "user": {"token": "t0ken"}}],
+            "contexts": [{"name": "down", "context": {"cluster": "down", "user": "u"}}]}))
+        async with claimed_db() as url:
+            done = await arun("plan", "worker-01", "--kubeconfig", str(kubeconfig),
+                              env=clean_env(tmp_path, DRAIN_REDIS_URL=url))
+    one_line_error(done, 5, f"cannot reach the cluster at {server}", "Cannot connect", "is the API server up?",
+                   "--kubeconfig")
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
 def test_busy_port_for_sim_serve_and_api(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
