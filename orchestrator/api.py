@@ -390,7 +390,8 @@ class _Api:
             supervisor = Supervisor("api")
             kube = service.kube if service.has_kube else None
             guard = EpochGuard(service.redis, kube, owner="api")
-            supervisor.spawn("redis-epoch", lambda: check_epoch_forever(guard))
+            supervisor.spawn("redis-epoch", lambda: check_epoch_forever(
+                guard, report=lambda problem: supervisor.degraded("redis-epoch", problem)))
             if self.run_controller:
                 # The DrainRequest controller runs beside the API; with several replicas a Lease picks one.
                 from orchestrator.controller import ControllerHealth, default_identity, run_controller
@@ -706,8 +707,13 @@ class _Api:
         if self.controller_health is not None:
             health = self.controller_health
             checks["controller"] = "ok" if health.ok else f"not working: {health.describe()}"
-        if self._supervisor is not None and "drainrequest-controller" in self._supervisor.problems():
-            checks["controller"] = f"down: {self._supervisor.problems()['drainrequest-controller']}"
+        problems = self._supervisor.problems() if self._supervisor is not None else {}
+        if "redis-epoch" in problems:
+            # Redis may answer a PING while the epoch check fails (or its task is down): a restart that lost
+            # our data would go unseen meanwhile.
+            checks["redis-epoch"] = problems["redis-epoch"]
+        if "drainrequest-controller" in problems:
+            checks["controller"] = f"down: {problems['drainrequest-controller']}"
         ready = all(v == "ok" for v in checks.values())
         body = Health(status="ok" if ready else "unavailable", checks=checks)
         return web.json_response(body.model_dump(mode="json"), status=200 if ready else 503)
@@ -961,7 +967,8 @@ def openapi_document() -> dict[str, Any]:
         "/healthz": {"get": {"operationId": "healthz", "summary": "The process is up.",
                              "responses": {"200": {"description": "Up.", "content": content("Health")},
                                            **unknown_query}}},
-        "/readyz": {"get": {"operationId": "readyz", "summary": "Redis answers and the cluster is reachable.",
+        "/readyz": {"get": {"operationId": "readyz",
+                            "summary": "Redis answers, its epoch check works and the cluster is reachable.",
                             "responses": {"200": {"description": "Ready.", "content": content("Health")},
                                           "503": {"description": "Not ready.", "content": content("Health")},
                                           **unknown_query}}},

@@ -180,6 +180,44 @@ async def test_probes_and_documents_need_no_token(env: Env) -> None:
     assert metrics.headers["Content-Type"].startswith("text/plain")
 
 
+async def test_readyz_is_503_while_the_redis_epoch_check_fails(env: Env) -> None:
+    """Redis answers PING, but the epoch check cannot read the epoch (a key of the wrong type): not ready, with
+    the check's reason; ready again once the check passes."""
+    async with env.service.redis.pipeline(transaction=True) as replace:  # the fixture's API checks it too
+        await replace.delete(keys.EPOCH_KEY).hset(keys.EPOCH_KEY, "not", "a string").execute()
+
+    @contextlib.asynccontextmanager
+    async def factory() -> AsyncIterator[DrainService]:
+        yield env.service
+
+    client: TestClient[web.Request, web.Application] = TestClient(TestServer(build_app(factory, token=TOKEN)))
+    await client.start_server()  # its supervisor's first epoch check runs now, and fails
+    try:
+        async def answer() -> tuple[int, dict[str, Any]]:
+            resp = await client.get("/readyz")
+            return resp.status, await resp.json()
+
+        status, body = await answer()
+        for _ in range(100):
+            if "redis-epoch" in body["checks"]:
+                break
+            await asyncio.sleep(0.05)
+            status, body = await answer()
+        assert status == 503, body
+        assert body["status"] == "unavailable"
+        assert body["checks"]["redis"] == "ok" and body["checks"]["cluster"] == "ok", body
+        assert body["checks"]["redis-epoch"].startswith("epoch check failed: WRONGTYPE"), body
+        await env.service.redis.delete(keys.EPOCH_KEY)
+        for _ in range(300):  # the next check, within its 5 s period
+            status, body = await answer()
+            if status == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert status == 200 and body["checks"] == {"redis": "ok", "cluster": "ok"}, body
+    finally:
+        await client.close()
+
+
 def test_read_token_prefers_the_file_and_refuses_empty(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("  from-file\n")
