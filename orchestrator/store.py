@@ -251,6 +251,7 @@ class DrainStore:
                     before = _dumps(record)
                     if fn(record) is False or _dumps(record) == before:
                         return record
+                    # Wall clock on purpose: when the record was last written, for people and `progress`.
                     record.updated_at = time.time()
                     pipe.multi()
                     if field is None:

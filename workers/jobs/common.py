@@ -60,8 +60,9 @@ def assign(**fields: Any) -> Callable[[NodeRecord | VmRecord | DrainRecord], Non
     return apply
 
 
-def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def now_iso(clock: Clock) -> str:
+    """`clock`'s time as a Kubernetes timestamp (for annotations the engine writes on cluster objects)."""
+    return datetime.fromtimestamp(clock.time(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def vmim_name(drain_id: str, vmi_name: str, attempt: int) -> str:

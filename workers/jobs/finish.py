@@ -90,7 +90,7 @@ async def _finish_node(ctx: Ctx, drain_id: str, node: str) -> str:
             await kube.event(involved=node_obj, reason="DrainFailed", message=message, warning=True)
         await store.emit(drain_id, "node.failed", node=node, message=message)
     else:
-        await kube.annotate(k.NODES, node, {NODE_DRAINED_ANNOTATION: now_iso(), NODE_DRAIN_ANNOTATION: drain_id})
+        await kube.annotate(k.NODES, node, {NODE_DRAINED_ANNOTATION: now_iso(clock), NODE_DRAIN_ANNOTATION: drain_id})
         await store.update_node(drain_id, node, assign(phase=NodePhase.DRAINED, message="drained",
                                                      finished_at=clock.time(), evicted=evicted))
         if node_obj is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +32,7 @@ async def dry_plan_job(ctx: Ctx, request: dict[str, Any], settings: Settings) ->
     drain_request = DrainRequest.from_json(request)
     snapshot = await drain_snapshot(ctx["kube"], [str(n) for n in drain_request.nodes], ctx.get("view"))
     try:
-        plan = plan_drain(snapshot, drain_request, settings, now=time.time())
+        plan = plan_drain(snapshot, drain_request, settings, now=ctx["clock"].time())
     except PlanError as exc:
         return {"refused": list(exc.problems)}
     return {"plan": plan.to_json()}
