@@ -354,15 +354,43 @@ async def test_watch_without_version_replays_added_then_sends_bookmarks(
     assert types == ["ADDED", "ADDED", "BOOKMARK"]
 
 
-async def test_watch_honours_timeout_seconds(served: Served) -> None:
-    started = time.monotonic()
-    status, _, body = await raw(served, "GET", "/api/v1/nodes?watch=True&resourceVersion="
-                                f"{served.cluster.store.rv}&timeoutSeconds=1")
+async def until(pred: Callable[[], bool]) -> None:
+    """Yield to the server (it runs in this event loop) until `pred()` holds."""
+    async with asyncio.timeout(30):
+        while True:  # a state of the server's, polled: it offers no event to wait on
+            if pred():
+                return
+            await asyncio.sleep(0.001)
+
+
+def label_node(served: Served, value: str, node: str = "node-1") -> None:
+    """A controller write to `node` (label probe=`value`), straight into the store."""
+    served.cluster.store.mutate(NODES, None, node, lambda o: o["metadata"].setdefault("labels", {}).update(
+        probe=value))
+
+
+async def watch_events_after_open(served: Served, query: str) -> list[dict[str, Any]]:
+    """Open a watch on nodes with `query`; once the server has registered it, change node-1; return the events
+    of the stream, which must end on the server's side (nothing here closes it)."""
+    store = served.cluster.store
+    before = store.watcher_count()
+    watching = asyncio.create_task(raw(served, "GET", f"/api/v1/nodes?watch=true&resourceVersion={store.rv}"
+                                                      f"{query}"))
+    await until(lambda: store.watcher_count() > before or watching.done())
+    label_node(served, "after-open")
+    async with asyncio.timeout(30):
+        status, _, body = await watching
     assert status == 200
-    assert body == b""
-    # The server held the watch open for timeoutSeconds and then ended it itself (a lower bound only: how much
-    # longer a busy machine takes says nothing about the server).
-    assert time.monotonic() - started >= 0.9
+    assert store.watcher_count() == before
+    return [json.loads(line) for line in body.decode().splitlines()]
+
+
+async def test_watch_honours_timeout_seconds(served: Served) -> None:
+    # Open until the change made after it opened (not ended at once), then ended by the server itself: no other
+    # end is asked for.
+    events = await watch_events_after_open(served, "&timeoutSeconds=1")
+    assert [(e["type"], e["object"]["metadata"]["labels"].get("probe")) for e in events] == \
+        [("MODIFIED", "after-open")]
 
 
 async def test_watch_from_an_expired_version_streams_one_error_event(
@@ -467,9 +495,14 @@ async def test_ground_truth_answers_the_admin_token_only(served: Served) -> None
 
 async def test_latency_fault_delays_requests(served: Served, api: client.ApiClient) -> None:
     assert (await raw(served, "POST", "/sim/v1/faults", token=ADMIN_TOKEN, body={"latency_ms": 300}))[0] == 200
-    started = time.monotonic()
-    await client.CoreV1Api(api).read_node("node-1")
-    assert time.monotonic() - started >= 0.3
+    counted = served.cluster.requests[("get", "nodes")]
+    reading = asyncio.create_task(client.CoreV1Api(api).read_node("node-1"))
+    await until(lambda: served.cluster.requests[("get", "nodes")] > counted or reading.done())
+    # The server counted the request and holds it before reading the store (without the delay both happen in
+    # one step): a change made now is in its answer.
+    label_node(served, "while-held")
+    node = await reading
+    assert node.metadata.labels["probe"] == "while-held"
 
 
 async def test_dropping_watches_ends_open_streams(served: Served, api: client.ApiClient) -> None:
@@ -560,11 +593,11 @@ async def test_send_initial_events_ends_with_an_annotated_bookmark(served: Serve
 async def test_watches_are_dropped_periodically_when_faulted(served: Served) -> None:
     faulted = await raw(served, "POST", "/sim/v1/faults", token=ADMIN_TOKEN, body={"drop_watches_every_s": 0.5})
     assert faulted[0] == 200
-    started = time.monotonic()
-    status, _, _ = await raw(served, "GET", f"/api/v1/nodes?watch=true&resourceVersion={served.cluster.store.rv}")
-    assert status == 200
-    # The watch has no timeout of its own: it ended because the fault dropped it, not at once.
-    assert time.monotonic() - started >= 0.4
+    # The watch has no timeout of its own: it ended because the fault dropped it, and not at once (it was still
+    # open for the change made after it opened).
+    events = await watch_events_after_open(served, "")
+    assert [(e["type"], e["object"]["metadata"]["labels"].get("probe")) for e in events] == \
+        [("MODIFIED", "after-open")]
 
 
 async def test_custom_resource_update_needs_a_resource_version(api: client.ApiClient) -> None:
