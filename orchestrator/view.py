@@ -284,7 +284,7 @@ class ClusterView:
 VMI_NODE_LABEL = "kubevirt.io/nodeName"
 """Set by KubeVirt on every scheduled VMI and moved with it by a migration: the way to list the VMIs of one node,
 since custom resources have no field selectors (KubeVirt's pkg/virt-controller/watch/vmi.go sets it from the
-launcher pod's node; shared/reference/kubevirt.md 1.2)."""
+launcher pod's node; docs/kubevirt.md §1.2)."""
 
 
 async def drain_snapshot(kube: k.Kube, nodes: Sequence[str], view: ClusterView | None = None) -> ClusterSnapshot:

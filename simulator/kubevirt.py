@@ -1,4 +1,4 @@
-"""KubeVirt's behaviour in the simulated cluster (reference: shared/reference/kubevirt.md).
+"""KubeVirt's behaviour in the simulated cluster (reference: docs/kubevirt.md).
 
 Where it imitates KubeVirt it follows KubeVirt's code (kubevirt/kubevirt main after v1.9):
 - Admission (virt-api admitters migration-create-admitter.go, migration-update-admitter.go,
