@@ -170,12 +170,13 @@ class EpochGuard:
         """Compare the epoch with the one we knew; on a loss (or a fresh Redis) report what the cluster shows.
 
         Returns the lost drains this call reported (empty when another process reported them)."""
-        raw = await self.redis.get(keys.EPOCH_KEY)
+        raw, scanned = await self.redis.mget(keys.EPOCH_KEY, keys.EPOCH_SCANNED_KEY)  # one command per check
         created = False
         if raw is None:
             fresh = f"{uuid.uuid4().hex[:16]}@{datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}"
             created = bool(await self.redis.set(keys.EPOCH_KEY, fresh, nx=True))
             raw = fresh if created else await self.redis.get(keys.EPOCH_KEY)
+            scanned = None
         current = None if raw is None else _text(raw)
         known, self.epoch = self.epoch, current
         if known is not None and known != current:
@@ -186,7 +187,6 @@ class EpochGuard:
             log.info("redis.epoch", owner=self.owner, epoch=current, created=created)
         if self.kube is None or current is None:
             return []
-        scanned = await self.redis.get(keys.EPOCH_SCANNED_KEY)
         if scanned is not None and _text(scanned) == current:
             return []
         reported = []
@@ -197,7 +197,7 @@ class EpochGuard:
         return reported
 
 
-async def check_epoch_forever(guard: EpochGuard, *, every_s: float = 5.0,
+async def check_epoch_forever(guard: EpochGuard, *, every_s: float = 15.0,
                               report: Callable[[str | None], None] | None = None) -> None:
     """Run `guard.check()` every `every_s` (one GET), for a supervised task; `report` gets each failure (or
     None once a check succeeds again). A loss is caught within `every_s` even where no outage was seen."""

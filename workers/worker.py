@@ -43,7 +43,8 @@ KubeFactory = Callable[[], Awaitable[Kube]]
 
 REDIS_ERRORS = (RedisError, OSError)
 """What a Redis outage raises: redis-py's ConnectionError/TimeoutError (RedisError), socket errors (OSError)."""
-EPOCH_CHECK_EVERY_S = 5.0
+EPOCH_CHECK_EVERY_S = 15.0
+"""Wall seconds between epoch checks besides the one after every outage (one MGET: an idle worker's largest cost)."""
 SEMAPHORE_POLL_S = 5.0
 
 
