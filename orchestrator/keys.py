@@ -12,6 +12,7 @@ Layout (``{id}`` is substituted, ``{{...}}`` below is a literal Redis Cluster ha
 ``drainctl:drain:{id}:vms``                     per-VM records of one drain (hash)
 ``drainctl:drain:{id}:nodes``                   per-node records of one drain (hash)
 ``drainctl:drain:{id}:lock``                    lock of the advance step of one drain
+``drainctl:drain:{id}:plan``                    the plan a drain was submitted with (JSON)
 ``drainctl:tune:kubevirt``                      KubeVirt migration settings saved by a tuned drain (JSON)
 ``drainctl:drain:{id}:priorities``              semaphore priority of each running node of one drain (hash)
 ``drainctl:drains``                             index of drains (zset)
@@ -94,6 +95,12 @@ def drain_vms_key(drain_id: str) -> str:
 def drain_nodes_key(drain_id: str) -> str:
     """Per-node record hash of one drain: ``drainctl:drain:{id}:nodes``."""
     return f"{drain_key(drain_id)}:nodes"
+
+
+def drain_plan_key(drain_id: str) -> str:
+    """The plan the submitter's dry run made, written with the drain record in one transaction; the plan job
+    carries it out while it still matches the cluster: ``drainctl:drain:{id}:plan``."""
+    return f"{drain_key(drain_id)}:plan"
 
 
 def drain_lock_key(drain_id: str) -> str:

@@ -1,8 +1,10 @@
 """The drain service: what the CLI, the HTTP API and the DrainRequest controller call.
 
 Submitting a drain plans it first against a fresh snapshot and refuses an infeasible request before anything
-is written (DESIGN.md rule 7); then, in one transaction, it records the drain, takes its nodes (one open drain
-per node) and its idempotency key, and queues its plan job. Everything after that happens in workers.
+is written (DESIGN.md rule 7); then, in one transaction, it records the drain with that plan, takes its nodes
+(one open drain per node) and its idempotency key, and queues its plan job, which carries the plan out while it
+still matches the cluster (`orchestrator.replan`) instead of planning again. Everything after that happens in
+workers.
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ class DrainService:
                             created_at=now, updated_at=now, request=request.to_json(),
                             estimate_s=plan.estimate.total_s, warnings=list(plan.warnings),
                             time_scale=self.settings.time_scale)
-        done = await self.store.submit(drain, idempotency_key=idempotency_key)
+        done = await self.store.submit(drain, idempotency_key=idempotency_key, plan=plan)
         if done.taken:
             raise NodeConflict(done.taken)
         if not done.created:

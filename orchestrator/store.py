@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
 from orchestrator import keys
+from orchestrator.model import DrainPlan
 from orchestrator.records import DrainRecord, NodeRecord, StoredRecord, VmRecord
 
 Event = dict[str, Any]
@@ -96,8 +97,9 @@ class DrainStore:
 
     # ------------------------------------------------------------------------------------------ drains
     async def submit(self, drain: DrainRecord, *, idempotency_key: str | None = None,
-                     idempotency_ttl_s: int = 86_400) -> Submission:
-        """Write a new drain, its node locks and its idempotency key in one transaction, or nothing.
+                     idempotency_ttl_s: int = 86_400, plan: DrainPlan | None = None) -> Submission:
+        """Write a new drain, its node locks, its idempotency key and the plan it was submitted with (`plan`,
+        read back by :meth:`submitted_plan`) in one transaction, or nothing.
 
         Nothing is written when the idempotency key names a drain that exists (returned instead) or when an
         open drain holds one of the nodes (returned in `taken`). A lock naming a drain that does not exist
@@ -132,6 +134,9 @@ class DrainStore:
                         return Submission(created=False, drain_id=drain_id, taken=taken)
                     pipe.multi()
                     pipe.set(keys.drain_key(drain_id), _dumps(drain))
+                    if plan is not None:
+                        pipe.set(keys.drain_plan_key(drain_id),
+                                 json.dumps(plan.to_json(), separators=(",", ":")))
                     pipe.zadd(keys.DRAINS_INDEX, {drain_id: drain.created_at or time.time()})
                     for key in lock_keys:
                         pipe.set(key, drain_id)
@@ -141,6 +146,16 @@ class DrainStore:
                     return Submission(created=True, drain_id=drain_id, reclaimed=reclaimed)
                 except WatchError:
                     continue
+
+    async def submitted_plan(self, drain_id: str) -> DrainPlan | None:
+        """The plan the drain was submitted with (None when it had none, or it does not load: re-plan then)."""
+        raw = await self.redis.get(keys.drain_plan_key(drain_id))
+        if raw is None:
+            return None
+        try:
+            return DrainPlan.from_json(json.loads(raw))
+        except ValueError:
+            return None
 
     @staticmethod
     async def _watch_drain(pipe: Any, drain_id: str) -> DrainRecord | None:
