@@ -17,6 +17,7 @@ Layout (``{id}`` is substituted, ``{{...}}`` below is a literal Redis Cluster ha
 ``drainctl:drain:{id}:priorities``              semaphore priority of each running node of one drain (hash)
 ``drainctl:drains``                             index of drains (zset)
 ``drainctl:node:{node}:drain``                  which drain owns a node (node lock)
+``drainctl:node:{node}:transfers``              the last migrations seen leaving a node (zset, by end)
 ``drainctl:idem:{key}``                         idempotency key of a request
 ``drainctl:epoch``                              this Redis's epoch (a Redis that lost its data has none)
 ``drainctl:epoch:scanned``                      the epoch whose cluster scan for lost drains is done
@@ -117,6 +118,12 @@ def drain_priorities_key(drain_id: str) -> str:
 def node_lock_key(node: str) -> str:
     """Which drain owns a node: ``drainctl:node:{node}:drain``."""
     return f"{PREFIX}:node:{_part(node, 'node name')}:drain"
+
+
+def node_transfers_key(node: str) -> str:
+    """The last migrations drainctl saw leave a node, for its observed bandwidth (a sorted set of transfer
+    records scored by their end; re-recording one is a no-op): ``drainctl:node:{node}:transfers``."""
+    return f"{PREFIX}:node:{_part(node, 'node name')}:transfers"
 
 
 def idempotency_key(key: str) -> str:

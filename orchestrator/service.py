@@ -90,8 +90,13 @@ class DrainService:
             return DrainPlan.from_json(answer["plan"])
         from orchestrator.view import drain_snapshot  # the cluster client: imported when the cluster is read
 
-        snapshot = await drain_snapshot(self.kube, [str(n) for n in request.nodes])
-        return plan_drain(snapshot, request, self.settings, now=time.time())
+        names = [str(n) for n in request.nodes]
+        snapshot = await drain_snapshot(self.kube, names)
+        try:
+            transfers = await self.store.transfer_samples(names)
+        except (RedisError, OSError):  # a dry run needs no Redis: plan from the configured bandwidth
+            transfers = {}
+        return plan_drain(snapshot, request, self.settings, now=time.time(), transfers=transfers)
 
     async def _plan_by_worker(self, request: DrainRequest) -> dict[str, Any] | None:
         """The answer of a worker's dry run, or None when no worker is alive or none answered in time."""

@@ -23,7 +23,8 @@ from redis.exceptions import WatchError
 
 from orchestrator import keys
 from orchestrator.model import DrainPlan
-from orchestrator.records import DrainRecord, NodeRecord, StoredRecord, VmRecord
+from orchestrator.records import DrainRecord, NodeRecord, StoredRecord, TransferRecord, VmRecord
+from orchestrator.tuning import OBSERVED_WINDOW, TransferSample
 
 Event = dict[str, Any]
 """One entry of a drain's event stream: id, event, ts and the event's own fields."""
@@ -297,6 +298,29 @@ class DrainStore:
     async def node_owner(self, node: str) -> str | None:
         owner = await self.redis.get(keys.node_lock_key(node))
         return None if owner is None else _text(owner)
+
+    # -------------------------------------------------------------------------------- transfers
+    async def record_transfer(self, record: TransferRecord, *, keep: int = OBSERVED_WINDOW) -> None:
+        """Keep a finished migration among the last `keep` of its source node (recording it again is a no-op:
+        the same record is the same member of the node's sorted set)."""
+        key = keys.node_transfers_key(record.source)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(key, {json.dumps(record.to_json(), separators=(",", ":"), sort_keys=True): record.end_s})
+            pipe.zremrangebyrank(key, 0, -(keep + 1))
+            await pipe.execute()
+
+    async def transfers(self, nodes: list[str]) -> dict[str, list[TransferRecord]]:
+        """The recorded migrations out of each of `nodes`, oldest first."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for node in nodes:
+                pipe.zrange(keys.node_transfers_key(node), 0, -1)
+            found = await pipe.execute()
+        return {node: [TransferRecord.model_validate_json(raw) for raw in members]
+                for node, members in zip(nodes, found, strict=True)}
+
+    async def transfer_samples(self, nodes: list[str]) -> dict[str, list[TransferSample]]:
+        """What the planner takes (`plan_drain(transfers=...)`): each node's recorded migrations as samples."""
+        return {node: [r.sample() for r in records] for node, records in (await self.transfers(nodes)).items()}
 
     # ------------------------------------------------------------------------------------- events
     async def emit(self, drain_id: str, event: str, **fields: Any) -> str:

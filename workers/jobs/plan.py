@@ -35,9 +35,11 @@ async def dry_plan_job(ctx: Ctx, request: dict[str, Any], settings: Settings) ->
     Returns {"plan": plan JSON} or {"refused": [problems]}; the caller's settings, so the answer is the one it
     would have computed itself."""
     drain_request = DrainRequest.from_json(request)
-    snapshot = await drain_snapshot(ctx["kube"], [str(n) for n in drain_request.nodes], ctx.get("view"))
+    names = [str(n) for n in drain_request.nodes]
+    snapshot = await drain_snapshot(ctx["kube"], names, ctx.get("view"))
     try:
-        plan = plan_drain(snapshot, drain_request, settings, now=time.time())
+        plan = plan_drain(snapshot, drain_request, settings, now=time.time(),
+                          transfers=await ctx["store"].transfer_samples(names))
     except PlanError as exc:
         return {"refused": list(exc.problems)}
     return {"plan": plan.to_json()}
@@ -66,9 +68,11 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
     if submitted is not None and replan is None:
         plan = dataclasses.replace(submitted, drain_id=drain_id)  # type: ignore[arg-type]
     else:
-        snapshot = await drain_snapshot(ctx["kube"], [str(n) for n in request.nodes], ctx.get("view"))
+        names = [str(n) for n in request.nodes]
+        snapshot = await drain_snapshot(ctx["kube"], names, ctx.get("view"))
         try:
-            plan = plan_drain(snapshot, request, ctx["settings"], now=ctx["clock"].time(), drain_id=drain_id)  # type: ignore[arg-type]
+            plan = plan_drain(snapshot, request, ctx["settings"], now=ctx["clock"].time(), drain_id=drain_id,  # type: ignore[arg-type]
+                              transfers=await store.transfer_samples(names))
         except PlanError as exc:
             await close_drain(ctx, drain_id, DrainPhase.FAILED, f"refused by the planner: {exc}")
             bound.warning("drain.refused", error=str(exc), replanned=replan)
