@@ -63,6 +63,8 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
     if drain.phase is DrainPhase.PENDING:
         await store.update(drain_id, _only_from(DrainPhase.PENDING, phase=DrainPhase.PLANNING, message="planning"))
     request = DrainRequest.from_json(drain.request)
+    # Planned once: the dry run the drain was submitted with (made with the submitter's settings, the plan it
+    # showed and the one carried out) while it still matches this worker's warm view; else plan again here.
     submitted = await store.submitted_plan(drain_id)
     replan = _replan_reason(ctx, submitted)
     if submitted is not None and replan is None:
