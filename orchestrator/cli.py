@@ -449,7 +449,8 @@ def _print_plan(result: Any) -> None:
                       f"{tuning['predicted_makespan_s']:.0f} s")
         for node in tuning["nodes"]:
             console.print(f"  {node['node']}: {node['parallel']} at once "
-                          f"(NIC {format_bytes(int(node['bandwidth_bytes_per_s']))}/s, "
+                          f"(NIC {format_bytes(int(node['bandwidth_bytes_per_s']))}/s "
+                          f"{node.get('bandwidth_source', 'setting')}, "
                           f"predicted {node['predicted_s']:.0f} s)"
                           + (f", limited by {node['limited_by']}" if node["limited_by"] else ""))
     console.print(f"estimate: {result.estimate.total_s:.0f} s ({result.estimate.model})")

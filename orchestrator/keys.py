@@ -12,10 +12,12 @@ Layout (``{id}`` is substituted, ``{{...}}`` below is a literal Redis Cluster ha
 ``drainctl:drain:{id}:vms``                     per-VM records of one drain (hash)
 ``drainctl:drain:{id}:nodes``                   per-node records of one drain (hash)
 ``drainctl:drain:{id}:lock``                    lock of the advance step of one drain
+``drainctl:drain:{id}:plan``                    the plan a drain was submitted with (JSON)
 ``drainctl:tune:kubevirt``                      KubeVirt migration settings saved by a tuned drain (JSON)
 ``drainctl:drain:{id}:priorities``              semaphore priority of each running node of one drain (hash)
 ``drainctl:drains``                             index of drains (zset)
 ``drainctl:node:{node}:drain``                  which drain owns a node (node lock)
+``drainctl:node:{node}:transfers``              the last migrations seen leaving a node (zset, by end)
 ``drainctl:idem:{key}``                         idempotency key of a request
 ``drainctl:epoch``                              this Redis's epoch (a Redis that lost its data has none)
 ``drainctl:epoch:scanned``                      the epoch whose cluster scan for lost drains is done
@@ -96,6 +98,12 @@ def drain_nodes_key(drain_id: str) -> str:
     return f"{drain_key(drain_id)}:nodes"
 
 
+def drain_plan_key(drain_id: str) -> str:
+    """The plan the submitter's dry run made, written with the drain record in one transaction; the plan job
+    carries it out while it still matches the cluster: ``drainctl:drain:{id}:plan``."""
+    return f"{drain_key(drain_id)}:plan"
+
+
 def drain_lock_key(drain_id: str) -> str:
     """Short lock serialising the "advance this drain" step across workers: ``drainctl:drain:{id}:lock``."""
     return f"{drain_key(drain_id)}:lock"
@@ -110,6 +118,12 @@ def drain_priorities_key(drain_id: str) -> str:
 def node_lock_key(node: str) -> str:
     """Which drain owns a node: ``drainctl:node:{node}:drain``."""
     return f"{PREFIX}:node:{_part(node, 'node name')}:drain"
+
+
+def node_transfers_key(node: str) -> str:
+    """The last migrations drainctl saw leave a node, for its observed bandwidth (a sorted set of transfer
+    records scored by their end; re-recording one is a no-op): ``drainctl:node:{node}:transfers``."""
+    return f"{PREFIX}:node:{_part(node, 'node name')}:transfers"
 
 
 def idempotency_key(key: str) -> str:

@@ -58,7 +58,7 @@ from orchestrator.model import (
 from orchestrator.rules import PodAction, is_room, pod_verdict, spare_memory, vm_memory_on_target
 from orchestrator.settings import Settings
 from orchestrator.snapshot import parse_quantity
-from orchestrator.tuning import TuneVm, Tuning, tune
+from orchestrator.tuning import TransferSample, TuneVm, Tuning, observed_bandwidth, tune
 
 BANDWIDTH_ANNOTATION = "drainctl.io/migration-bandwidth"
 """On a node (annotation or label): its migration bandwidth in bytes per second, as a quantity ("2800M")."""
@@ -359,8 +359,8 @@ def _limits(snapshot: ClusterSnapshot, request: DrainRequest, settings: Settings
     )
 
 
-def _per_migration_bandwidth(snapshot: ClusterSnapshot, settings: Settings, outbound: int) -> float:
-    bandwidth = settings.estimate.node_bandwidth_bytes_per_s / max(1, outbound)
+def _per_migration_bandwidth(snapshot: ClusterSnapshot, node_bandwidth: float, outbound: int) -> float:
+    bandwidth = node_bandwidth / max(1, outbound)
     cap = snapshot.migration_config.bandwidth_per_migration_bytes
     return min(bandwidth, float(cap)) if cap > 0 else bandwidth
 
@@ -419,7 +419,8 @@ def _estimate(
         setup_s=setup_s,
         model=(
             "estimate only: each migration takes setup_s + guest memory / per-migration bandwidth (a source "
-            "node's assumed bandwidth split over its parallel migrations, capped by bandwidthPerMigration); "
+            "node's bandwidth, observed or assumed, split over its parallel migrations, capped by "
+            "bandwidthPerMigration); "
             "jobs are list-scheduled largest first under the cluster and per-node limits; waves run one "
             "after another. Dirty-rate rounds, retries and queueing behind KubeVirt's own migrations are "
             "not modelled."
@@ -497,10 +498,13 @@ def plan_drain(
     now: float,
     drain_id: DrainId | None = None,
     filters: Sequence[VmFilter] = DEFAULT_FILTERS,
+    transfers: Mapping[str, Sequence[TransferSample]] | None = None,
 ) -> DrainPlan:
     """Plan draining ``request.nodes``; raise PlanError when the request cannot be carried out as asked.
 
     ``drain_id`` identifies VMIMs this drain already created (re-planning after a crash adopts them).
+    ``transfers``: the migrations seen leaving each node (its observed bandwidth beats the configured one in
+    the estimate and the tuning: `node_bandwidth_source`).
     """
     _validate(snapshot, request)
     drain_set = set(request.nodes)
@@ -619,7 +623,12 @@ def plan_drain(
         raise PlanError(problems)
 
     # 3. Jobs (largest first per node), node order and waves.
-    bandwidth = _per_migration_bandwidth(snapshot, settings, int(limits.outbound_per_node.effective))
+    node_bw = {str(w.name): node_bandwidth_source(snapshot.node(w.name), settings, (transfers or {}).get(str(w.name)))
+               for w in works}
+    outbound = int(limits.outbound_per_node.effective)
+    per_migration = {name: _per_migration_bandwidth(snapshot, bw, outbound) for name, (bw, _) in node_bw.items()}
+    bandwidth = min(per_migration.values(), default=_per_migration_bandwidth(
+        snapshot, settings.estimate.node_bandwidth_bytes_per_s, outbound))
     setup_s = settings.estimate.setup_s
     per_gib = limits.completion_timeout_per_gib.effective
     node_plans: list[NodePlan] = []
@@ -637,7 +646,7 @@ def plan_drain(
                     memory_bytes=need,
                     proposed_target=NodeName(target),
                     reason=f"{reason}; proposed target {target}",
-                    estimated_s=setup_s + vmi.guest_memory_bytes / bandwidth,
+                    estimated_s=setup_s + vmi.guest_memory_bytes / per_migration[str(work.name)],
                     # KubeVirt sizes the budget in whole decimal GB, rounded up (kubevirt.md 3.5).
                     completion_timeout_s=float(per_gib * max(1, math.ceil(vmi.guest_memory_bytes / 1e9))),
                     in_flight_migration=active[0].key if active else None,
@@ -666,7 +675,7 @@ def plan_drain(
     waves = [node_plans[i : i + step] for i in range(0, len(node_plans), step)]
 
     estimate = _estimate(waves, limits=limits, bandwidth=bandwidth, setup_s=setup_s, max_parallel_nodes=step)
-    tuning = _tuning(snapshot, settings, node_plans, waves)
+    tuning = _tuning(snapshot, settings, node_plans, waves, node_bw)
     if request.tune:
         limits, estimate = _tuned(limits, estimate, tuning)
     warnings.extend(
@@ -699,27 +708,40 @@ def plan_drain(
 
 
 def node_bandwidth(node: Node | None, settings: Settings) -> float:
-    """A node's migration bandwidth: its annotation or label BANDWIDTH_ANNOTATION, else the setting."""
+    """A node's configured migration bandwidth: its annotation or label BANDWIDTH_ANNOTATION, else the setting."""
+    return node_bandwidth_source(node, settings)[0]
+
+
+def node_bandwidth_source(node: Node | None, settings: Settings,
+                          transfers: Sequence[TransferSample] | None = None) -> tuple[float, str]:
+    """A node's migration bandwidth and where it came from: what its last migrations achieved
+    (`tuning.observed_bandwidth`), else its annotation or label BANDWIDTH_ANNOTATION, else the setting."""
+    seen = observed_bandwidth(transfers or ())
+    if seen is not None:
+        return seen.bytes_per_s, f"observed ({seen.migrations} migrations)"
     if node is not None:
-        raw = node.annotations.get(BANDWIDTH_ANNOTATION) or node.labels.get(BANDWIDTH_ANNOTATION)
-        if raw:
+        for where, values in (("annotation", node.annotations), ("label", node.labels)):
+            raw = values.get(BANDWIDTH_ANNOTATION)
+            if not raw:
+                continue
             try:
                 value = float(parse_quantity(raw))
             except ValueError:
                 value = 0.0
             if value > 0:
-                return value
-    return settings.estimate.node_bandwidth_bytes_per_s
+                return value, where
+    return settings.estimate.node_bandwidth_bytes_per_s, "setting"
 
 
 def _tuning(snapshot: ClusterSnapshot, settings: Settings, node_plans: Sequence[NodePlan],
-            waves: Sequence[Sequence[NodePlan]]) -> Tuning:
+            waves: Sequence[Sequence[NodePlan]], node_bw: Mapping[str, tuple[float, str]]) -> Tuning:
     vms = [TuneVm(vmi=job.vmi, node=plan.node, memory_bytes=job.memory_bytes) for plan in node_plans
            for job in plan.jobs]
     draining = {p.node for p in node_plans}
     targets = sum(1 for n in snapshot.nodes if n.name not in draining and not n.unschedulable and n.ready
                   and not n.control_plane)
-    return tune(vms, bandwidth={p.node: node_bandwidth(snapshot.node(p.node), settings) for p in node_plans},
+    return tune(vms, bandwidth={p.node: node_bw[str(p.node)][0] for p in node_plans},
+                bandwidth_source={p.node: node_bw[str(p.node)][1] for p in node_plans},
                 waves=[[p.node for p in wave] for wave in waves], setup_s=settings.estimate.setup_s,
                 current_bandwidth_per_migration=snapshot.migration_config.bandwidth_per_migration_bytes,
                 max_cluster=targets * settings.limits.max_inbound_per_node)

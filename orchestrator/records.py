@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.model import DrainPhase, DrainRequest, FailureClass, NodePhase, VmPhase, VmVerdict
+from orchestrator.tuning import TransferSample
 
 
 class BaseRecord(BaseModel):
@@ -178,3 +179,21 @@ class VmRecord(StoredRecord):
         """Replace (or add) the entry of ``entry.attempt``, keeping the list in attempt order."""
         self.attempts = sorted([e for e in self.attempts if e.attempt != entry.attempt] + [entry],
                                key=lambda e: e.attempt)
+
+
+class TransferRecord(BaseRecord):
+    """One successful migration out of a node, as the node's observed bandwidth counts it
+    (orchestrator.tuning.observed_bandwidth): its transfer in cluster seconds (wall stamps of the attempt
+    record, from the VMIM turning Running to its success, times the time scale) and the memory it moved."""
+
+    source: str
+    target: str | None = None
+    vmi: str
+    drain_id: str
+    attempt: int
+    start_s: float
+    end_s: float
+    memory_bytes: int
+
+    def sample(self) -> TransferSample:
+        return TransferSample(start_s=self.start_s, end_s=self.end_s, memory_bytes=self.memory_bytes)

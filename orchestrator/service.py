@@ -1,8 +1,10 @@
 """The drain service: what the CLI, the HTTP API and the DrainRequest controller call.
 
 Submitting a drain plans it first against a fresh snapshot and refuses an infeasible request before anything
-is written (DESIGN.md rule 7); then, in one transaction, it records the drain, takes its nodes (one open drain
-per node) and its idempotency key, and queues its plan job. Everything after that happens in workers.
+is written (DESIGN.md rule 7); then, in one transaction, it records the drain with that plan, takes its nodes
+(one open drain per node) and its idempotency key, and queues its plan job, which carries the plan out while it
+still matches the cluster (`orchestrator.replan`) instead of planning again. Everything after that happens in
+workers.
 """
 
 from __future__ import annotations
@@ -88,8 +90,13 @@ class DrainService:
             return DrainPlan.from_json(answer["plan"])
         from orchestrator.view import drain_snapshot  # the cluster client: imported when the cluster is read
 
-        snapshot = await drain_snapshot(self.kube, [str(n) for n in request.nodes])
-        return plan_drain(snapshot, request, self.settings, now=time.time())
+        names = [str(n) for n in request.nodes]
+        snapshot = await drain_snapshot(self.kube, names)
+        try:
+            transfers = await self.store.transfer_samples(names)
+        except (RedisError, OSError):  # a dry run needs no Redis: plan from the configured bandwidth
+            transfers = {}
+        return plan_drain(snapshot, request, self.settings, now=time.time(), transfers=transfers)
 
     async def _plan_by_worker(self, request: DrainRequest) -> dict[str, Any] | None:
         """The answer of a worker's dry run, or None when no worker is alive or none answered in time."""
@@ -143,7 +150,7 @@ class DrainService:
                             created_at=now, updated_at=now, request=request.to_json(),
                             estimate_s=plan.estimate.total_s, warnings=list(plan.warnings),
                             time_scale=self.settings.time_scale)
-        done = await self.store.submit(drain, idempotency_key=idempotency_key)
+        done = await self.store.submit(drain, idempotency_key=idempotency_key, plan=plan)
         if done.taken:
             raise NodeConflict(done.taken)
         if not done.created:

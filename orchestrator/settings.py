@@ -69,6 +69,9 @@ class Timeouts:
     """Ceiling of the doubling retry delay."""
     lease_ttl_s: float = 30.0
     """Semaphore lease lifetime; holders renew well before it ends, expiry triggers a re-check."""
+    plan_reuse_s: float = 60.0
+    """The plan job carries out the plan a drain was submitted with when it is younger than this and still
+    matches the cluster (orchestrator.replan); an older one is made again."""
 
     def __post_init__(self) -> None:
         value = self.completion_timeout_per_gib
@@ -78,7 +81,7 @@ class Timeouts:
             f"{value!r} is not an integer",
         )
         _check(value >= 1, "completion_timeout_per_gib", f"{value} must be at least 1")
-        for name in ("progress_timeout_s", "pending_timeout_s", "retry_backoff_s", "lease_ttl_s"):
+        for name in ("progress_timeout_s", "pending_timeout_s", "retry_backoff_s", "lease_ttl_s", "plan_reuse_s"):
             seconds = getattr(self, name)
             _check(math.isfinite(seconds) and seconds > 0, name, f"{seconds!r} must be a positive number")
         # No default above what a drain request may ask for (small values stay allowed: tests run at scale).
@@ -189,6 +192,7 @@ ENV_VARS: Mapping[str, tuple[str, str]] = {
     "DRAIN_RETRY_BACKOFF": ("timeouts", "retry_backoff_s"),
     "DRAIN_RETRY_BACKOFF_MAX": ("timeouts", "retry_backoff_max_s"),
     "DRAIN_LEASE_TTL": ("timeouts", "lease_ttl_s"),
+    "DRAIN_PLAN_REUSE": ("timeouts", "plan_reuse_s"),
     "DRAIN_MAX_ATTEMPTS": ("retry", "max_attempts"),
     "DRAIN_REDIS_URL": ("connection", "redis_url"),
     "DRAIN_KUBECONFIG": ("connection", "kubeconfig"),

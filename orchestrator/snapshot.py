@@ -215,6 +215,24 @@ class _Obj:
         return parsed.timestamp()
 
 
+def migration_transfer_s(vmim: Mapping[str, Any]) -> float | None:
+    """Seconds from a VMIM's Running to its Succeeded phase transition, by the cluster's stamps
+    (`status.phaseTransitionTimestamps`; whole seconds, as Kubernetes writes times); None without both."""
+    stamps: dict[str, float] = {}
+    for entry in (vmim.get("status") or {}).get("phaseTransitionTimestamps") or []:
+        phase, raw = (entry or {}).get("phase"), (entry or {}).get("phaseTransitionTimestamp")
+        if not isinstance(phase, str) or not isinstance(raw, str):
+            continue
+        try:
+            parsed = datetime.fromisoformat(raw)
+        except ValueError:
+            continue
+        stamps[phase] = (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+    if "Running" not in stamps or "Succeeded" not in stamps:
+        return None
+    return max(0.0, stamps["Succeeded"] - stamps["Running"])
+
+
 def _true_labels(labels: Mapping[str, str], prefix: str) -> frozenset[str]:
     return frozenset(key[len(prefix) :] for key, value in labels.items() if key.startswith(prefix) and value == "true")
 

@@ -22,7 +22,9 @@ from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
 from orchestrator import keys
-from orchestrator.records import DrainRecord, NodeRecord, StoredRecord, VmRecord
+from orchestrator.model import DrainPlan
+from orchestrator.records import DrainRecord, NodeRecord, StoredRecord, TransferRecord, VmRecord
+from orchestrator.tuning import OBSERVED_WINDOW, TransferSample
 
 Event = dict[str, Any]
 """One entry of a drain's event stream: id, event, ts and the event's own fields."""
@@ -96,8 +98,9 @@ class DrainStore:
 
     # ------------------------------------------------------------------------------------------ drains
     async def submit(self, drain: DrainRecord, *, idempotency_key: str | None = None,
-                     idempotency_ttl_s: int = 86_400) -> Submission:
-        """Write a new drain, its node locks and its idempotency key in one transaction, or nothing.
+                     idempotency_ttl_s: int = 86_400, plan: DrainPlan | None = None) -> Submission:
+        """Write a new drain, its node locks, its idempotency key and the plan it was submitted with (`plan`,
+        read back by :meth:`submitted_plan`) in one transaction, or nothing.
 
         Nothing is written when the idempotency key names a drain that exists (returned instead) or when an
         open drain holds one of the nodes (returned in `taken`). A lock naming a drain that does not exist
@@ -132,6 +135,9 @@ class DrainStore:
                         return Submission(created=False, drain_id=drain_id, taken=taken)
                     pipe.multi()
                     pipe.set(keys.drain_key(drain_id), _dumps(drain))
+                    if plan is not None:
+                        pipe.set(keys.drain_plan_key(drain_id),
+                                 json.dumps(plan.to_json(), separators=(",", ":")))
                     pipe.zadd(keys.DRAINS_INDEX, {drain_id: drain.created_at or time.time()})
                     for key in lock_keys:
                         pipe.set(key, drain_id)
@@ -141,6 +147,16 @@ class DrainStore:
                     return Submission(created=True, drain_id=drain_id, reclaimed=reclaimed)
                 except WatchError:
                     continue
+
+    async def submitted_plan(self, drain_id: str) -> DrainPlan | None:
+        """The plan the drain was submitted with (None when it had none, or it does not load: re-plan then)."""
+        raw = await self.redis.get(keys.drain_plan_key(drain_id))
+        if raw is None:
+            return None
+        try:
+            return DrainPlan.from_json(json.loads(raw))
+        except ValueError:
+            return None
 
     @staticmethod
     async def _watch_drain(pipe: Any, drain_id: str) -> DrainRecord | None:
@@ -283,6 +299,29 @@ class DrainStore:
     async def node_owner(self, node: str) -> str | None:
         owner = await self.redis.get(keys.node_lock_key(node))
         return None if owner is None else _text(owner)
+
+    # -------------------------------------------------------------------------------- transfers
+    async def record_transfer(self, record: TransferRecord, *, keep: int = OBSERVED_WINDOW) -> None:
+        """Keep a finished migration among the last `keep` of its source node (recording it again is a no-op:
+        the same record is the same member of the node's sorted set)."""
+        key = keys.node_transfers_key(record.source)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(key, {json.dumps(record.to_json(), separators=(",", ":"), sort_keys=True): record.end_s})
+            pipe.zremrangebyrank(key, 0, -(keep + 1))
+            await pipe.execute()
+
+    async def transfers(self, nodes: list[str]) -> dict[str, list[TransferRecord]]:
+        """The recorded migrations out of each of `nodes`, oldest first."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for node in nodes:
+                pipe.zrange(keys.node_transfers_key(node), 0, -1)
+            found = await pipe.execute()
+        return {node: [TransferRecord.model_validate_json(raw) for raw in members]
+                for node, members in zip(nodes, found, strict=True)}
+
+    async def transfer_samples(self, nodes: list[str]) -> dict[str, list[TransferSample]]:
+        """What the planner takes (`plan_drain(transfers=...)`): each node's recorded migrations as samples."""
+        return {node: [r.sample() for r in records] for node, records in (await self.transfers(nodes)).items()}
 
     # ------------------------------------------------------------------------------------- events
     async def emit(self, drain_id: str, event: str, **fields: Any) -> str:

@@ -18,6 +18,12 @@ and cleanups overlap P at a time, so the node takes about
 More at once always helps, less and less: P is the smallest that brings the setup term down to
 SETUP_SHARE of the transfer term, capped by convergence (each VM keeps the share it needs), by the number
 of VMs and by `max_per_node`.
+
+A node's bandwidth B is refined from the migrations drainctl has seen leave it (`observed_bandwidth`): the
+memory they moved over the time the node was transferring at all (the union of their transfer intervals, so
+setup time is ignored and migrations sharing the NIC are not counted as slow), over the last OBSERVED_WINDOW
+migrations. That figure is in the same terms as the model above (guest memory over B), so it absorbs what
+the configured NIC speed leaves out (protocol overhead, re-sent dirty pages, a slower path).
 """
 
 from __future__ import annotations
@@ -32,6 +38,70 @@ SETUP_SHARE = 0.25
 """Setups may add at most this fraction of the NIC time to a node's drain (what P aims for)."""
 DOWNTIME_S = 0.3
 """KubeVirt's hard-coded switch-over budget (migration-model.md 1.5)."""
+
+
+OBSERVED_WINDOW = 20
+"""Observed bandwidth: the last this many migrations out of a node count."""
+OBSERVED_MIN_BUSY_S = 1.0
+"""Observed bandwidth: fewer transfer seconds than this say too little (the timestamps' error dominates)."""
+
+
+@dataclass(frozen=True)
+class TransferSample:
+    """One finished migration out of a node: when its transfer ran, in cluster seconds on one time line (wall
+    epoch x time scale), and how much memory it moved."""
+
+    start_s: float
+    end_s: float
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
+class ObservedBandwidth:
+    bytes_per_s: float
+    migrations: int
+    """How many migrations the figure comes from."""
+    busy_s: float
+    """Cluster seconds during which at least one of them was transferring."""
+
+
+CLUSTER_SPAN_MIN_S = 5.0
+"""A transfer measured by the cluster's whole-second stamps is trusted from this long on (error <= 20 %)."""
+
+
+def transfer_sample(*, running_at: float | None, finished_at: float, time_scale: float,
+                    cluster_span_s: float | None, memory_bytes: int) -> TransferSample | None:
+    """One finished migration as a sample: placed on the time line of our own wall stamps (x time scale, so
+    cluster seconds), and as long as the cluster's stamps say when they are long enough to be exact (ours
+    include the latency of seeing each phase, theirs are whole seconds), else as long as ours say."""
+    end = finished_at * time_scale
+    ours = None if running_at is None else (finished_at - running_at) * time_scale
+    span = cluster_span_s if cluster_span_s is not None and cluster_span_s >= CLUSTER_SPAN_MIN_S else ours
+    if span is None or span <= 0 or memory_bytes <= 0:
+        return None
+    return TransferSample(start_s=end - span, end_s=end, memory_bytes=memory_bytes)
+
+
+def observed_bandwidth(samples: Sequence[TransferSample], *, window: int = OBSERVED_WINDOW,
+                       min_busy_s: float = OBSERVED_MIN_BUSY_S) -> ObservedBandwidth | None:
+    """A node's migration bandwidth as its last `window` migrations saw it: their memory over the union of
+    their transfer intervals; None when there is too little to go by (no sample, or under `min_busy_s`)."""
+    usable = sorted((s for s in samples if s.end_s > s.start_s and s.memory_bytes > 0), key=lambda s: s.end_s)
+    recent = sorted(usable[-window:], key=lambda s: s.start_s) if window > 0 else []
+    busy, start, end = 0.0, None, None
+    for sample in recent:
+        if end is None or start is None or sample.start_s > end:
+            if end is not None and start is not None:
+                busy += end - start
+            start, end = sample.start_s, sample.end_s
+        else:
+            end = max(end, sample.end_s)
+    if end is not None and start is not None:
+        busy += end - start
+    if not recent or busy < min_busy_s:
+        return None
+    return ObservedBandwidth(bytes_per_s=sum(s.memory_bytes for s in recent) / busy, migrations=len(recent),
+                             busy_s=busy)
 
 
 @dataclass(frozen=True)
@@ -57,6 +127,8 @@ class NodeTuning:
     limited_by: str | None
     """The VM that set convergence_cap, when it is below what the NIC would use."""
     predicted_s: float
+    bandwidth_source: str = "setting"
+    """Where `bandwidth_bytes_per_s` came from: "observed (N migrations)", "annotation", "label" or "setting"."""
 
 
 @dataclass(frozen=True)
@@ -81,7 +153,8 @@ class Tuning:
             "parallel_outbound_per_node": self.parallel_outbound_per_node,
             "bandwidth_per_migration_bytes": self.bandwidth_per_migration_bytes,
             "predicted_makespan_s": round(self.predicted_makespan_s, 1),
-            "nodes": [{"node": n.node, "bandwidth_bytes_per_s": n.bandwidth_bytes_per_s, "parallel": n.parallel,
+            "nodes": [{"node": n.node, "bandwidth_bytes_per_s": n.bandwidth_bytes_per_s,
+                       "bandwidth_source": n.bandwidth_source, "parallel": n.parallel,
                        "convergence_cap": n.convergence_cap, "limited_by": n.limited_by,
                        "predicted_s": round(n.predicted_s, 1)} for n in self.nodes],
             "reasons": list(self.reasons),
@@ -109,10 +182,12 @@ def node_time_s(vms: Sequence[TuneVm], *, parallel: int, bandwidth: float, setup
 
 def tune(vms: Sequence[TuneVm], *, bandwidth: Mapping[str, float], waves: Sequence[Sequence[str]],
          setup_s: float, cleanup_s: float = 2.0, max_per_node: int = 8, min_share: float = 125e6,
-         current_bandwidth_per_migration: int = 0, max_cluster: int | None = None) -> Tuning:
+         current_bandwidth_per_migration: int = 0, max_cluster: int | None = None,
+         bandwidth_source: Mapping[str, str] | None = None) -> Tuning:
     """Limits for draining `waves` (nodes drained at once, one wave after the other) of `vms`.
 
-    `bandwidth` is each source node's migration bandwidth in bytes/s; `min_share` the least bandwidth any
+    `bandwidth` is each source node's migration bandwidth in bytes/s (`bandwidth_source` says where each came
+    from, for the plan's output); `min_share` the least bandwidth any
     migration gets (1 Gbit/s by default); `max_per_node` caps the outbound limit whatever the model says. A
     bandwidthPerMigration in force (`current_bandwidth_per_migration`, 0 = none) is kept but raised to what
     the hungriest VM needs: a cap only ever lowers a migration's fair share of its NIC, so unlimited stays
@@ -149,7 +224,8 @@ def tune(vms: Sequence[TuneVm], *, bandwidth: Mapping[str, float], waves: Sequen
             tuned.append(NodeTuning(node=node, bandwidth_bytes_per_s=b, parallel=parallel, convergence_cap=cap,
                                     limited_by=limited_by if cap < enough else None,
                                     predicted_s=node_time_s(node_vms, parallel=parallel, bandwidth=b,
-                                                            setup_s=setup_s, cleanup_s=cleanup_s)))
+                                                            setup_s=setup_s, cleanup_s=cleanup_s),
+                                    bandwidth_source=(bandwidth_source or {}).get(node, "setting")))
     per = {n.node: n for n in tuned}
     cluster = max((sum(per[n].parallel for n in wave) for wave in waves if wave), default=1)
     outbound = max((n.parallel for n in tuned), default=1)

@@ -254,6 +254,18 @@ class ClusterView:
             out.append(cached[1])
         return out
 
+    def vmis_on(self, nodes: Sequence[str]) -> dict[str, set[str]]:
+        """The VMIs (namespace/name) with a live virt-launcher pod on each of `nodes`, from the pod cache: what
+        a submitted plan is checked against before it is carried out (no request to the API server)."""
+        wanted = set(nodes)
+        out: dict[str, set[str]] = {node: set() for node in wanted}
+        for vmi, pods in self._launchers.items():
+            for pod in pods:
+                placed = self._pods.get(pod)
+                if placed is not None and placed[0] in wanted:
+                    out[placed[0]].add(vmi)
+        return out
+
     def launcher_memory(self, namespace: str, name: str) -> int | None:
         """The largest memory request among the VMI's live virt-launcher pods (None when none is seen)."""
         pods = self._launchers.get(f"{namespace}/{name}")

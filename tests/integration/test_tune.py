@@ -191,3 +191,65 @@ async def test_simulator_applies_a_changed_kubevirt_cr_to_new_migrations_only(cl
         await until(lambda: bool(options(second)), "the second one handed off")
         assert options(first).get("bandwidthPerMigration") == "64Mi"  # kept while it runs
         assert options(second).get("bandwidthPerMigration") in (None, "0", "0Mi")  # the new value: unlimited
+
+
+def _union_s(intervals: list[tuple[float, float]]) -> float:
+    busy, end = 0.0, None
+    for a, b in sorted(intervals):
+        if end is None or a > end:
+            busy, end = busy + (b - a), b
+        elif b > end:
+            busy, end = busy + (b - end), b
+    return busy
+
+
+async def _plan_figures(env: Env, node: str) -> dict[str, Any]:
+    result = await env.adrainctl("plan", node, "--tune", "-o", "json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    return {**plan["tuning"]["nodes"][0], "estimate_s": plan["estimate"]["total_s"]}
+
+
+async def test_observed_throughput_refines_the_next_plans_bandwidth(cluster_env: EnvFactory) -> None:
+    # The setting says 200 MB/s; the small scenario's NICs are 25 GbE. A drain's migrations show better.
+    from orchestrator import kube as k
+
+    async with cluster_env("small", time_scale=10, workers=2,
+                           extra_env={"DRAIN_ESTIMATE_NODE_BANDWIDTH": "200000000"}) as env:
+        node = env.cluster.scenario.drain_hint[0]
+        first = await _plan_figures(env, node)
+        assert (first["bandwidth_bytes_per_s"], first["bandwidth_source"]) == (200e6, "setting"), first
+
+        service = await env.service()
+        record, _ = await service.submit(DrainRequest.from_json({"nodes": [node]}))
+        view = await service.wait(record.id, timeout_s=240)
+        assert view.drain.phase == "Succeeded", view.drain
+        # Every migration out of the node that succeeded is recorded in Redis, once.
+        mine = [m for m in ours(await env.stats(), record.id) if m["phase"] == "Succeeded"]
+        recorded = (await service.store.transfers([node]))[node]
+        assert sorted(r.vmi for r in recorded) == sorted(m["vmi"] for m in mine)
+        # What they add up to agrees with the cluster's ground truth: memory over the node's transfer time.
+        memory = {r.vmi: r.memory_bytes for r in recorded}
+        truth = sum(memory.values()) / _union_s([(m["started_s"], m["finished_s"]) for m in mine])
+        observed = sum(memory.values()) / _union_s([(r.start_s, r.end_s) for r in recorded])
+        assert 2 / 3 < observed / truth < 1.5, (observed, truth)
+
+        # Some VMs come back to the node (by hand), and the next plan of it uses what was observed.
+        await service.kube.cordon(node, unschedulable=False)
+        back = [m["vmi"] for m in mine[:3]]
+        for key in back:
+            ns, name = key.split("/", 1)
+            await service.kube.create(k.VMIMS, {
+                "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
+                "metadata": {"name": f"back-{name}", "namespace": ns},
+                "spec": {"vmiName": name, "addedNodeSelector": {"kubernetes.io/hostname": node}}}, ns)
+        await until(lambda: len(vmis_on(env, node)) == len(back), "moved back")
+        second = await _plan_figures(env, node)
+        assert second["bandwidth_source"].startswith("observed"), second
+        assert second["bandwidth_bytes_per_s"] == pytest.approx(observed, rel=0.01)
+        assert second["bandwidth_bytes_per_s"] > 2 * first["bandwidth_bytes_per_s"], second
+        # Without what was observed, the same plan predicts the configured, slower figures.
+        await env.redis.delete(keys.node_transfers_key(node))
+        third = await _plan_figures(env, node)
+        assert third["bandwidth_source"] == "setting", third
+        assert second["predicted_s"] < third["predicted_s"] and second["estimate_s"] < third["estimate_s"]

@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.tuning import TuneVm, needed_share, node_time_s, tune
+from orchestrator.model import DrainRequest, NodeName
+from orchestrator.planner import plan_drain
+from orchestrator.settings import EstimateModel, Settings
+from orchestrator.snapshot import migration_transfer_s
+from orchestrator.tuning import (
+    TransferSample,
+    TuneVm,
+    needed_share,
+    node_time_s,
+    observed_bandwidth,
+    transfer_sample,
+    tune,
+)
+from tests.orchestrator import factories as f
 
 GB = 10**9
 NIC = 2.8e9  # 25 GbE at 90 %
@@ -111,3 +124,79 @@ def test_cluster_limit_stops_at_the_targets_inbound_room() -> None:
     assert capped.parallel_per_cluster == 6
     assert capped.predicted_makespan_s > free.predicted_makespan_s
     assert any("inbound" in r for r in capped.reasons)
+
+
+def t(start: float, end: float, memory: int = 4 * GB) -> TransferSample:
+    return TransferSample(start_s=start, end_s=end, memory_bytes=memory)
+
+
+@pytest.mark.parametrize(("case", "samples", "window", "expected"), [
+    ("nothing seen", [], 20, None),
+    ("one migration alone on the NIC", [t(0, 2)], 20, (2 * GB, 1)),
+    # two at once share the NIC: the node moved 8 GB in 2 s, not 4 GB per 2 s
+    ("two sharing the NIC", [t(0, 2), t(0, 2)], 20, (4 * GB, 2)),
+    # setup and idle time between transfers do not count: 8 GB over 2 + 2 transfer seconds
+    ("a gap between transfers is not busy time", [t(0, 2), t(100, 102)], 20, (2 * GB, 2)),
+    ("overlapping transfers count their union", [t(0, 2), t(1, 3)], 20, (8 * GB / 3, 2)),
+    # only the last `window` (by end) count: an old slow one is forgotten
+    ("the window keeps the newest", [t(0, 40), t(100, 102), t(200, 202)], 2, (2 * GB, 2)),
+    ("too little transfer time to judge", [t(0, 0.5)], 20, None),
+    ("samples that make no sense are ignored", [t(5, 5), t(7, 6), t(0, 2, memory=0)], 20, None),
+])
+def test_observed_bandwidth(case: str, samples: list[TransferSample], window: int,
+                            expected: tuple[float, int] | None) -> None:
+    seen = observed_bandwidth(samples, window=window)
+    if expected is None:
+        assert seen is None, case
+    else:
+        assert seen is not None, case
+        assert (seen.bytes_per_s, seen.migrations) == (pytest.approx(expected[0]), expected[1]), case
+
+
+def test_the_plan_prefers_a_nodes_observed_bandwidth_and_says_so() -> None:
+    cluster = f.Cluster().node("a").node("b").node("c")
+    for i in range(4):
+        cluster.vm(f"vm-{i}", "a", memory="4Gi")
+    settings = Settings(estimate=EstimateModel(node_bandwidth_bytes_per_s=200e6))
+    request = DrainRequest(nodes=(NodeName("a"),))
+    configured = plan_drain(cluster.snapshot(), request, settings, now=0.0)
+    seen = plan_drain(cluster.snapshot(), request, settings, now=0.0,
+                      transfers={"a": [t(0, 2, memory=5 * GB), t(10, 12, memory=5 * GB)]})
+    before, after = configured.tuning["nodes"][0], seen.tuning["nodes"][0]  # type: ignore[index]
+    assert (before["bandwidth_bytes_per_s"], before["bandwidth_source"]) == (200e6, "setting")
+    assert after["bandwidth_bytes_per_s"] == pytest.approx(2.5 * GB)
+    assert after["bandwidth_source"] == "observed (2 migrations)"
+    assert after["predicted_s"] < before["predicted_s"]
+    assert seen.estimate.total_s < configured.estimate.total_s  # the untuned estimate follows it too
+
+
+@pytest.mark.parametrize(("case", "kwargs", "expected"), [
+    # ours: wall 100.0 -> 100.5 at time scale 20 is 10 cluster s; the cluster's stamps say 12 s: theirs win
+    ("long: the cluster's span", {"cluster_span_s": 12.0}, (2000.0 - 12.0, 2000.0)),
+    # a short span in whole seconds says little: our stamps decide
+    ("short: our span", {"cluster_span_s": 1.0}, (1990.0, 2000.0)),
+    ("no cluster stamps: our span", {"cluster_span_s": None}, (1990.0, 2000.0)),
+    ("Running never seen, cluster span known", {"running_at": None, "cluster_span_s": 8.0}, (1992.0, 2000.0)),
+    ("Running never seen, nothing to go by", {"running_at": None, "cluster_span_s": None}, None),
+    ("no memory", {"memory_bytes": 0}, None),
+])
+def test_transfer_sample(case: str, kwargs: dict[str, object], expected: tuple[float, float] | None) -> None:
+    args: dict[str, object] = {"running_at": 99.5, "finished_at": 100.0, "time_scale": 20.0,
+                               "cluster_span_s": None, "memory_bytes": GB, **kwargs}
+    sample = transfer_sample(**args)  # type: ignore[arg-type]
+    if expected is None:
+        assert sample is None, case
+    else:
+        assert sample is not None and (sample.start_s, sample.end_s) == pytest.approx(expected), case
+
+
+def test_migration_transfer_s_reads_the_phase_transitions() -> None:
+    def vmim(*phases: tuple[str, str]) -> dict[str, object]:
+        return {"status": {"phaseTransitionTimestamps": [{"phase": p, "phaseTransitionTimestamp": ts}
+                                                         for p, ts in phases]}}
+
+    done = vmim(("Pending", "2026-01-01T00:00:00Z"), ("Running", "2026-01-01T00:00:07Z"),
+                ("Succeeded", "2026-01-01T00:00:19Z"))
+    assert migration_transfer_s(done) == 12.0
+    assert migration_transfer_s(vmim(("Running", "2026-01-01T00:00:07Z"))) is None
+    assert migration_transfer_s({}) is None

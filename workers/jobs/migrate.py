@@ -31,9 +31,10 @@ from orchestrator.model import (
     split_vmi_key,
 )
 from orchestrator.placement import choose_target
-from orchestrator.records import AttemptRecord, DrainLimits, DrainRecord, VmRecord
+from orchestrator.records import AttemptRecord, DrainLimits, DrainRecord, TransferRecord, VmRecord
 from orchestrator.rules import vm_memory_on_target
-from orchestrator.snapshot import parse_vmi
+from orchestrator.snapshot import migration_transfer_s, parse_vmi
+from orchestrator.tuning import transfer_sample
 from orchestrator.view import ClusterView
 from workers.jobs.advance import advance_drain
 from workers.jobs.common import (
@@ -529,6 +530,7 @@ async def _record_outcome(ctx: Ctx, drain_id: str, vmi: str, attempt: int, outco
         return None
 
     rec = await store.update_vm(drain_id, vmi, apply)
+    await _record_transfer(ctx, drain_id, rec, attempt)
     if outcome.phase is VmPhase.FAILED and outcome.target and outcome.failure is not None \
             and outcome.failure.blames_target:
         await _note_target_failure(ctx, drain_id, outcome.target, vmi, outcome.reason)
@@ -543,6 +545,24 @@ async def _record_outcome(ctx: Ctx, drain_id: str, vmi: str, attempt: int, outco
                                 warning=outcome.phase is not VmPhase.SUCCEEDED)
     if rec.phase is VmPhase.QUEUED and rec.attempt == attempt + 1:
         await enqueue_migrate(ctx, drain_id, vmi, attempt + 1, delay_s=backoff)
+
+
+async def _record_transfer(ctx: Ctx, drain_id: str, rec: VmRecord, attempt: int) -> None:
+    """A successful attempt counts towards its source node's observed bandwidth (orchestrator.tuning); a re-run
+    records the same record again, which changes nothing."""
+    entry = rec.attempt_entry(attempt)
+    if rec.phase is not VmPhase.SUCCEEDED or entry is None or entry.outcome is not VmPhase.SUCCEEDED \
+            or entry.finished_at is None:
+        return
+    vmim = ctx["view"].vmims.get(f"{rec.namespace}/{entry.vmim}") if entry.vmim else None
+    sample = transfer_sample(running_at=entry.running_at, finished_at=entry.finished_at,
+                             time_scale=ctx["settings"].time_scale, memory_bytes=rec.memory_bytes,
+                             cluster_span_s=migration_transfer_s(vmim) if vmim is not None else None)
+    if sample is None:
+        return
+    await ctx["store"].record_transfer(TransferRecord(
+        source=rec.node, target=entry.target, vmi=rec.vmi, drain_id=drain_id, attempt=attempt,
+        start_s=sample.start_s, end_s=sample.end_s, memory_bytes=sample.memory_bytes))
 
 
 async def _note_target_failure(ctx: Ctx, drain_id: str, node: str, vmi: str, reason: str) -> None:

@@ -1,7 +1,9 @@
-"""The plan job: plan the drain, write its node and VM records, cordon the nodes, start advancing."""
+"""The plan job: carry out the plan the drain was submitted with (made again when it no longer matches the
+cluster: `orchestrator.replan`), write its node and VM records, cordon the nodes, start advancing."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +12,7 @@ from orchestrator import kube as k
 from orchestrator.model import (
     NODE_DRAIN_ANNOTATION,
     DrainPhase,
+    DrainPlan,
     DrainRequest,
     NodePhase,
     VmPhase,
@@ -17,6 +20,7 @@ from orchestrator.model import (
 )
 from orchestrator.planner import PlanError, plan_drain
 from orchestrator.records import DrainLimits, DrainRecord, NodeRecord, VmRecord
+from orchestrator.replan import replan_reason
 from orchestrator.settings import Settings
 from orchestrator.view import drain_snapshot
 from workers.jobs.advance import advance_drain, close_drain
@@ -30,9 +34,11 @@ async def dry_plan_job(ctx: Ctx, request: dict[str, Any], settings: Settings) ->
     Returns {"plan": plan JSON} or {"refused": [problems]}; the caller's settings, so the answer is the one it
     would have computed itself."""
     drain_request = DrainRequest.from_json(request)
-    snapshot = await drain_snapshot(ctx["kube"], [str(n) for n in drain_request.nodes], ctx.get("view"))
+    names = [str(n) for n in drain_request.nodes]
+    snapshot = await drain_snapshot(ctx["kube"], names, ctx.get("view"))
     try:
-        plan = plan_drain(snapshot, drain_request, settings, now=ctx["clock"].time())
+        plan = plan_drain(snapshot, drain_request, settings, now=ctx["clock"].time(),
+                          transfers=await ctx["store"].transfer_samples(names))
     except PlanError as exc:
         return {"refused": list(exc.problems)}
     return {"plan": plan.to_json()}
@@ -56,13 +62,22 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
     if drain.phase is DrainPhase.PENDING:
         await store.update(drain_id, _only_from(DrainPhase.PENDING, phase=DrainPhase.PLANNING, message="planning"))
     request = DrainRequest.from_json(drain.request)
-    snapshot = await drain_snapshot(ctx["kube"], [str(n) for n in request.nodes], ctx.get("view"))
-    try:
-        plan = plan_drain(snapshot, request, ctx["settings"], now=ctx["clock"].time(), drain_id=drain_id)  # type: ignore[arg-type]
-    except PlanError as exc:
-        await close_drain(ctx, drain_id, DrainPhase.FAILED, f"refused by the planner: {exc}")
-        bound.warning("drain.refused", error=str(exc))
-        return DrainPhase.FAILED.value
+    # Planned once: the dry run the drain was submitted with (made with the submitter's settings, the plan it
+    # showed and the one carried out) while it still matches this worker's warm view; else plan again here.
+    submitted = await store.submitted_plan(drain_id)
+    replan = _replan_reason(ctx, submitted)
+    if submitted is not None and replan is None:
+        plan = dataclasses.replace(submitted, drain_id=drain_id)  # type: ignore[arg-type]
+    else:
+        names = [str(n) for n in request.nodes]
+        snapshot = await drain_snapshot(ctx["kube"], names, ctx.get("view"))
+        try:
+            plan = plan_drain(snapshot, request, ctx["settings"], now=ctx["clock"].time(), drain_id=drain_id,  # type: ignore[arg-type]
+                              transfers=await store.transfer_samples(names))
+        except PlanError as exc:
+            await close_drain(ctx, drain_id, DrainPhase.FAILED, f"refused by the planner: {exc}")
+            bound.warning("drain.refused", error=str(exc), replanned=replan)
+            return DrainPhase.FAILED.value
     nodes: dict[str, NodeRecord] = {}
     vms: dict[str, VmRecord] = {}
     for index, node_plan in enumerate(plan.nodes):
@@ -129,10 +144,25 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
         return (await store.get(drain_id)).phase.value
     await store.emit(drain_id, "drain.planned", nodes=list(plan.drain_nodes), vms=len(vms),
                      migrate=sum(1 for v in vms.values() if v.phase is VmPhase.QUEUED),
-                     estimate_s=plan.estimate.total_s, warnings=list(plan.warnings))
-    bound.info("drain.planned", nodes=list(plan.drain_nodes), vms=len(vms), estimate_s=plan.estimate.total_s)
+                     estimate_s=plan.estimate.total_s, warnings=list(plan.warnings),
+                     submitted_plan=replan is None, replanned=replan)
+    bound.info("drain.planned", nodes=list(plan.drain_nodes), vms=len(vms), estimate_s=plan.estimate.total_s,
+               submitted_plan=replan is None, replanned=replan)
     await advance_drain(ctx, drain_id)
     return DrainPhase.RUNNING.value
+
+
+def _replan_reason(ctx: Ctx, submitted: DrainPlan | None) -> str | None:
+    """None when the plan the drain was submitted with may be carried out; else why it is made again."""
+    view = ctx.get("view")
+    if submitted is None or view is None or not view.warm:
+        vmis_on, nodes = None, None
+    else:
+        vmis_on = view.vmis_on([str(n.node) for n in submitted.nodes])
+        nodes = {str(n.name): n for n in view.parsed_nodes()}
+    return replan_reason(
+        submitted, age_s=ctx["clock"].since(submitted.created_at) if submitted is not None else 0.0,
+        max_age_s=ctx["settings"].timeouts.plan_reuse_s, vmis_on=vmis_on, nodes=nodes)
 
 
 def _only_from(expected: DrainPhase, **fields: Any) -> Callable[[DrainRecord], bool | None]:
