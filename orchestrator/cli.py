@@ -25,6 +25,7 @@ Promises:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -332,11 +333,23 @@ async def retry_cluster(what: str, call: Callable[[], Awaitable[T]]) -> T:
     raise AssertionError("unreachable")
 
 
-async def check_time_scale(settings: Settings, kube: Kube, *, who: str) -> None:
-    """Refuse to go on when the cluster's clock runs at another rate than `settings.time_scale`."""
+async def check_time_scale(settings: Settings, kube: Kube, *, who: str, redis: ArqRedis | None = None) -> None:
+    """Refuse to go on when the cluster's clock runs at another rate than `settings.time_scale`.
+
+    Sampling the clock takes a second (the `Date` header's resolution), which at time scale 10 is ten cluster
+    seconds of a drain's window; so where a worker or an earlier command on the queue verified the time scale
+    against this same API server recently (`keys.time_scale_key`), that verdict is compared instead, and a
+    successful sample is recorded for the next command."""
     from orchestrator.clockcheck import measure_rate, mismatch
     from orchestrator.kube import KubeError
 
+    server = str(kube.api.configuration.host)
+    verified = await _verified_time_scale(redis, settings, server)
+    if verified is not None:
+        problem = mismatch((verified, 1e9), settings.time_scale, who=who)
+        if problem:
+            fail(EXIT_USAGE, problem)
+        return
     try:
         rate = await measure_rate(kube)
     except (KubeError, ValueError, TypeError) as exc:  # no usable Date header: nothing to compare with
@@ -345,6 +358,41 @@ async def check_time_scale(settings: Settings, kube: Kube, *, who: str) -> None:
     problem = mismatch(rate, settings.time_scale, who=who)
     if problem:
         fail(EXIT_USAGE, problem)
+    await remember_time_scale(redis, settings, server)
+
+
+async def _verified_time_scale(redis: ArqRedis | None, settings: Settings, server: str) -> float | None:
+    """The time scale verified against `server` by a process on our queue, if one is on record."""
+    from redis.exceptions import RedisError
+
+    from orchestrator import keys
+
+    if redis is None:
+        return None
+    try:
+        raw = await redis.get(keys.time_scale_key(settings.connection.queue_name))
+        known = json.loads(raw) if raw else None
+    except (RedisError, OSError, ValueError):
+        return None
+    if not isinstance(known, dict) or known.get("server") != server:
+        return None
+    scale = known.get("time_scale")
+    return float(scale) if isinstance(scale, int | float) and scale > 0 else None
+
+
+async def remember_time_scale(redis: ArqRedis | None, settings: Settings, server: str) -> None:
+    """Record that `settings.time_scale` matched `server`'s clock (best effort: a Redis error only costs the
+    next command a sample)."""
+    from redis.exceptions import RedisError
+
+    from orchestrator import keys
+
+    if redis is None:
+        return
+    with contextlib.suppress(RedisError, OSError):
+        await redis.set(keys.time_scale_key(settings.connection.queue_name),
+                        json.dumps({"server": server, "time_scale": settings.time_scale}),
+                        ex=keys.TIME_SCALE_VERIFIED_TTL_S)
 
 
 # ================================================================================================ requests
@@ -482,7 +530,7 @@ def drain(ctx: typer.Context, nodes: NodesArg, max_parallel_nodes: ParallelOpt =
     g: Globals = ctx.obj
 
     async def go(service: DrainService) -> int:
-        await check_time_scale(service.settings, service.kube, who="drainctl")
+        await check_time_scale(service.settings, service.kube, who="drainctl", redis=service.redis)
         try:
             record, created = await retry_cluster("drain", lambda: service.submit(
                 request, idempotency_key=idempotency_key, source="cli"))
@@ -538,7 +586,7 @@ def rollout(ctx: typer.Context, nodes: Annotated[list[str], typer.Argument(help=
     base = _request(nodes, 1, "given", non_migratable, max_attempts)
 
     async def go(service: DrainService) -> int:
-        await check_time_scale(service.settings, service.kube, who="drainctl")
+        await check_time_scale(service.settings, service.kube, who="drainctl", redis=service.redis)
         try:
             result = await run_rollout(service, nodes, max_unavailable=max_unavailable, step_command=step_command,
                                        base=base, notice=note)
@@ -715,12 +763,15 @@ def worker(ctx: typer.Context,
                 fail_unreachable(kube, exc)
             except KubeError as exc:
                 fail(EXIT_UNREACHABLE, f"cannot reach the cluster: {exc.message}")
-            await check_time_scale(settings, kube, who="the worker")
+            await check_time_scale(settings, kube, who="the worker")  # always sampled: a worker is the reference
             server = str(kube.api.configuration.host)
         finally:
             await kube.close()
         redis = await open_redis(settings)
-        await redis.aclose()
+        try:
+            await remember_time_scale(redis, settings, server)
+        finally:
+            await redis.aclose()
         return server
 
     server = _run(g, preflight())

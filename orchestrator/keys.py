@@ -75,6 +75,17 @@ def worker_health_key(queue_name: str) -> str:
     return f"{_part(queue_name, 'queue name')}:health-check"
 
 
+def time_scale_key(queue_name: str) -> str:
+    """The time scale last verified against the cluster's clock by a process on this queue (a worker at its
+    start, or a command that sampled the API server's ``Date`` header): ``{queue}:time-scale``, JSON
+    ``{"server", "time_scale"}``, expiring after `TIME_SCALE_VERIFIED_TTL_S`. A command compares its own time scale
+    with it instead of sampling the clock for a second before it submits."""
+    return f"{_part(queue_name, 'queue name')}:time-scale"
+
+
+TIME_SCALE_VERIFIED_TTL_S = 900
+
+
 # Drains -------------------------------------------------------------------------------------------
 
 

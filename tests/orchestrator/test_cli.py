@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from orchestrator import keys
 from orchestrator.model import DrainPhase, NodePhase, VmPhase
 from orchestrator.records import DrainRecord, NodeRecord, VmRecord
 from orchestrator.store import DrainStore
@@ -302,6 +303,17 @@ async def test_time_scale_mismatch_is_refused_with_the_fix(cluster_env: EnvFacto
         # The right scale passes the check.
         ok = await arun("drain", "worker-01", "--time-scale", "40", "-o", "json", env=env)
         assert ok.returncode == 0, ok.stderr
+        # That sample is on record for this API server, so the next command compares with it instead of
+        # sampling the clock again, and still refuses a wrong scale, naming the recorded one.
+        redis = Redis.from_url(e.env["DRAIN_REDIS_URL"])
+        try:
+            raw = await redis.get(keys.time_scale_key(e.env["DRAIN_QUEUE_NAME"]))
+        finally:
+            await redis.aclose()
+        assert raw is not None and json.loads(raw)["time_scale"] == 40
+        again = await arun("drain", "worker-02", env=env)
+        one_line_error(again, 2, "time scale mismatch", "DRAIN_TIME_SCALE=40")
+        assert len(await drain_ids(e.env["DRAIN_REDIS_URL"])) == 1
 
 
 @pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")
