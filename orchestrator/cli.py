@@ -569,6 +569,10 @@ def rollout(ctx: typer.Context, nodes: Annotated[list[str], typer.Argument(help=
             max_attempts: Annotated[int | None, typer.Option(help="attempts per VM, 1..100 (default 3)")] = None,
             wait: Annotated[bool, typer.Option("--wait", help="run the rollout in this process until it ends "
                                                                "(required)")] = False,
+            overlap: Annotated[bool, typer.Option(
+                "--overlap", help="drain the next node during a maintenance step even when its VMs must then go "
+                                  "to nodes maintained later (shorter, but those VMs move twice); by default it "
+                                  "waits for the step to end")] = False,
             output: OutputOpt = None) -> None:
     """Rolling maintenance of NODES: drain each in turn, run the step, uncordon, go on; each VM moves once
     where room allows (nodes still waiting for maintenance are targets of last resort)."""
@@ -589,7 +593,7 @@ def rollout(ctx: typer.Context, nodes: Annotated[list[str], typer.Argument(help=
         await check_time_scale(service.settings, service.kube, who="drainctl", redis=service.redis)
         try:
             result = await run_rollout(service, nodes, max_unavailable=max_unavailable, step_command=step_command,
-                                       base=base, notice=note)
+                                       base=base, notice=note, overlap=overlap)
         except PlanError as exc:
             _refused(exc, out)
         except NodeConflict as exc:

@@ -9,7 +9,10 @@ top of ordinary one-node drains (planner, queue, workers):
   (`DrainRequest.last_resort_targets`): a VM goes to a node already maintained or outside the rollout, and to a
   waiting node only when no other node has room, so it moves once per rollout where room allows;
 - when a node is drained its step runs (`CMD` through the shell, `DRAIN_NODE` set to the node; exit 0 means the
-  maintenance is done), then the node is uncordoned; meanwhile the next node is drained;
+  maintenance is done), then the node is uncordoned; meanwhile the next node is drained, unless its dry-run plan
+  sends a VM to a node still waiting for maintenance while a step runs: then it waits for that step to end
+  (a node maintained meanwhile takes its VMs), so each VM moves once where waiting makes room; `overlap`
+  (`--overlap`) drains it at once instead (a shorter rollout, more migrations);
 - at most K nodes are under maintenance at once (drained, step running, not yet uncordoned); the next node's
   drain runs beside them, so the node it empties stays in service until its own step may start;
 - a drain that does not succeed or a step that fails stops the rollout: no further node is started, the
@@ -86,10 +89,24 @@ async def run_step(command: str, node: str) -> int:
     return await proc.wait()
 
 
+async def lands_on_waiting_nodes(service: DrainService, request: DrainRequest) -> bool:
+    """Whether the dry-run plan of `request` sends a VM to one of its last-resort targets (a node the rollout
+    maintains later). A refused plan says no here: the submit that follows reports it."""
+    from orchestrator.planner import PlanError
+
+    try:
+        plan = await service.plan(request)
+    except PlanError:
+        return False
+    waiting = set(request.last_resort_targets)
+    return any(job.proposed_target in waiting for job in plan.jobs())
+
+
 async def rollout(service: DrainService, nodes: Sequence[str], *, max_unavailable: int, step_command: str,
-                  base: DrainRequest, notice: Notice) -> RolloutResult:
+                  base: DrainRequest, notice: Notice, overlap: bool = False) -> RolloutResult:
     """Maintain `nodes` in order (see the module docstring). `base` carries the drain options (policy,
-    attempts); its nodes are replaced by each node in turn."""
+    attempts); its nodes are replaced by each node in turn. With `overlap`, the next node is drained during
+    the maintenance of the previous ones even when its VMs must then go to nodes maintained later."""
     result = RolloutResult()
     maintaining: dict[asyncio.Task[None], NodeOutcome] = {}
 
@@ -126,6 +143,16 @@ async def rollout(service: DrainService, nodes: Sequence[str], *, max_unavailabl
             result.nodes.append(out)
             request = dataclasses.replace(base, nodes=(NodeName(node),),
                                           last_resort_targets=tuple(NodeName(n) for n in nodes[i + 1:]))
+            stopped = False
+            while not overlap and maintaining and await lands_on_waiting_nodes(service, request):
+                notice(f"{node}: waiting for a maintenance step to end: its VMs would otherwise go to nodes this "
+                       "rollout maintains later, and move twice")
+                if not await reap(len(maintaining)):
+                    stopped = True
+                    break
+            if stopped:
+                result.nodes.pop()
+                break
             record, _created = await service.submit(request, source="rollout")
             out.drain_id = record.id
             notice(f"{node}: draining (drain {record.id})")

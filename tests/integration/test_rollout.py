@@ -8,11 +8,13 @@ import asyncio
 import contextlib
 import json
 import shlex
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from simulator import scenarios
 from simulator.resources import NODES, VMIS
 from tests.integration.conftest import Env, EnvFactory, requires_redis
 
@@ -132,3 +134,63 @@ async def test_rollout_arguments_are_checked(cluster_env: EnvFactory) -> None:
                              ((*ROLLOUT[:1], "--step-command", " ", "--wait"), "--step-command")]:
             result = await env.adrainctl("rollout", *args)
             assert result.returncode == 2 and needle in result.stderr, (args, result.stderr)
+
+
+EVERY_WORKER_SCENARIO = """\
+name: every-worker
+seed: 4
+nodes:
+  - name: master-0
+    memory: 16Gi
+    cpus: 4
+    nic: 10Gbit
+    cpu_model: Skylake-Server-IBRS
+    control_plane: true
+  - name: "worker-{i}"
+    count: 3
+    memory: 64Gi
+    cpus: 16
+    nic: 25Gbit
+    cpu_model: Skylake-Server-IBRS
+vms:
+  - {name: a-1, namespace: apps, node: worker-1, memory: 2Gi}
+  - {name: a-2, namespace: apps, node: worker-1, memory: 2Gi}
+  - {name: b-1, namespace: apps, node: worker-2, memory: 2Gi}
+  - {name: b-2, namespace: apps, node: worker-2, memory: 2Gi}
+  - {name: c-1, namespace: apps, node: worker-3, memory: 2Gi}
+"""
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["wait-for-room", "overlap"])
+async def test_rollout_of_every_worker_moves_twice_only_what_must(cluster_env: EnvFactory, tmp_path: Path,
+                                                                 overlap: bool) -> None:
+    """Every worker is in the rollout, so the first node's VMs can only go to nodes maintained later and move
+    twice. The second node is drained during the first one's maintenance only with --overlap; by default it
+    waits for that step to end and its VMs go to the maintained node, moving once."""
+    path = tmp_path / "every-worker.yaml"
+    path.write_text(EVERY_WORKER_SCENARIO)
+    nodes = ["worker-1", "worker-2", "worker-3"]
+    async with cluster_env(scenarios.load_yaml(path), workers=2) as env:
+        before = {n: vmis_on(env, n) for n in nodes}
+        seen: dict[str, dict[str, Any]] = {}
+        watcher = asyncio.create_task(referee(env, tmp_path, seen, hold_s=5.0))
+        try:
+            result = await env.adrainctl("rollout", *nodes, "--max-unavailable", "1", "--step-command",
+                                         step_command(tmp_path), "--wait", "-o", "json",
+                                         *(["--overlap"] if overlap else []), timeout_s=300)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:] + env.worker_logs()
+        assert all(n["done"] for n in json.loads(result.stdout)["nodes"])
+        stats = await env.stats()
+        assert not [m for m in stats["migrations"] if m["phase"] == "Failed"]
+        moves = Counter(m["vmi"] for m in stats["migrations"] if m["phase"] == "Succeeded")
+        assert set(moves) == {v for vms in before.values() for v in vms}
+        twice = {v for v, n in moves.items() if n > 1}
+        if overlap:
+            assert twice == set(before["worker-1"]) | set(before["worker-2"]), moves
+        else:
+            assert twice == set(before["worker-1"]), moves
+            assert "worker-2: waiting for a maintenance step to end" in result.stderr, result.stderr[-2000:]
