@@ -58,6 +58,7 @@ from redis.exceptions import RedisError
 from orchestrator import keys
 from orchestrator import kube as k
 from orchestrator.epoch import EpochGuard, check_epoch_forever
+from orchestrator.escalation import parse_escalation
 from orchestrator.metrics import CONTENT_TYPE, MetricsSource, render
 from orchestrator.model import (
     MAX_REQUEST_NODES,
@@ -92,7 +93,6 @@ _DRAIN_ID = re.compile(DRAIN_ID_PATTERN)
 NODE_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
 """Kubernetes node names are DNS-1123 subdomains: lowercase letters, digits, '-' and '.', at most 253."""
 JSON_TYPES = ("application/json",)
-_NAMESPACES = k.Kind("namespaces", namespaced=False)
 MAX_LIST = 1000
 FINISHED_GRACE_S = 60.0
 
@@ -165,7 +165,22 @@ class DrainRequestBody(BaseModel):
         [], max_length=MAX_REQUEST_NODES, description="Nodes a VM goes to only when no other node has room "
                                                       "(a rollout's nodes still waiting for maintenance).")
     allow_post_copy: bool = Field(False, description="A VM that cannot converge in pre-copy may try again in "
-                                                     "post-copy (not for critical data or unstable networks).")
+                                                     "post-copy (not for critical data or unstable networks); "
+                                                     "adds post-copy to escalation.")
+    escalation: str | list[str] | None = Field(
+        None, description="The rungs of the escalation ladder a VM that cannot converge may climb, in this "
+                          "order: solo (alone on its NICs), auto-converge (CPU throttling), post-copy; a "
+                          "comma-separated list or a list of names, or none. Default: solo,auto-converge. The "
+                          "drainctl.io/escalation annotation of a VMI or its namespace narrows it.")
+
+    @field_validator("escalation")
+    @classmethod
+    def _rungs(cls, value: str | list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if isinstance(value, list) and not value:
+            return []
+        return list(parse_escalation(value))
 
     @field_validator("nodes")
     @classmethod
@@ -699,7 +714,7 @@ class _Api:
         try:
             async with asyncio.timeout(self._readiness_timeout_s):
                 # Any answer about one small object proves the API server is there and accepts our token.
-                await service.kube.find(_NAMESPACES, "default")
+                await service.kube.find(k.NAMESPACES, "default")
             checks["cluster"] = "ok"
         except (k.KubeError, TimeoutError) as exc:
             checks["cluster"] = f"unreachable: {exc or type(exc).__name__}"

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NewType
 
+from orchestrator.escalation import NONE, parse_escalation
+
 NodeName = NewType("NodeName", str)
 DrainId = NewType("DrainId", str)
 VmiKey = NewType("VmiKey", str)
@@ -596,7 +598,10 @@ class DrainRequest:
     """Nodes a VM goes to only when no other node has room (a rollout's nodes still waiting for maintenance)."""
     allow_post_copy: bool = False
     """A VM judged unable to converge may try again in post-copy (through a drain-owned MigrationPolicy).
-    Never by default: a post-copy that loses its network loses the VM."""
+    Never by default: a post-copy that loses its network loses the VM. Adds post-copy to `escalation`."""
+    escalation: tuple[str, ...] | None = None
+    """The rungs of the escalation ladder this drain allows, as users write them (solo, auto-converge,
+    post-copy; () is `none`); None: the default, solo and auto-converge (orchestrator.escalation)."""
 
     def __post_init__(self) -> None:
         # Accept plain strings and lists from callers; store the canonical enum and tuple forms so that
@@ -605,6 +610,10 @@ class DrainRequest:
         object.__setattr__(self, "last_resort_targets", tuple(NodeName(n) for n in self.last_resort_targets))
         object.__setattr__(self, "order", NodeOrder(self.order))
         object.__setattr__(self, "non_migratable", NonMigratablePolicy(self.non_migratable))
+        if self.escalation is not None:
+            object.__setattr__(self, "escalation", parse_escalation(
+                self.escalation if isinstance(self.escalation, str) else tuple(self.escalation) or (NONE,),
+                where="drain request: escalation"))
         for name, bound in REQUEST_BOUNDS.items():
             value = getattr(self, name)
             if value is None:
@@ -658,6 +667,11 @@ class DrainRequest:
         allow_post_copy = data.get("allow_post_copy", False)
         if not isinstance(allow_post_copy, bool):
             raise ValueError(f"drain request: allow_post_copy: expected true or false, got {allow_post_copy!r}")
+        escalation = data.get("escalation")
+        if escalation is not None:
+            if isinstance(escalation, Sequence) and not isinstance(escalation, str) and not escalation:
+                escalation = NONE
+            escalation = parse_escalation(escalation, where="drain request: escalation")
         max_parallel = _req_int(data, "max_parallel_nodes", 1)
         assert max_parallel is not None
         return cls(
@@ -673,6 +687,7 @@ class DrainRequest:
             tune=tune,
             last_resort_targets=tuple(NodeName(n) for n in last_resort),
             allow_post_copy=allow_post_copy,
+            escalation=escalation,
         )
 
 
