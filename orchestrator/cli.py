@@ -411,6 +411,7 @@ def plan(ctx: typer.Context, nodes: NodesArg, max_parallel_nodes: ParallelOpt = 
 def _print_plan(result: Any) -> None:
     from rich.table import Table
 
+    from orchestrator.escalation import Rung
     from orchestrator.model import format_bytes
 
     console = stdout_console()
@@ -429,6 +430,15 @@ def _print_plan(result: Any) -> None:
         for dec in (*node_plan.skipped, *node_plan.blocked):
             table.add_row(node_plan.node, dec.vmi, "", dec.verdict.value.lower(), dec.reason)
     console.print(table)
+    hard = [job for node_plan in result.nodes for job in node_plan.jobs if job.expected_hard]
+    if hard:
+        # The VMs a plain pre-copy is not expected to move: the rung of the ladder expected to, and why.
+        ladder = Table("expected hard", "dirty rate", "expected rung", "estimate", "why")
+        for job in hard:
+            ladder.add_row(job.vmi, f"{format_bytes(int(job.dirty_rate_bytes_per_s or 0))}/s",
+                           Rung(job.expected_rung).option if job.expected_rung else "[red]none[/]",
+                           f"{job.estimated_s:.0f} s", job.hard_reason or "")
+        console.print(ladder)
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
     tuning = result.tuning

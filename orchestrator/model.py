@@ -710,6 +710,16 @@ class MigrationJob:
     """KubeVirt-style budget: effective completionTimeoutPerGiB x migration data size in whole decimal GB."""
     in_flight_migration: str | None = None
     """namespace/name of a non-final VMIM that already exists for this VMI (adopt or wait for it)."""
+    dirty_rate_bytes_per_s: float | None = None
+    """The guest's last known dirty rate (kubevirt_vmi_dirty_rate_bytes_per_second); None without metrics."""
+    expected_hard: bool = False
+    """The dirty rate is at or above the bandwidth a migration of the VM gets: a plain pre-copy is expected not
+    to converge."""
+    expected_rung: str | None = None
+    """For an expected-hard VM, the rung of the escalation ladder expected to move it (orchestrator.escalation
+    Rung's value); None: no allowed rung is expected to, see `hard_reason`."""
+    hard_reason: str | None = None
+    """Why the VM is expected to be hard, with the numbers, and what the estimate counts for it."""
 
 
 @dataclass(frozen=True)
@@ -891,6 +901,10 @@ def _plan_from_json(data: Mapping[str, Any]) -> DrainPlan:
                 estimated_s=float(job["estimated_s"]),
                 completion_timeout_s=float(job["completion_timeout_s"]),
                 in_flight_migration=job.get("in_flight_migration"),
+                dirty_rate_bytes_per_s=job.get("dirty_rate_bytes_per_s"),
+                expected_hard=bool(job.get("expected_hard", False)),
+                expected_rung=job.get("expected_rung"),
+                hard_reason=job.get("hard_reason"),
             )
             for job in node["jobs"]
         )

@@ -86,10 +86,13 @@ class DrainService:
             if "refused" in answer:
                 raise PlanError(answer["refused"])
             return DrainPlan.from_json(answer["plan"])
+        from orchestrator.prometheus import MigrationMetricsReader  # aiohttp: imported when it is used
         from orchestrator.view import drain_snapshot  # the cluster client: imported when the cluster is read
 
         snapshot = await drain_snapshot(self.kube, [str(n) for n in request.nodes])
-        return plan_drain(snapshot, request, self.settings, now=time.time())
+        async with MigrationMetricsReader.from_settings(self.settings) as reader:
+            rates = await reader.node_dirty_rates([str(n) for n in request.nodes])
+        return plan_drain(snapshot, request, self.settings, now=time.time(), dirty_rates=rates)
 
     async def _plan_by_worker(self, request: DrainRequest) -> dict[str, Any] | None:
         """The answer of a worker's dry run, or None when no worker is alive or none answered in time."""
