@@ -523,11 +523,14 @@ async def _record_outcome(ctx: Ctx, drain_id: str, vmi: str, attempt: int, outco
     drain = await store.get(drain_id)
     allowed: frozenset[Rung] = frozenset()
     problem: str | None = None
-    current = await store.vm(drain_id, vmi)
-    judged = current.attempt_entry(attempt) if current is not None else None
-    if judged is not None and judged.convergence == CANNOT_CONVERGE and outcome.phase is VmPhase.FAILED:
-        allowed, problem = await vm_rungs(ctx, drain, *split_vmi_key(vmi))
-    climbs = judged is not None and outcome.phase is VmPhase.FAILED and escalates(judged, allowed)
+    judged: AttemptRecord | None = None
+    if outcome.phase is VmPhase.FAILED and outcome.failure is FailureClass.NOT_CONVERGING:
+        # Only a VM judged unable to converge needs its rungs (two reads of the cluster).
+        current = await store.vm(drain_id, vmi)
+        judged = current.attempt_entry(attempt) if current is not None else None
+        if judged is not None and judged.convergence == CANNOT_CONVERGE:
+            allowed, problem = await vm_rungs(ctx, drain, *split_vmi_key(vmi))
+    climbs = judged is not None and escalates(judged, allowed)
     settle = settle_attempt(outcome.phase, outcome.failure, attempt=attempt,
                             max_attempts=limits_of(ctx, drain).max_attempts, escalates=climbs,
                             drain_cancelled=drain.phase in (DrainPhase.CANCELLING, DrainPhase.CANCELLED))
