@@ -20,7 +20,7 @@ import pytest
 from orchestrator.report import attempt_rows
 from simulator import scenarios
 from simulator.policies import MIGRATION_POLICIES
-from simulator.resources import VMIS
+from simulator.resources import NAMESPACES, VMIS
 from tests.integration.conftest import Env, EnvFactory, requires_redis
 from tests.integration.test_drain import semaphore_empty, vmis_on
 
@@ -228,13 +228,19 @@ async def test_a_vm_that_cannot_converge_even_alone_climbs_to_auto_converge(clus
         assert await semaphore_empty(env) == {}
 
 
+@pytest.mark.parametrize("on", ["vmi", "namespace"])
 async def test_a_vm_annotated_escalation_none_is_reported_after_its_first_hopeless_verdict(
-        cluster_env: EnvFactory) -> None:
+        cluster_env: EnvFactory, on: str) -> None:
     sc, hot = with_hard_vm(scenarios.builtin("small"))
     ns, name = hot.split("/")
     async with cluster_env(sc, workers=2, prometheus=True) as env:
-        env.cluster.store.mutate(VMIS, ns, name, lambda o: o["metadata"].setdefault("annotations", {}).update(
-            {"drainctl.io/escalation": "none"}))
+        def annotate(obj: dict[str, Any]) -> None:
+            obj["metadata"].setdefault("annotations", {})["drainctl.io/escalation"] = "none"
+
+        if on == "vmi":
+            env.cluster.store.mutate(VMIS, ns, name, annotate)
+        else:
+            env.cluster.store.mutate(NAMESPACES, None, ns, annotate)
         node = sc.drain_hint[0]
         result = await env.adrainctl("drain", node, "--allow-post-copy", "--wait", "-o", "json", timeout_s=280)
         assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-2000:] + env.worker_logs()
