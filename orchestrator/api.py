@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import structlog
 from aiohttp import web
@@ -99,6 +99,19 @@ FINISHED_GRACE_S = 60.0
 
 # ================================================================================================= models
 NodeNameStr = Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=NODE_NAME_PATTERN)]
+_RUNG = "(solo|auto-converge|post-copy)"
+ESCALATION_PATTERN = rf"^ *(none|{_RUNG}( *, *{_RUNG})*) *$"
+"""The escalation as a comma list (the CRD's spec.escalation has the same pattern)."""
+EscalationStr = Annotated[str, StringConstraints(max_length=100, pattern=ESCALATION_PATTERN)]
+RungName = Literal["solo", "auto-converge", "post-copy"]
+
+
+def _check_escalation(value: object) -> object:
+    """An unknown rung, an empty list or `none` among rungs fails with the ladder's own message; the schema
+    then checks the value as given (DrainRequest puts it in ladder order)."""
+    if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+        parse_escalation(value)
+    return value
 
 
 def _integral(value: Any) -> Any:
@@ -167,20 +180,13 @@ class DrainRequestBody(BaseModel):
     allow_post_copy: bool = Field(False, description="A VM that cannot converge in pre-copy may try again in "
                                                      "post-copy (not for critical data or unstable networks); "
                                                      "adds post-copy to escalation.")
-    escalation: str | list[str] | None = Field(
+    escalation: Annotated[EscalationStr | Annotated[list[RungName], Field(max_length=3)] | None,
+                          BeforeValidator(_check_escalation)] = Field(
         None, description="The rungs of the escalation ladder a VM that cannot converge may climb, in this "
                           "order: solo (alone on its NICs), auto-converge (CPU throttling), post-copy; a "
-                          "comma-separated list or a list of names, or none. Default: solo,auto-converge. The "
+                          "comma-separated list or a list of names (empty: none), or none. Default: "
+                          "solo,auto-converge. The "
                           "drainctl.io/escalation annotation of a VMI or its namespace narrows it.")
-
-    @field_validator("escalation")
-    @classmethod
-    def _rungs(cls, value: str | list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        if isinstance(value, list) and not value:
-            return []
-        return list(parse_escalation(value))
 
     @field_validator("nodes")
     @classmethod
