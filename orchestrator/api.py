@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import structlog
 from aiohttp import web
@@ -58,6 +58,7 @@ from redis.exceptions import RedisError
 from orchestrator import keys
 from orchestrator import kube as k
 from orchestrator.epoch import EpochGuard, check_epoch_forever
+from orchestrator.escalation import parse_escalation
 from orchestrator.metrics import CONTENT_TYPE, MetricsSource, render
 from orchestrator.model import (
     MAX_REQUEST_NODES,
@@ -92,13 +93,25 @@ _DRAIN_ID = re.compile(DRAIN_ID_PATTERN)
 NODE_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
 """Kubernetes node names are DNS-1123 subdomains: lowercase letters, digits, '-' and '.', at most 253."""
 JSON_TYPES = ("application/json",)
-_NAMESPACES = k.Kind("namespaces", namespaced=False)
 MAX_LIST = 1000
 FINISHED_GRACE_S = 60.0
 
 
 # ================================================================================================= models
 NodeNameStr = Annotated[str, StringConstraints(min_length=1, max_length=253, pattern=NODE_NAME_PATTERN)]
+_RUNG = "(solo|auto-converge|post-copy)"
+ESCALATION_PATTERN = rf"^ *(none|{_RUNG}( *, *{_RUNG})*) *$"
+"""The escalation as a comma list (the CRD's spec.escalation has the same pattern)."""
+EscalationStr = Annotated[str, StringConstraints(max_length=100, pattern=ESCALATION_PATTERN)]
+RungName = Literal["solo", "auto-converge", "post-copy"]
+
+
+def _check_escalation(value: object) -> object:
+    """An unknown rung, an empty list or `none` among rungs fails with the ladder's own message; the schema
+    then checks the value as given (DrainRequest puts it in ladder order)."""
+    if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+        parse_escalation(value)
+    return value
 
 
 def _integral(value: Any) -> Any:
@@ -165,7 +178,15 @@ class DrainRequestBody(BaseModel):
         [], max_length=MAX_REQUEST_NODES, description="Nodes a VM goes to only when no other node has room "
                                                       "(a rollout's nodes still waiting for maintenance).")
     allow_post_copy: bool = Field(False, description="A VM that cannot converge in pre-copy may try again in "
-                                                     "post-copy (not for critical data or unstable networks).")
+                                                     "post-copy (not for critical data or unstable networks); "
+                                                     "adds post-copy to escalation.")
+    escalation: Annotated[EscalationStr | Annotated[list[RungName], Field(max_length=3)] | None,
+                          BeforeValidator(_check_escalation)] = Field(
+        None, description="The rungs of the escalation ladder a VM that cannot converge may climb, in this "
+                          "order: solo (alone on its NICs), auto-converge (CPU throttling), post-copy; a "
+                          "comma-separated list or a list of names (empty: none), or none. Default: "
+                          "solo,auto-converge. The "
+                          "drainctl.io/escalation annotation of a VMI or its namespace narrows it.")
 
     @field_validator("nodes")
     @classmethod
@@ -700,7 +721,7 @@ class _Api:
         try:
             async with asyncio.timeout(self._readiness_timeout_s):
                 # Any answer about one small object proves the API server is there and accepts our token.
-                await service.kube.find(_NAMESPACES, "default")
+                await service.kube.find(k.NAMESPACES, "default")
             checks["cluster"] = "ok"
         except (k.KubeError, TimeoutError) as exc:
             checks["cluster"] = f"unreachable: {exc or type(exc).__name__}"

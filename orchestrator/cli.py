@@ -397,7 +397,8 @@ async def remember_time_scale(redis: ArqRedis | None, settings: Settings, server
 
 # ================================================================================================ requests
 def _request(nodes: list[str], max_parallel_nodes: int, order: str, non_migratable: str,
-             max_attempts: int | None, tune: bool = False, allow_post_copy: bool = False) -> DrainRequest:
+             max_attempts: int | None, tune: bool = False, allow_post_copy: bool = False,
+             escalation: str | None = None) -> DrainRequest:
     """The drain request, checked by the same schema as the HTTP API's (bounds, duplicates)."""
     from pydantic import ValidationError
 
@@ -407,10 +408,12 @@ def _request(nodes: list[str], max_parallel_nodes: int, order: str, non_migratab
                             "non_migratable": non_migratable, "tune": tune}
     if allow_post_copy:
         body["allow_post_copy"] = True
+    if escalation is not None:
+        body["escalation"] = escalation
     if max_attempts is not None:
         body["max_attempts"] = max_attempts
     flags = {"nodes": "NODES", "max_parallel_nodes": "--max-parallel-nodes", "order": "--order",
-             "non_migratable": "--non-migratable", "max_attempts": "--max-attempts"}
+             "non_migratable": "--non-migratable", "max_attempts": "--max-attempts", "escalation": "--escalation"}
     try:
         return DrainRequestBody.model_validate(body, strict=False).to_request()
     except ValidationError as exc:
@@ -439,17 +442,26 @@ OrderOpt = Annotated[str, typer.Option(help="given: the order on the command lin
 PolicyOpt = Annotated[str, typer.Option(help="block: refuse the drain if a VM cannot move; skip: leave it")]
 TuneOpt = Annotated[bool, typer.Option("--tune", help="set KubeVirt's migration limits computed for this drain "
                                                       "while it runs, restore them when it ends")]
+EscalationOpt = Annotated[str | None, typer.Option(
+    "--escalation", help="rungs a VM that cannot converge may climb, in order: solo (alone on its NICs), "
+                         "auto-converge (CPU throttling), post-copy; a comma list or none (default "
+                         "solo,auto-converge; the drainctl.io/escalation annotation of a VMI or its namespace "
+                         "narrows it)")]
+AllowPostCopyOpt = Annotated[bool, typer.Option(
+    "--allow-post-copy", help="a VM that cannot converge in pre-copy may try again in post-copy (not for "
+                              "critical data or unstable networks); adds post-copy to --escalation")]
 
 
 # ==================================================================================================== plan
 @app.command()
 def plan(ctx: typer.Context, nodes: NodesArg, max_parallel_nodes: ParallelOpt = 1, order: OrderOpt = "given",
-         non_migratable: PolicyOpt = "block", tune: TuneOpt = False, output: OutputOpt = None) -> None:
+         non_migratable: PolicyOpt = "block", tune: TuneOpt = False, allow_post_copy: AllowPostCopyOpt = False,
+         escalation: EscalationOpt = None, output: OutputOpt = None) -> None:
     """Dry run: what a drain of NODES would do, and whether it can."""
     from orchestrator.planner import PlanError
 
     out = _output(ctx, output)
-    request = _request(nodes, max_parallel_nodes, order, non_migratable, None, tune)
+    request = _request(nodes, max_parallel_nodes, order, non_migratable, None, tune, allow_post_copy, escalation)
 
     async def go(service: DrainService) -> None:
         try:
@@ -467,6 +479,7 @@ def plan(ctx: typer.Context, nodes: NodesArg, max_parallel_nodes: ParallelOpt = 
 def _print_plan(result: Any) -> None:
     from rich.table import Table
 
+    from orchestrator.escalation import Rung
     from orchestrator.model import format_bytes
 
     console = stdout_console()
@@ -485,6 +498,15 @@ def _print_plan(result: Any) -> None:
         for dec in (*node_plan.skipped, *node_plan.blocked):
             table.add_row(node_plan.node, dec.vmi, "", dec.verdict.value.lower(), dec.reason)
     console.print(table)
+    hard = [job for node_plan in result.nodes for job in node_plan.jobs if job.expected_hard]
+    if hard:
+        # The VMs a plain pre-copy is not expected to move: the rung of the ladder expected to, and why.
+        ladder = Table("expected hard", "dirty rate", "expected rung", "estimate", "why")
+        for job in hard:
+            ladder.add_row(job.vmi, f"{format_bytes(int(job.dirty_rate_bytes_per_s or 0))}/s",
+                           Rung(job.expected_rung).option if job.expected_rung else "[red]none[/]",
+                           f"{job.estimated_s:.0f} s", job.hard_reason or "")
+        console.print(ladder)
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
     tuning = result.tuning
@@ -510,9 +532,8 @@ def drain(ctx: typer.Context, nodes: NodesArg, max_parallel_nodes: ParallelOpt =
           non_migratable: PolicyOpt = "block",
           max_attempts: Annotated[int | None, typer.Option(help="attempts per VM, 1..100 (default 3)")] = None,
           tune: TuneOpt = False,
-          allow_post_copy: Annotated[bool, typer.Option(
-              "--allow-post-copy", help="a VM that cannot converge in pre-copy may try again in post-copy (not for "
-                                        "critical data or unstable networks)")] = False,
+          allow_post_copy: AllowPostCopyOpt = False,
+          escalation: EscalationOpt = None,
           wait: Annotated[bool, typer.Option("--wait", help="wait until the drain ends; exit 0 only if every "
                                                              "node is drained")] = False,
           timeout: Annotated[float | None, typer.Option(help="with --wait: stop waiting after this many wall "
@@ -526,7 +547,8 @@ def drain(ctx: typer.Context, nodes: NodesArg, max_parallel_nodes: ParallelOpt =
 
     out = _output(ctx, output)
     _check_timeout(timeout, wait)
-    request = _request(nodes, max_parallel_nodes, order, non_migratable, max_attempts, tune, allow_post_copy)
+    request = _request(nodes, max_parallel_nodes, order, non_migratable, max_attempts, tune, allow_post_copy,
+                       escalation)
     g: Globals = ctx.obj
 
     async def go(service: DrainService) -> int:

@@ -74,7 +74,7 @@ LEASE_NAME = "drainctl-controller"
 SOURCE = "drainrequest"
 SPEC_FIELDS = {"nodes": "nodes", "maxParallelNodes": "max_parallel_nodes", "order": "order",
                "nonMigratable": "non_migratable", "maxAttempts": "max_attempts", "tune": "tune",
-               "allowPostCopy": "allow_post_copy"}
+               "allowPostCopy": "allow_post_copy", "escalation": "escalation"}
 """DrainRequest spec field -> DrainRequest (model) field."""
 FINAL_PHASES = frozenset(p.value for p in DrainPhase if p.is_final)
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")

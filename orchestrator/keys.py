@@ -256,6 +256,12 @@ class SemaphoreKeys:
         return f"{self.tag}:waiter-priorities"
 
     @property
+    def reservations(self) -> str:
+        """Hash of the waiters for a weighted (solo) grant: waiter id -> the Redis ms it began to reserve, then
+        the scope keys it reserves (newline-joined); slots freed there go to it, not to newcomers."""
+        return f"{self.tag}:reservations"
+
+    @property
     def scopes(self) -> str:
         """Set of the scope names that currently have at least one holder."""
         return f"{self.tag}:scopes"

@@ -153,6 +153,7 @@ class Kind:
 
 NODES = Kind("nodes", namespaced=False)
 PODS = Kind("pods")
+NAMESPACES = Kind("namespaces", namespaced=False)
 EVENTS = Kind("events")
 VMIS = Kind("virtualmachineinstances", *KUBEVIRT)
 VMIMS = Kind("virtualmachineinstancemigrations", *KUBEVIRT)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NewType
 
+from orchestrator.escalation import NONE, parse_escalation
+
 NodeName = NewType("NodeName", str)
 DrainId = NewType("DrainId", str)
 VmiKey = NewType("VmiKey", str)
@@ -596,7 +598,10 @@ class DrainRequest:
     """Nodes a VM goes to only when no other node has room (a rollout's nodes still waiting for maintenance)."""
     allow_post_copy: bool = False
     """A VM judged unable to converge may try again in post-copy (through a drain-owned MigrationPolicy).
-    Never by default: a post-copy that loses its network loses the VM."""
+    Never by default: a post-copy that loses its network loses the VM. Adds post-copy to `escalation`."""
+    escalation: tuple[str, ...] | None = None
+    """The rungs of the escalation ladder this drain allows, as users write them (solo, auto-converge,
+    post-copy; () is `none`); None: the default, solo and auto-converge (orchestrator.escalation)."""
 
     def __post_init__(self) -> None:
         # Accept plain strings and lists from callers; store the canonical enum and tuple forms so that
@@ -605,6 +610,10 @@ class DrainRequest:
         object.__setattr__(self, "last_resort_targets", tuple(NodeName(n) for n in self.last_resort_targets))
         object.__setattr__(self, "order", NodeOrder(self.order))
         object.__setattr__(self, "non_migratable", NonMigratablePolicy(self.non_migratable))
+        if self.escalation is not None:
+            object.__setattr__(self, "escalation", parse_escalation(
+                self.escalation if isinstance(self.escalation, str) else tuple(self.escalation) or (NONE,),
+                where="drain request: escalation"))
         for name, bound in REQUEST_BOUNDS.items():
             value = getattr(self, name)
             if value is None:
@@ -658,6 +667,11 @@ class DrainRequest:
         allow_post_copy = data.get("allow_post_copy", False)
         if not isinstance(allow_post_copy, bool):
             raise ValueError(f"drain request: allow_post_copy: expected true or false, got {allow_post_copy!r}")
+        escalation = data.get("escalation")
+        if escalation is not None:
+            if isinstance(escalation, Sequence) and not isinstance(escalation, str) and not escalation:
+                escalation = NONE
+            escalation = parse_escalation(escalation, where="drain request: escalation")
         max_parallel = _req_int(data, "max_parallel_nodes", 1)
         assert max_parallel is not None
         return cls(
@@ -673,6 +687,7 @@ class DrainRequest:
             tune=tune,
             last_resort_targets=tuple(NodeName(n) for n in last_resort),
             allow_post_copy=allow_post_copy,
+            escalation=escalation,
         )
 
 
@@ -695,6 +710,16 @@ class MigrationJob:
     """KubeVirt-style budget: effective completionTimeoutPerGiB x migration data size in whole decimal GB."""
     in_flight_migration: str | None = None
     """namespace/name of a non-final VMIM that already exists for this VMI (adopt or wait for it)."""
+    dirty_rate_bytes_per_s: float | None = None
+    """The guest's last known dirty rate (kubevirt_vmi_dirty_rate_bytes_per_second); None without metrics."""
+    expected_hard: bool = False
+    """The dirty rate is at or above the bandwidth a migration of the VM gets: a plain pre-copy is expected not
+    to converge."""
+    expected_rung: str | None = None
+    """For an expected-hard VM, the rung of the escalation ladder expected to move it (orchestrator.escalation
+    Rung's value); None: no allowed rung is expected to, see `hard_reason`."""
+    hard_reason: str | None = None
+    """Why the VM is expected to be hard, with the numbers, and what the estimate counts for it."""
 
 
 @dataclass(frozen=True)
@@ -876,6 +901,10 @@ def _plan_from_json(data: Mapping[str, Any]) -> DrainPlan:
                 estimated_s=float(job["estimated_s"]),
                 completion_timeout_s=float(job["completion_timeout_s"]),
                 in_flight_migration=job.get("in_flight_migration"),
+                dirty_rate_bytes_per_s=job.get("dirty_rate_bytes_per_s"),
+                expected_hard=bool(job.get("expected_hard", False)),
+                expected_rung=job.get("expected_rung"),
+                hard_reason=job.get("hard_reason"),
             )
             for job in node["jobs"]
         )

@@ -12,6 +12,10 @@ Promises:
   readiness and cordons. The placement proposes a target per VM; workers re-check at run time.
 - Limits are the stricter of our settings and KubeVirt's configuration, and both are reported.
 - The duration is an estimate from a simple model (see :func:`_estimate`), not a promise.
+- Hard VMs: given the guests' last known dirty rates (``dirty_rates``, read from Prometheus by the caller), a
+  VM whose rate is at or above the bandwidth a migration of it gets is expected to be hard; the plan names the
+  rung of the escalation ladder expected to move it and its estimate includes the judged attempts before it
+  (:func:`expect_hard`).
 
 Scale: linear in VMs and nodes plus O(V log N) for placement, so 1,000 nodes / 30,000 VMs plan in seconds.
 """
@@ -25,6 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from orchestrator.escalation import ESCALATION_ANNOTATION, LADDER, Rung, allowed_rungs
 from orchestrator.model import (
     CPU_MODEL_LABEL_PREFIX,
     CPU_VENDOR_LABEL_PREFIX,
@@ -431,6 +436,67 @@ def _estimate(
 # --- pods ----------------------------------------------------------------------------------------------
 
 
+# --- hard VMs ------------------------------------------------------------------------------------------
+
+JUDGE_S = 40.0
+"""Cluster seconds a pre-copy that cannot converge runs past its first pass before drainctl's verdict aborts it:
+30 s of evidence (orchestrator.convergence) plus one look (workers.jobs.verdict, every 10 s)."""
+
+
+@dataclass(frozen=True)
+class HardVm:
+    """What the plan expects of a VM whose dirty rate is at or above its migration's bandwidth."""
+
+    rung: Rung | None
+    """The rung expected to move it; None: no allowed rung is expected to (it will be reported, not moved)."""
+    estimated_s: float
+    """Its slot time: each judged attempt before that rung (setup, first pass, verdict) and its backoff, then
+    the rung's attempt (solo: the whole NIC; auto-converge: twice the first pass, for the throttled rounds;
+    post-copy: the first pass, then one second per GB before the switch)."""
+    reason: str
+
+
+def expect_hard(*, dirty_rate: float, memory_bytes: int, bandwidth: float, nic_bytes_per_s: float,
+                cap_bytes_per_s: float, allowed: frozenset[Rung], setup_s: float,
+                backoff: Callable[[int], float]) -> HardVm | None:
+    """None unless `dirty_rate` >= `bandwidth` (the bandwidth a migration of the VM gets beside the others of
+    its node). Then the ladder as the workers climb it: plain, then each allowed rung in order; solo helps when
+    the guest dirties less than its whole NIC carries (`nic_bytes_per_s`, capped by bandwidthPerMigration
+    `cap_bytes_per_s` when > 0), auto-converge and post-copy are expected to."""
+    if dirty_rate < bandwidth:
+        return None
+    solo_bw = min(nic_bytes_per_s, cap_bytes_per_s) if cap_bytes_per_s > 0 else nic_bytes_per_s
+    total = setup_s + memory_bytes / bandwidth + JUDGE_S
+    attempt = 1
+    rung: Rung | None = None
+    for step in LADDER:
+        if step not in allowed:
+            continue
+        attempt += 1
+        total += backoff(attempt)
+        if step is Rung.SOLO:
+            total += setup_s + memory_bytes / solo_bw
+            if dirty_rate < solo_bw:
+                rung = step
+                break
+            total += JUDGE_S  # judged again, alone on its NICs
+            continue
+        if step is Rung.AUTO_CONVERGE:
+            total += setup_s + 2 * memory_bytes / bandwidth
+        else:
+            total += setup_s + memory_bytes / bandwidth + math.ceil(memory_bytes / 1e9)
+        rung = step
+        break
+    numbers = (f"dirties {format_bytes(int(dirty_rate))}/s, at or above the {format_bytes(int(bandwidth))}/s a "
+               f"migration of it gets")
+    if rung is None:
+        allowed_text = ", ".join(r.option for r in LADDER if r in allowed) or "none"
+        return HardVm(None, total, f"{numbers}; no allowed rung is expected to move it (allowed: {allowed_text}): "
+                                   "it would be reported, not moved")
+    return HardVm(rung, total, f"{numbers}; expected to move on the {rung.option} rung after {attempt - 1} judged "
+                               f"attempt(s), about {total:.0f} s")
+
+
 def _pod_evictions(snapshot: ClusterSnapshot, node: NodeName) -> tuple[tuple[PodEviction, ...], tuple[str, ...]]:
     evict: list[PodEviction] = []
     ignored: list[str] = []
@@ -499,13 +565,17 @@ def plan_drain(
     drain_id: DrainId | None = None,
     filters: Sequence[VmFilter] = DEFAULT_FILTERS,
     transfers: Mapping[str, Sequence[TransferSample]] | None = None,
+    dirty_rates: Mapping[str, float] | None = None,
 ) -> DrainPlan:
     """Plan draining ``request.nodes``; raise PlanError when the request cannot be carried out as asked.
 
     ``drain_id`` identifies VMIMs this drain already created (re-planning after a crash adopts them).
     ``transfers``: the migrations seen leaving each node (its observed bandwidth beats the configured one in
     the estimate and the tuning: `node_bandwidth_source`).
+    ``dirty_rates``: the guests' last known dirty rates in bytes/s by "namespace/name" (none: no VM is
+    expected to be hard).
     """
+    dirty_rates = dirty_rates or {}
     _validate(snapshot, request)
     drain_set = set(request.nodes)
     targets = [n for n in snapshot.nodes if is_room(n, drain_set)]
@@ -631,14 +701,33 @@ def plan_drain(
         snapshot, settings.estimate.node_bandwidth_bytes_per_s, outbound))
     setup_s = settings.estimate.setup_s
     per_gib = limits.completion_timeout_per_gib.effective
+    outbound = int(limits.outbound_per_node.effective)
+    cap = float(snapshot.migration_config.bandwidth_per_migration_bytes)
     node_plans: list[NodePlan] = []
     for work in works:
         jobs = []
+        observed = node_bw.get(str(work.name))
+        nic = observed[0] if observed else node_bandwidth(snapshot.node(work.name), settings)
+        node_share = min(nic / max(1, outbound), cap) if cap > 0 else nic / max(1, outbound)
         for vmi, reason, need in sorted(work.migrate, key=lambda item: (-item[2], item[0].key)):
             target = placed.get(vmi.key)
             if target is None:
                 continue
             active = [m for m in snapshot.migrations_for(vmi.key) if not m.is_final]
+            dirty = dirty_rates.get(vmi.key)
+            hard: HardVm | None = None
+            if dirty is not None:
+                try:
+                    allowed = allowed_rungs(request.escalation, allow_post_copy=request.allow_post_copy,
+                                            namespace_annotation=None,
+                                            vmi_annotation=vmi.annotations.get(ESCALATION_ANNOTATION),
+                                            namespace=vmi.namespace, vmi=vmi.key)
+                except ValueError as exc:
+                    warnings.append(str(exc))
+                    allowed = frozenset()
+                hard = expect_hard(dirty_rate=dirty, memory_bytes=vmi.guest_memory_bytes, bandwidth=node_share,
+                                   nic_bytes_per_s=nic, cap_bytes_per_s=cap, allowed=allowed, setup_s=setup_s,
+                                   backoff=settings.timeouts.backoff)
             jobs.append(
                 MigrationJob(
                     vmi=vmi.key,
@@ -646,10 +735,15 @@ def plan_drain(
                     memory_bytes=need,
                     proposed_target=NodeName(target),
                     reason=f"{reason}; proposed target {target}",
-                    estimated_s=setup_s + vmi.guest_memory_bytes / per_migration[str(work.name)],
+                    estimated_s=(hard.estimated_s if hard
+                                 else setup_s + vmi.guest_memory_bytes / per_migration[str(work.name)]),
                     # KubeVirt sizes the budget in whole decimal GB, rounded up (kubevirt.md 3.5).
                     completion_timeout_s=float(per_gib * max(1, math.ceil(vmi.guest_memory_bytes / 1e9))),
                     in_flight_migration=active[0].key if active else None,
+                    dirty_rate_bytes_per_s=dirty,
+                    expected_hard=hard is not None,
+                    expected_rung=hard.rung.value if hard is not None and hard.rung is not None else None,
+                    hard_reason=hard.reason if hard is not None else None,
                 )
             )
         evict, ignored = _pod_evictions(snapshot, work.name)
@@ -666,6 +760,12 @@ def plan_drain(
                 work_s=sum(j.estimated_s for j in jobs),
             )
         )
+    hard_jobs = [job for plan in node_plans for job in plan.jobs if job.expected_hard]
+    if hard_jobs:
+        listed = [f"{job.vmi} ({Rung(job.expected_rung).option if job.expected_rung else 'no rung moves it'})"
+                  for job in hard_jobs]
+        warnings.append(f"{len(hard_jobs)} VM(s) expected to be hard (their dirty rate is at or above their "
+                        f"migration's bandwidth), with the rung expected to move them: {_some(listed)}")
     if request.order is NodeOrder.PLANNER:
         # Least work first frees whole nodes soonest (sum of node release times; migration-model.md 2).
         given: dict[str, int] = {name: index for index, name in enumerate(request.nodes)}
@@ -675,7 +775,7 @@ def plan_drain(
     waves = [node_plans[i : i + step] for i in range(0, len(node_plans), step)]
 
     estimate = _estimate(waves, limits=limits, bandwidth=bandwidth, setup_s=setup_s, max_parallel_nodes=step)
-    tuning = _tuning(snapshot, settings, node_plans, waves, node_bw)
+    tuning = _tuning(snapshot, settings, node_plans, waves, node_bw, dirty_rates)
     if request.tune:
         limits, estimate = _tuned(limits, estimate, tuning)
     warnings.extend(
@@ -734,9 +834,10 @@ def node_bandwidth_source(node: Node | None, settings: Settings,
 
 
 def _tuning(snapshot: ClusterSnapshot, settings: Settings, node_plans: Sequence[NodePlan],
-            waves: Sequence[Sequence[NodePlan]], node_bw: Mapping[str, tuple[float, str]]) -> Tuning:
-    vms = [TuneVm(vmi=job.vmi, node=plan.node, memory_bytes=job.memory_bytes) for plan in node_plans
-           for job in plan.jobs]
+            waves: Sequence[Sequence[NodePlan]], node_bw: Mapping[str, tuple[float, str]],
+            dirty_rates: Mapping[str, float]) -> Tuning:
+    vms = [TuneVm(vmi=job.vmi, node=plan.node, memory_bytes=job.memory_bytes,
+                  dirty_bytes_per_s=dirty_rates.get(job.vmi)) for plan in node_plans for job in plan.jobs]
     draining = {p.node for p in node_plans}
     targets = sum(1 for n in snapshot.nodes if n.name not in draining and not n.unschedulable and n.ready
                   and not n.control_plane)

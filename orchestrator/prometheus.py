@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,6 +128,26 @@ class MigrationMetricsReader:
                 continue
             if metric.get("namespace") and metric.get("name") and math.isfinite(value):
                 out[(metric["namespace"], metric["name"])] = value
+        return out
+
+    async def node_dirty_rates(self, nodes: Sequence[str]) -> dict[str, float]:
+        """The last known guest dirty rate (bytes/s) of every VMI on `nodes`, by "namespace/name": the planner's
+        input for the VMs it expects to be hard. `{}` without Prometheus or nodes."""
+        if self.url is None or not nodes:
+            return {}
+        pattern = "|".join(re.escape(node) for node in sorted(set(nodes)))
+        body = await self._query(f'{GUEST_DIRTY_RATE}{{node=~"{_quote(pattern)}"}}')
+        if body is None or (body.get("data") or {}).get("resultType") != "vector":
+            return {}
+        out: dict[str, float] = {}
+        for item in body["data"].get("result") or []:
+            metric = item.get("metric") or {}
+            try:
+                value = float((item.get("value") or [0, "nan"])[1])
+            except (TypeError, ValueError):
+                continue
+            if metric.get("namespace") and metric.get("name") and math.isfinite(value):
+                out[f"{metric['namespace']}/{metric['name']}"] = value
         return out
 
     async def history(self, namespace: str, name: str, *, end: float, window_s: float = 60.0,

@@ -90,6 +90,12 @@ class DrainRecord(StoredRecord):
         return bool(self.request.get("allow_post_copy", False))
 
     @property
+    def escalation(self) -> tuple[str, ...] | None:
+        """The ladder's rungs the request names (None: the default; see orchestrator.escalation)."""
+        value = self.request.get("escalation")
+        return None if value is None else tuple(str(v) for v in value)
+
+    @property
     def uncordon_on_cancel(self) -> bool:
         return bool(self.request.get("uncordon_on_cancel", True))
 

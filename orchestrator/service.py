@@ -88,6 +88,7 @@ class DrainService:
             if "refused" in answer:
                 raise PlanError(answer["refused"])
             return DrainPlan.from_json(answer["plan"])
+        from orchestrator.prometheus import MigrationMetricsReader  # aiohttp: imported when it is used
         from orchestrator.view import drain_snapshot  # the cluster client: imported when the cluster is read
 
         names = [str(n) for n in request.nodes]
@@ -96,7 +97,10 @@ class DrainService:
             transfers = await self.store.transfer_samples(names)
         except (RedisError, OSError):  # a dry run needs no Redis: plan from the configured bandwidth
             transfers = {}
-        return plan_drain(snapshot, request, self.settings, now=time.time(), transfers=transfers)
+        async with MigrationMetricsReader.from_settings(self.settings) as reader:
+            rates = await reader.node_dirty_rates(names)
+        return plan_drain(snapshot, request, self.settings, now=time.time(), transfers=transfers,
+                          dirty_rates=rates)
 
     async def _plan_by_worker(self, request: DrainRequest) -> dict[str, Any] | None:
         """The answer of a worker's dry run, or None when no worker is alive or none answered in time."""

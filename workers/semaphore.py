@@ -4,6 +4,13 @@ What it promises
 ----------------
 * A lease takes one slot in every scope it names (for example ``cluster`` and ``node:worker-3``), all
   or nothing, in one Lua script. No scope ever holds more leases than the limit the caller passes.
+* A scope may be taken with a weight (``Scope(name, limit, weight=limit)``: the whole scope): the lease
+  counts ``weight`` times there, atomically with its other scopes, and its release frees all of it. The
+  migrate job's solo lane takes its source node's and its target's inbound scopes whole this way. A waiter
+  for a weighted grant reserves the weighted scopes it waits for (and, once those have room, the choice it
+  would take): while it waits, no other acquisition is granted there, so slots freed there go to it instead
+  of to newcomers; two reservers of one scope go in the order they began to wait. A reservation lives only
+  as long as its waiter's heartbeat, so a dead waiter reserves nothing.
 * A lease may also take one scope picked among choices (``acquire(..., choose=...)``): the choice with
   room and the fewest holders, decided in the same script as the other scopes. The migrate job passes the
   inbound scopes of the targets a VM may go to, so the inbound limit holds whatever the worker's view says.
@@ -85,12 +92,72 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
+# Reservations, shared by both acquire scripts and the release. An entry of the reservations hash is the
+# Redis ms its waiter began to reserve, then the scope keys it reserves (newline-joined). `reserved` says
+# whether a live waiter other than `me` that goes before `me` (it reserved earlier; `me` reserves nothing
+# or later) reserves `scope_key`; entries of waiters whose heartbeat lapsed are dropped on the way.
+_RESERVATIONS = """
+local function split(text)
+  local parts = {}
+  for part in string.gmatch(text, '[^\\n]+') do
+    parts[#parts + 1] = part
+  end
+  return parts
+end
+local function reserved(res_key, waiters_key, me, scope_key)
+  local my_since = nil
+  if me ~= '' then
+    local mine = redis.call('HGET', res_key, me)
+    if mine then
+      my_since = tonumber(split(mine)[1])
+    end
+  end
+  for _, other in ipairs(redis.call('HKEYS', res_key)) do
+    if other ~= me then
+      if not redis.call('ZSCORE', waiters_key, other) then
+        redis.call('HDEL', res_key, other)
+      else
+        local parts = split(redis.call('HGET', res_key, other))
+        local since = tonumber(parts[1])
+        if my_since == nil or since < my_since or (since == my_since and other < me) then
+          for j = 2, #parts do
+            if parts[j] == scope_key then
+              return true
+            end
+          end
+        end
+      end
+    end
+  end
+  return false
+end
+local function reserve(res_key, me, now, scope_keys)
+  if me == '' or #scope_keys == 0 then
+    return
+  end
+  local since = now
+  local mine = redis.call('HGET', res_key, me)
+  if mine then
+    since = tonumber(split(mine)[1])
+  end
+  redis.call('HSET', res_key, me, string.format('%d', since) .. '\\n' .. table.concat(scope_keys, '\\n'))
+end
+local function take(key, holder, expires, weight)
+  redis.call('ZADD', key, expires, holder)
+  for k = 2, weight do
+    redis.call('ZADD', key, expires, holder .. '\\n' .. k)
+  end
+end
+"""
+
 # Waiting with a priority, shared by both acquire scripts. A waiter's entry in the priority hash (the last
 # KEY) is its priority, then the scope keys and limits it waits for (newline-joined; every key shares the
-# hash tag). `defer` says whether a live waiter with a smaller number has room in all its scopes right now:
-# then the caller waits, so a freed slot goes to the most urgent waiter that can use it.
+# hash tag; a limit there is the limit less the scope's weight, plus one, so "holders < limit" means room for
+# the weight). `defer` says whether a live waiter with a smaller number has room in all its scopes right now
+# (room reserved by another waiter is no room): then the caller waits, so a freed slot goes to the most
+# urgent waiter that can use it.
 _PRIORITY = """
-local function defer(prio_key, waiters_key, waiter, mine)
+local function defer(prio_key, waiters_key, res_key, waiter, mine)
   if mine == '' then
     return false
   end
@@ -107,7 +174,8 @@ local function defer(prio_key, waiters_key, waiter, mine)
         if tonumber(parts[1]) < mine then
           local room = true
           for j = 2, #parts - 1, 2 do
-            if redis.call('ZCARD', parts[j]) >= tonumber(parts[j + 1]) then
+            if redis.call('ZCARD', parts[j]) >= tonumber(parts[j + 1])
+                or reserved(res_key, waiters_key, other, parts[j]) then
               room = false
               break
             end
@@ -124,21 +192,33 @@ end
 """
 
 # KEYS: 1 holders zset, 2 fence counter, 3 lease hash, 4 waiters zset, 5 scope-name set,
-#       6..5+n scope zsets, 6+n waiter-priority hash
+#       6..5+n scope zsets, 6+n waiter-priority hash, 7+n reservations hash
 # ARGV: 1 holder, 2 lease ms, 3 meta json, 4 acquisition id, 5 waiter id or '', 6 waiter ttl ms,
-#       7 joined scope names, 8..7+n scope names, 8+n..7+2n limits, 8+2n priority or '', 9+2n its entry
+#       7 joined scope names, 8..7+n scope names, 8+n..7+2n limits, 8+2n priority or '', 9+2n its entry,
+#       10+2n..9+3n weights
 # Returns {status, token, expires_at_ms, joined scopes}; status 1 granted, 2 renewed (re-entrant),
 # 3 re-adopted an expired lease of the same holder (new token), 0 no room, -1 held with other scopes.
 _ACQUIRE_LUA = (
     _NOW
+    + _RESERVATIONS
     + _PRIORITY
     + """
 local holder = ARGV[1]
 local lease_ms = tonumber(ARGV[2])
 local waiter = ARGV[5]
-local n = #KEYS - 6
-local prio_key = KEYS[#KEYS]
+local n = #KEYS - 7
+local prio_key = KEYS[#KEYS - 1]
+local res_key = KEYS[#KEYS]
 local prio = ARGV[8 + 2 * n]
+local weighted = {}
+local joined_weights = {}
+for i = 1, n do
+  local w = tonumber(ARGV[9 + 2 * n + i])
+  joined_weights[i] = tostring(w)
+  if w > 1 then
+    weighted[#weighted + 1] = KEYS[5 + i]
+  end
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
 local token = redis.call('HGET', KEYS[3], 'token')
 if token then
@@ -161,6 +241,7 @@ if token then
   if waiter ~= '' then
     redis.call('ZREM', KEYS[4], waiter)
     redis.call('HDEL', prio_key, waiter)
+    redis.call('HDEL', res_key, waiter)
   end
   return {status, token, expires, scopes}
 end
@@ -170,29 +251,35 @@ local function wait()
     if prio ~= '' then
       redis.call('HSET', prio_key, waiter, ARGV[9 + 2 * n])
     end
+    reserve(res_key, waiter, now, weighted)
   end
   return {0, 0, now, ''}
 end
 for i = 1, n do
-  if redis.call('ZCARD', KEYS[5 + i]) >= tonumber(ARGV[7 + n + i]) then
+  if redis.call('ZCARD', KEYS[5 + i]) + tonumber(joined_weights[i]) > tonumber(ARGV[7 + n + i])
+      or reserved(res_key, KEYS[4], waiter, KEYS[5 + i]) then
     return wait()
   end
 end
-if defer(prio_key, KEYS[4], waiter, prio) then
+if defer(prio_key, KEYS[4], res_key, waiter, prio) then
   return wait()
 end
 token = redis.call('INCR', KEYS[2])
 local expires = now + lease_ms
 redis.call('HSET', KEYS[3], 'token', token, 'scopes', ARGV[7], 'expires_at_ms', expires,
            'acquired_at_ms', now, 'meta', ARGV[3], 'acq', ARGV[4])
+if #weighted > 0 then
+  redis.call('HSET', KEYS[3], 'weights', table.concat(joined_weights, '\\n'))
+end
 redis.call('ZADD', KEYS[1], expires, holder)
 for i = 1, n do
-  redis.call('ZADD', KEYS[5 + i], expires, holder)
+  take(KEYS[5 + i], holder, expires, tonumber(joined_weights[i]))
   redis.call('SADD', KEYS[5], ARGV[7 + i])
 end
 if waiter ~= '' then
   redis.call('ZREM', KEYS[4], waiter)
   redis.call('HDEL', prio_key, waiter)
+  redis.call('HDEL', res_key, waiter)
 end
 return {1, token, expires, ARGV[7]}
 """
@@ -200,76 +287,119 @@ return {1, token, expires, ARGV[7]}
 
 # Like _ACQUIRE_LUA for a holder without a lease, plus one scope picked among choices.
 # KEYS: 1 holders zset, 2 fence counter, 3 lease hash, 4 waiters zset, 5 scope-name set,
-#       6..5+n fixed scope zsets, 6+n..5+n+m choice scope zsets, 6+n+m waiter-priority hash
+#       6..5+n fixed scope zsets, 6+n..5+n+m choice scope zsets, 6+n+m waiter-priority hash,
+#       7+n+m reservations hash
 # ARGV: 1 holder, 2 lease ms, 3 meta json, 4 acquisition id, 5 waiter id or '', 6 waiter ttl ms, 7 n, 8 m,
 #       9..8+n fixed names, 9+n..8+2n fixed limits, 9+2n..8+2n+m choice names, 9+2n+m..8+2n+2m choice limits,
-#       9+2n+2m priority or '', 10+2n+2m its entry (the fixed scopes only)
+#       9+2n+2m priority or '', 10+2n+2m its entry (the fixed scopes only),
+#       11+2n+2m..10+3n+2m fixed weights, 11+3n+2m..10+3n+3m choice weights
 # Returns {status, token, expires_at_ms, joined scopes, chosen}; status 1 granted, 0 a fixed scope is full,
 # -2 every choice is full, -1 the holder already holds a lease (the caller checks for that first).
 _ACQUIRE_CHOICE_LUA = (
     _NOW
+    + _RESERVATIONS
     + _PRIORITY
     + """
 local holder = ARGV[1]
 local waiter = ARGV[5]
 local n = tonumber(ARGV[7])
 local m = tonumber(ARGV[8])
-local prio_key = KEYS[#KEYS]
+local prio_key = KEYS[#KEYS - 1]
+local res_key = KEYS[#KEYS]
 local prio = ARGV[9 + 2 * n + 2 * m]
+local function weight(i)
+  return tonumber(ARGV[10 + 2 * n + 2 * m + i])
+end
+local weighted = {}
+local any_weight = false
+for i = 1, n + m do
+  if weight(i) > 1 then
+    any_weight = true
+    if i <= n then
+      weighted[#weighted + 1] = KEYS[5 + i]
+    end
+  end
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
 local token = redis.call('HGET', KEYS[3], 'token')
 if token then
   return {-1, tonumber(token), 0, redis.call('HGET', KEYS[3], 'scopes'), ''}
 end
-local function wait(status)
+local function wait(status, also)
   if waiter ~= '' then
     redis.call('ZADD', KEYS[4], now + tonumber(ARGV[6]), waiter)
     if prio ~= '' then
       redis.call('HSET', prio_key, waiter, ARGV[10 + 2 * n + 2 * m])
     end
+    local keys = {unpack(weighted)}
+    if also ~= nil then
+      keys[#keys + 1] = also
+    end
+    reserve(res_key, waiter, now, keys)
   end
   return {status, 0, now, '', ''}
 end
 for i = 1, n do
-  if redis.call('ZCARD', KEYS[5 + i]) >= tonumber(ARGV[8 + n + i]) then
-    return wait(0)
+  if redis.call('ZCARD', KEYS[5 + i]) + weight(i) > tonumber(ARGV[8 + n + i])
+      or reserved(res_key, KEYS[4], waiter, KEYS[5 + i]) then
+    return wait(0, nil)
   end
 end
-if defer(prio_key, KEYS[4], waiter, prio) then
-  return wait(0)
+if defer(prio_key, KEYS[4], res_key, waiter, prio) then
+  return wait(0, nil)
 end
 local best, best_count = nil, nil
+local open, open_count = nil, nil
 for j = 1, m do
-  local count = redis.call('ZCARD', KEYS[5 + n + j])
-  if count < tonumber(ARGV[8 + 2 * n + m + j]) and (best == nil or count < best_count) then
-    best, best_count = j, count
+  local key = KEYS[5 + n + j]
+  local count = redis.call('ZCARD', key)
+  if not reserved(res_key, KEYS[4], waiter, key) then
+    if count + weight(n + j) <= tonumber(ARGV[8 + 2 * n + m + j]) and (best == nil or count < best_count) then
+      best, best_count = j, count
+    end
+    if open == nil or count < open_count then
+      open, open_count = j, count
+    end
   end
 end
 if best == nil then
-  return wait(-2)
+  -- A weighted waiter whose fixed scopes have room reserves the least loaded choice it may wait for.
+  if any_weight and open ~= nil and weight(n + open) > 1 then
+    return wait(-2, KEYS[5 + n + open])
+  end
+  return wait(-2, nil)
 end
-local names = {}
+local entries = {}
 for i = 1, n do
-  names[i] = ARGV[8 + i]
+  entries[i] = {ARGV[8 + i], weight(i)}
 end
 local chosen = ARGV[8 + 2 * n + best]
-names[n + 1] = chosen
-table.sort(names)
+entries[n + 1] = {chosen, weight(n + best)}
+table.sort(entries, function(a, b) return a[1] < b[1] end)
+local names, weights = {}, {}
+for i, entry in ipairs(entries) do
+  names[i] = entry[1]
+  weights[i] = tostring(entry[2])
+end
 local joined = table.concat(names, '\\n')
 token = redis.call('INCR', KEYS[2])
 local expires = now + tonumber(ARGV[2])
 redis.call('HSET', KEYS[3], 'token', token, 'scopes', joined, 'expires_at_ms', expires,
            'acquired_at_ms', now, 'meta', ARGV[3], 'acq', ARGV[4])
+if any_weight then
+  redis.call('HSET', KEYS[3], 'weights', table.concat(weights, '\\n'))
+end
 redis.call('ZADD', KEYS[1], expires, holder)
 for i = 1, n do
-  redis.call('ZADD', KEYS[5 + i], expires, holder)
+  take(KEYS[5 + i], holder, expires, weight(i))
   redis.call('SADD', KEYS[5], ARGV[8 + i])
 end
-redis.call('ZADD', KEYS[5 + n + best], expires, holder)
+take(KEYS[5 + n + best], holder, expires, weight(n + best))
 redis.call('SADD', KEYS[5], chosen)
 if waiter ~= '' then
   redis.call('ZREM', KEYS[4], waiter)
   redis.call('HDEL', prio_key, waiter)
+  redis.call('HDEL', res_key, waiter)
 end
 return {1, token, expires, joined, chosen}
 """
@@ -330,14 +460,16 @@ return {1, token, expires}
 )
 
 # KEYS: 1 holders zset, 2 lease hash, 3 scope-name set, 4 waiters zset, 5..4+n scope zsets,
-#       5+n waiter-priority hash
+#       5+n waiter-priority hash, 6+n reservations hash
 # ARGV: 1 holder, 2 token or '', 3 acquisition id or '', 4 joined scope names, 5 waiter id or '',
 #       6 release channel, 7..6+n scope names
 # Returns 1 released, 0 not released (gone or not the owner), -1 the caller's scopes are stale.
+# A weighted lease's extra members (holder, newline, 2..weight) go with it.
 _RELEASE_LUA = """
-local last = #KEYS - 1
+local last = #KEYS - 2
 if ARGV[5] ~= '' then
   redis.call('ZREM', KEYS[4], ARGV[5])
+  redis.call('HDEL', KEYS[#KEYS - 1], ARGV[5])
   redis.call('HDEL', KEYS[#KEYS], ARGV[5])
 end
 local token = redis.call('HGET', KEYS[2], 'token')
@@ -353,10 +485,20 @@ end
 if redis.call('HGET', KEYS[2], 'scopes') ~= ARGV[4] then
   return -1
 end
+local weights = {}
+local stored = redis.call('HGET', KEYS[2], 'weights')
+if stored then
+  for part in string.gmatch(stored, '[^\\n]+') do
+    weights[#weights + 1] = tonumber(part)
+  end
+end
 redis.call('DEL', KEYS[2])
 redis.call('ZREM', KEYS[1], ARGV[1])
 for i = 5, last do
   redis.call('ZREM', KEYS[i], ARGV[1])
+  for k = 2, weights[i - 4] or 1 do
+    redis.call('ZREM', KEYS[i], ARGV[1] .. '\\n' .. k)
+  end
   if redis.call('ZCARD', KEYS[i]) == 0 then
     redis.call('SREM', KEYS[3], ARGV[i + 2])
   end
@@ -390,6 +532,8 @@ class Scope:
 
     name: str
     limit: int
+    weight: int = 1
+    """How many of the scope's slots the lease takes there (``limit``: the whole scope, a solo lane)."""
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -400,6 +544,9 @@ class Scope:
             raise ValueError(f"scope name {WAITERS_KEY!r} is reserved for the waiter count")
         if self.limit < 1:
             raise ValueError(f"scope {self.name!r}: limit must be >= 1, got {self.limit}")
+        if not 1 <= self.weight <= self.limit:
+            raise ValueError(f"scope {self.name!r}: weight must be between 1 and the limit {self.limit}, "
+                             f"got {self.weight}")
 
 
 @dataclass(frozen=True)
@@ -648,6 +795,7 @@ class RedisSemaphore:
             *names,
             *(scope.limit for scope in scopes),
             *_priority_args(priority, scopes, self._keys),
+            *(scope.weight for scope in scopes),
         ]
         status, token, expires, held = await self._acquire_script(keys=keys, args=args)
         status = int(status)
@@ -673,6 +821,7 @@ class RedisSemaphore:
             self._keys.scopes,
             *(self._keys.scope(name) for name in scope_names),
             self._keys.waiter_priorities,
+            self._keys.reservations,
         ]
 
     async def _attempt_choice(
@@ -703,6 +852,7 @@ class RedisSemaphore:
             *fixed_names, *(scope.limit for scope in fixed),
             *(option.name for option in options), *(option.limit for option in options),
             *_priority_args(priority, fixed, self._keys),
+            *(scope.weight for scope in fixed), *(option.weight for option in options),
         ]
         status, token, expires, held, chosen = await self._acquire_choice_script(keys=keys, args=args)
         status = int(status)
@@ -853,6 +1003,7 @@ class RedisSemaphore:
             self._keys.waiters,
             *map(self._keys.scope, scopes),
             self._keys.waiter_priorities,
+            self._keys.reservations,
         ]
         args: list[str | int] = [
             holder,
@@ -946,11 +1097,12 @@ class RedisSemaphore:
 
 
 def _priority_args(priority: float | None, scopes: Sequence[Scope], keys: SemaphoreKeys) -> tuple[str, str]:
-    """The two ARGV of a priority: the number and the waiter's entry (number, then scope key/limit pairs)."""
+    """The two ARGV of a priority: the number and the waiter's entry (number, then scope key/limit pairs, each
+    limit less the scope's weight plus one: "holders < limit" is room for the weight)."""
     if priority is None:
         return "", ""
     number = repr(float(priority))
-    pairs = (f"{keys.scope(scope.name)}{_SCOPE_SEPARATOR}{scope.limit}" for scope in scopes)
+    pairs = (f"{keys.scope(scope.name)}{_SCOPE_SEPARATOR}{scope.limit - scope.weight + 1}" for scope in scopes)
     return number, _SCOPE_SEPARATOR.join([number, *pairs])
 
 

@@ -13,13 +13,14 @@ import json
 import math
 import os
 import signal
+from typing import Any
 
 import pytest
 
 from orchestrator.report import attempt_rows
 from simulator import scenarios
 from simulator.policies import MIGRATION_POLICIES
-from simulator.resources import VMIS
+from simulator.resources import NAMESPACES, VMIS
 from tests.integration.conftest import Env, EnvFactory, requires_redis
 from tests.integration.test_drain import semaphore_empty, vmis_on
 
@@ -45,7 +46,7 @@ async def test_a_vm_that_cannot_converge_is_aborted_early_with_its_numbers(clust
     budget = sc.migrations["completionTimeoutPerGiB"] * math.ceil(HOT_MEMORY / 1e9)
     async with cluster_env(sc, workers=2, prometheus=True) as env:
         node = sc.drain_hint[0]
-        result = await env.adrainctl("drain", node, "--wait", "-o", "json", timeout_s=280)
+        result = await env.adrainctl("drain", node, "--escalation", "none", "--wait", "-o", "json", timeout_s=280)
         assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-2000:] + env.worker_logs()
         view = json.loads(result.stdout)
         vm = view["vms"][hot]
@@ -96,7 +97,8 @@ async def test_post_copy_rung_moves_the_vm_through_a_drain_owned_policy(cluster_
     async with cluster_env(sc, workers=2, prometheus=True) as env:
         user_policy(env, ns, name)
         node = sc.drain_hint[0]
-        result = await env.adrainctl("drain", node, "--allow-post-copy", "--wait", "-o", "json", timeout_s=280)
+        result = await env.adrainctl("drain", node, "--escalation", "post-copy", "--wait", "-o", "json",
+                                     timeout_s=280)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:] + env.worker_logs()
         view = json.loads(result.stdout)
         vm = view["vms"][hot]
@@ -127,7 +129,7 @@ async def test_ladder_objects_are_cleaned_after_a_worker_is_killed(cluster_env: 
         env.cluster.store.mutate(VMIS, "web", "web-00006", lambda o: o["metadata"].setdefault(
             "labels", {}).update({"rung.drainctl.io/0": "x", "rung.drainctl.io/drain-id": "000000000000"}))
         node = sc.drain_hint[0]
-        drain = await env.adrainctl("drain", node, "--allow-post-copy", "-o", "json")
+        drain = await env.adrainctl("drain", node, "--escalation", "none", "--allow-post-copy", "-o", "json")
         assert drain.returncode == 0, drain.stderr
         drain_id = json.loads(drain.stdout)["id"]
 
@@ -152,3 +154,129 @@ async def test_ladder_objects_are_cleaned_after_a_worker_is_killed(cluster_env: 
             await asyncio.sleep(0.1)
         assert vmis_on(env, node) == []
         assert await semaphore_empty(env) == {}
+
+
+def with_solo_vm(sc: scenarios.Scenario) -> tuple[scenarios.Scenario, str, str]:
+    """`sc` with two VMs on the drained node that migrate first, side by side (the largest go first):
+
+    - "bulk", 64 GiB that converge slowly (0.4 GB/s over a 16 GiB working set): its transfer shares the node's
+      NIC for minutes;
+    - "hot", 16 GiB whose 4 GiB working set is dirtied at 1 GB/s: more than the half of the NIC's share for
+      migrations (25 GbE, half of it for the pod network: about 0.7 GB/s) it gets beside bulk, less than the
+      whole share (about 1.4 GB/s). Alone it converges in seconds.
+    """
+    node = sc.drain_hint[0]
+    vms = list(sc.vms)
+    on_node = [i for i, vm in enumerate(vms) if vm.node == node]
+    hot = dataclasses.replace(vms[on_node[0]], memory_bytes=16 * 1024**3, resident_bytes=8 * 1024**3,
+                              dirty_bytes_per_s=1e9, wws_bytes=4 * 1024**3)
+    bulk = dataclasses.replace(vms[on_node[1]], memory_bytes=64 * 1024**3, resident_bytes=60 * 1024**3,
+                               dirty_bytes_per_s=0.4e9, wws_bytes=16 * 1024**3)
+    vms[on_node[0]], vms[on_node[1]] = hot, bulk
+    return dataclasses.replace(sc, vms=tuple(vms)), f"{hot.namespace}/{hot.name}", f"{bulk.namespace}/{bulk.name}"
+
+
+def overlapping(migrations: list[dict[str, Any]], mig: dict[str, Any]) -> list[dict[str, Any]]:
+    """The other migrations from or to `mig`'s source or target node that ran while it ran (ground truth)."""
+    nodes = {mig["source"], mig["target"]}
+    end = mig["finished_s"] if mig["finished_s"] is not None else math.inf
+    return [m for m in migrations if m is not mig and ({m["source"], m["target"]} & nodes)
+            and m["created_s"] < end and (m["finished_s"] is None or m["finished_s"] > mig["created_s"])]
+
+
+async def test_a_vm_that_cannot_converge_beside_others_moves_alone_on_the_solo_rung(cluster_env: EnvFactory) -> None:
+    sc, hot, bulk = with_solo_vm(scenarios.builtin("small"))
+    async with cluster_env(sc, workers=2, prometheus=True) as env:
+        node = sc.drain_hint[0]
+        result = await env.adrainctl("drain", node, "--wait", "-o", "json", timeout_s=280)  # the default ladder
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:] + env.worker_logs()
+        vm = json.loads(result.stdout)["vms"][hot]
+        assert vm["phase"] == "Succeeded", vm
+        assert len(vm["attempts"]) == 2, json.dumps(vm["attempts"], indent=0)
+        first, second = vm["attempts"]
+        assert first["convergence"] == "CannotConverge" and first["rung"] is None, first
+        assert second["rung"] == "Solo" and second["outcome"] == "Succeeded", second
+        migrations = (await env.stats())["migrations"]
+        plain, solo = [m for m in migrations if m["vmi"] == hot]
+        # The premise: the plain attempt shared the node's NIC with bulk; the solo one had its NICs to itself.
+        assert any(m["vmi"] == bulk for m in overlapping(migrations, plain)), json.dumps(plain)
+        assert solo["phase"] == "Succeeded" and solo["migration_policy"] is None, solo
+        assert overlapping(migrations, solo) == [], json.dumps([solo, overlapping(migrations, solo)])
+        assert vmis_on(env, node) == []
+        assert leftovers(env) == []
+        assert await semaphore_empty(env) == {}
+
+
+async def test_a_vm_that_cannot_converge_even_alone_climbs_to_auto_converge(cluster_env: EnvFactory) -> None:
+    sc, hot = with_hard_vm(scenarios.builtin("small"))  # dirties 20 GB/s: more than any NIC carries
+    async with cluster_env(sc, workers=2, prometheus=True) as env:
+        node = sc.drain_hint[0]
+        result = await env.adrainctl("drain", node, "--wait", "-o", "json", timeout_s=280)  # the default ladder
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:] + env.worker_logs()
+        vm = json.loads(result.stdout)["vms"][hot]
+        assert vm["phase"] == "Succeeded", vm
+        plain, solo, throttled = vm["attempts"]
+        assert plain["convergence"] == "CannotConverge" and plain["rung"] is None, plain
+        assert solo["convergence"] == "CannotConverge" and solo["rung"] == "Solo", solo
+        assert throttled["rung"] == "AutoConverge" and throttled["outcome"] == "Succeeded", throttled
+        migrations = [m for m in (await env.stats())["migrations"] if m["vmi"] == hot]
+        assert [m["phase"] for m in migrations] == ["Failed", "Failed", "Succeeded"], migrations
+        # Auto-converge for this VM only, through the attempt's own MigrationPolicy; never post-copy.
+        assert migrations[2]["migration_policy"] == throttled["vmim"] and migrations[2]["mode"] == "PreCopy", migrations
+        assert vmis_on(env, node) == []
+        assert leftovers(env) == []
+        assert await semaphore_empty(env) == {}
+
+
+@pytest.mark.parametrize("on", ["vmi", "namespace"])
+async def test_a_vm_annotated_escalation_none_is_reported_after_its_first_hopeless_verdict(
+        cluster_env: EnvFactory, on: str) -> None:
+    sc, hot = with_hard_vm(scenarios.builtin("small"))
+    ns, name = hot.split("/")
+    async with cluster_env(sc, workers=2, prometheus=True) as env:
+        def annotate(obj: dict[str, Any]) -> None:
+            obj["metadata"].setdefault("annotations", {})["drainctl.io/escalation"] = "none"
+
+        if on == "vmi":
+            env.cluster.store.mutate(VMIS, ns, name, annotate)
+        else:
+            env.cluster.store.mutate(NAMESPACES, None, ns, annotate)
+        node = sc.drain_hint[0]
+        result = await env.adrainctl("drain", node, "--allow-post-copy", "--wait", "-o", "json", timeout_s=280)
+        assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-2000:] + env.worker_logs()
+        vm = json.loads(result.stdout)["vms"][hot]
+        assert vm["phase"] == "Failed" and vm["failure_class"] == "NotConverging", vm
+        [entry] = vm["attempts"]  # no rung for it, although the drain allows every one
+        assert entry["convergence"] == "CannotConverge" and entry["dirty_rate"] > 0, entry
+        assert "cannot converge: dirties" in vm["message"] and "the network carries" in vm["message"], vm
+        assert "rungs allowed for it: none" in vm["message"], vm
+        [mig] = [m for m in (await env.stats())["migrations"] if m["vmi"] == hot]
+        assert mig["phase"] == "Failed", mig
+        assert vmis_on(env, node) == [hot]
+        assert leftovers(env) == []
+        assert await semaphore_empty(env) == {}
+
+
+async def test_the_plan_lists_the_vms_it_expects_to_be_hard_with_their_rung(cluster_env: EnvFactory) -> None:
+    sc, hot, bulk = with_solo_vm(scenarios.builtin("small"))
+    async with cluster_env(sc, prometheus=True) as env:
+        node = sc.drain_hint[0]
+        # The caller plans itself (no worker runs), then a worker plans for it: both read the dirty rates.
+        for workers in (0, 1):
+            if workers:
+                env.start_workers(1)
+            result = await env.adrainctl("plan", node, "-o", "json")
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+            jobs = {job["vmi"]: job for plan in json.loads(result.stdout)["nodes"] for job in plan["jobs"]}
+            # 1 GB/s (its 4 GiB working set, dirtied each second) against half of the assumed 1.125 GB/s NIC.
+            assert jobs[hot]["expected_hard"] and jobs[hot]["expected_rung"] == "Solo", jobs[hot]
+            assert jobs[hot]["dirty_rate_bytes_per_s"] == pytest.approx(1e9, rel=0.01), jobs[hot]
+            assert jobs[hot]["estimated_s"] > 40 + 16 * 1024**3 / 0.5625e9, jobs[hot]  # judged first, then solo
+            assert not jobs[bulk]["expected_hard"] and jobs[bulk]["expected_rung"] is None, jobs[bulk]
+            assert all(not job["expected_hard"] for vmi, job in jobs.items() if vmi != hot), jobs
+        table = await env.adrainctl("plan", node, "--escalation", "auto-converge")
+        assert table.returncode == 0, table.stderr
+        assert "expected hard" in table.stdout and hot.split("/")[1] in table.stdout, table.stdout
+        assert "auto-converge" in table.stdout, table.stdout
+        # Planning wrote nothing and started nothing.
+        assert (await env.stats())["migrations"] == []

@@ -143,8 +143,11 @@ def test_set_up_mistakes_are_one_line_with_the_documented_code(tmp_path: Path) -
     for args, needle in ((("--max-attempts", "1000"), "--max-attempts"), (("--max-parallel-nodes", "0"),
                                                                           "--max-parallel-nodes"),
                          (("--wait", "--timeout", "-1"), "--timeout"), (("--timeout", "5"), "--wait"),
-                         (("--order", "sideways"), "--order")):
+                         (("--order", "sideways"), "--order"),
+                         (("--escalation", "solo,warp"), "--escalation: unknown rung(s) 'warp'"),
+                         (("--escalation", "none,solo"), "--escalation: 'none' cannot be combined")):
         one_line_error(run("drain", "worker-01", *args, env=env), 2, needle)
+    one_line_error(run("plan", "worker-01", "--escalation", "", env=env), 2, "--escalation: empty")
     one_line_error(run("drain", "worker-01", "worker-02", "worker-01", env=env), 2, "more than once: worker-01")
 
 

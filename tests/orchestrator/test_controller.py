@@ -324,6 +324,14 @@ def test_spec_errors_name_the_spec_field() -> None:
         request_from_spec({"nodes": ["n1"], "color": "red"})
 
 
+def test_the_spec_carries_the_escalation() -> None:
+    spec = {"nodes": ["n1"], "escalation": "post-copy, solo", "allowPostCopy": True}
+    request = request_from_spec(spec)
+    assert request.escalation == ("solo", "post-copy") and request.allow_post_copy
+    with pytest.raises(ValueError, match=r"^spec\.escalation: unknown rung\(s\) 'warp'"):
+        request_from_spec({"nodes": ["n1"], "escalation": "warp"})
+
+
 @pytest.fixture
 async def own_redis() -> AsyncIterator[RedisServer]:
     """A redis-server this test stops and starts (set up before `env`, so torn down after it)."""

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from bench.speed import large_snapshot
+from orchestrator.escalation import Rung
 from orchestrator.model import (
     DrainId,
     DrainPlan,
@@ -19,7 +20,7 @@ from orchestrator.model import (
     NonMigratablePolicy,
     VmVerdict,
 )
-from orchestrator.planner import PlanError, plan_drain
+from orchestrator.planner import JUDGE_S, PlanError, expect_hard, plan_drain
 from orchestrator.settings import Limits, Settings
 from tests.orchestrator import factories as f
 
@@ -725,3 +726,96 @@ def test_drain_request_accepts_plain_strings() -> None:
     assert req.order is NodeOrder.PLANNER and req.non_migratable is NonMigratablePolicy.SKIP
     with pytest.raises(ValueError, match="'sideways' is not a valid NodeOrder"):
         DrainRequest(nodes=("a",), order="sideways")  # type: ignore[arg-type]
+
+
+# --- hard VMs --------------------------------------------------------------------------------------------------
+
+S, A, P = Rung.SOLO, Rung.AUTO_CONVERGE, Rung.POST_COPY
+GB = 1e9
+
+
+def _backoff(attempt: int) -> float:
+    return 20.0 * 2 ** (attempt - 2)
+
+
+@pytest.mark.parametrize(("dirty", "allowed", "rung", "extra_s"), [
+    (0.4 * GB, {S, A}, None, None),                 # below its bandwidth: not hard
+    (0.5 * GB, {S, A}, S, 20 + 10 + 8),             # at its bandwidth, below the NIC: solo (8 GB at 1 GB/s)
+    (0.9 * GB, {A}, A, 20 + 10 + 32),               # solo not allowed: auto-converge (twice 8 GB at 0.5 GB/s)
+    (2.0 * GB, {S, A}, A, 20 + 10 + 8 + JUDGE_S + 40 + 10 + 32),  # more than the NIC: solo judged, then throttled
+    (2.0 * GB, {S, P}, P, 20 + 10 + 8 + JUDGE_S + 40 + 10 + 16 + 8),  # post-copy: first pass + 1 s per GB
+    (2.0 * GB, {S}, None, 20 + 10 + 8 + JUDGE_S),   # nothing above solo: reported after its verdict
+    (2.0 * GB, set(), None, 0),
+])
+def test_expect_hard_names_the_rung_and_counts_the_attempts_before_it(
+        dirty: float, allowed: set[Rung], rung: Rung | None, extra_s: float | None) -> None:
+    hard = expect_hard(dirty_rate=dirty, memory_bytes=int(8 * GB), bandwidth=0.5 * GB, nic_bytes_per_s=1 * GB,
+                       cap_bytes_per_s=0, allowed=frozenset(allowed), setup_s=10, backoff=_backoff)
+    if extra_s is None:
+        assert hard is None
+        return
+    assert hard is not None and hard.rung is rung
+    plain = 10 + 16 + JUDGE_S  # setup, 8 GB at 0.5 GB/s, the verdict
+    assert hard.estimated_s == pytest.approx(plain + extra_s)
+    assert "at or above the 476.8 MiB/s a migration of it gets" in hard.reason
+    if rung is None:
+        assert "it would be reported, not moved" in hard.reason
+
+
+def test_a_bandwidth_cap_keeps_solo_from_helping() -> None:
+    hard = expect_hard(dirty_rate=0.7 * GB, memory_bytes=int(8 * GB), bandwidth=0.5 * GB, nic_bytes_per_s=1 * GB,
+                       cap_bytes_per_s=0.6 * GB, allowed=frozenset({S, A}), setup_s=10, backoff=_backoff)
+    assert hard is not None and hard.rung is A
+
+
+def _hard_cluster() -> f.Cluster:
+    return f.Cluster().node("src").node("t1").node("t2").vm("hot", "src", memory="8Gi").vm("calm", "src")
+
+
+def test_the_plan_marks_a_vm_whose_dirty_rate_reaches_its_bandwidth_and_counts_its_rung() -> None:
+    settings = Settings()  # 1.125 GB/s per node, 2 at once: 562 MB/s per migration
+    snapshot = _hard_cluster().snapshot()
+    plain = plan_drain(snapshot, request("src"), settings, now=NOW)
+    result = plan_drain(snapshot, request("src"), settings, now=NOW,
+                        dirty_rates={"default/hot": 0.8e9, "default/calm": 0.1e9})
+    jobs = {job.vmi: job for job in result.nodes[0].jobs}
+    before = {job.vmi: job for job in plain.nodes[0].jobs}
+    hot, calm = jobs["default/hot"], jobs["default/calm"]
+    assert hot.expected_hard and hot.expected_rung == "Solo" and hot.dirty_rate_bytes_per_s == 0.8e9, hot
+    assert "expected to move on the solo rung after 1 judged attempt(s)" in (hot.hard_reason or "")
+    assert not calm.expected_hard and calm.expected_rung is None
+    assert calm.estimated_s == before["default/calm"].estimated_s
+    assert hot.estimated_s > before["default/hot"].estimated_s + JUDGE_S  # the estimate includes the ladder
+    assert result.estimate.total_s >= hot.estimated_s > plain.estimate.total_s - 1
+    assert any("1 VM(s) expected to be hard" in w and "default/hot (solo)" in w for w in result.warnings)
+    again = DrainPlan.from_json(json.loads(json.dumps(result.to_json())))
+    assert again.nodes[0].jobs == result.nodes[0].jobs
+
+
+def test_the_plan_follows_the_drain_and_the_vm_annotation() -> None:
+    cluster = _hard_cluster()
+    cluster.vmis[0]["metadata"]["annotations"]["drainctl.io/escalation"] = "post-copy"
+    snapshot = cluster.snapshot()
+    rates = {"default/hot": 0.8e9}
+    [hot] = [j for j in plan_drain(snapshot, request("src"), Settings(), now=NOW, dirty_rates=rates).nodes[0].jobs
+             if j.vmi == "default/hot"]
+    assert hot.expected_rung == "PostCopy"  # the VM opted in to post-copy and out of the others
+    [off] = [j for j in plan_drain(snapshot, request("src", escalation=()), Settings(), now=NOW,
+                                   dirty_rates=rates).nodes[0].jobs if j.vmi == "default/hot"]
+    assert off.expected_hard and off.expected_rung is None and "allowed: none" in (off.hard_reason or "")
+
+
+def test_a_bad_escalation_annotation_is_a_plan_warning_naming_it() -> None:
+    cluster = _hard_cluster()
+    cluster.vmis[0]["metadata"]["annotations"]["drainctl.io/escalation"] = "turbo"
+    result = plan_drain(cluster.snapshot(), request("src"), Settings(), now=NOW, dirty_rates={"default/hot": 0.8e9})
+    assert any("annotation drainctl.io/escalation on VMI default/hot: unknown rung(s) 'turbo'" in w
+               for w in result.warnings), result.warnings
+
+
+def test_the_tuner_gets_the_dirty_rates() -> None:
+    snapshot = _hard_cluster().snapshot()
+    calm = plan_drain(snapshot, request("src"), Settings(), now=NOW)
+    hot = plan_drain(snapshot, request("src"), Settings(), now=NOW, dirty_rates={"default/hot": 0.5e9})
+    # The convergence cap now applies: a VM that needs more bandwidth makes the node run fewer at once.
+    assert hot.tuning != calm.tuning

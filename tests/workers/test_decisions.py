@@ -169,3 +169,14 @@ def test_node_priorities_most_work_left_first_then_request_order(
 def test_migration_work_is_setup_plus_memory_over_bandwidth(memory: int, setup: float, bandwidth: float,
                                                             expected: float) -> None:
     assert migration_work_s(memory, setup_s=setup, bandwidth_bytes_per_s=bandwidth) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("failure", "attempt", "escalates", "expect"), [
+    (FailureClass.NOT_CONVERGING, 3, True, Settle.RETRY),     # the ladder's attempts do not count
+    (FailureClass.NOT_CONVERGING, 3, False, Settle.FAILED),
+    (FailureClass.REJECTED, 1, True, Settle.FAILED),          # not retryable stays failed
+])
+def test_an_attempt_with_a_rung_left_is_retried_past_max_attempts(failure: FailureClass, attempt: int,
+                                                                  escalates: bool, expect: Settle) -> None:
+    assert settle_attempt(VmPhase.FAILED, failure, drain_cancelled=False, attempt=attempt, max_attempts=3,
+                          escalates=escalates) is expect

@@ -694,6 +694,7 @@ def test_semaphore_keys_share_one_hash_tag() -> None:
         sem_keys.fence,
         sem_keys.waiters,
         sem_keys.waiter_priorities,
+        sem_keys.reservations,
         sem_keys.scopes,
         sem_keys.released_channel,
         sem_keys.lease("d1/ns/vm/0"),
@@ -809,3 +810,123 @@ async def test_a_choice_offered_twice_counts_once_with_its_first_limit(make_sema
     assert (await sem.acquire("b", [cluster], choose=twice)).chosen == keys.inbound_scope("n2")
     with pytest.raises(TimeoutError):  # n1's limit is 1 (its first offer), not 5
         await sem.acquire("c", [cluster], choose=twice, timeout_s=0.5)
+
+
+# ------------------------------------------------------------------------------------ weighted (solo) grants
+async def test_a_weighted_grant_takes_the_whole_scope_and_its_release_frees_it(
+    make_semaphore: SemaphoreFactory,
+) -> None:
+    sem = make_semaphore()
+    node = keys.node_scope("n1")
+    solo = await sem.try_acquire("solo", [Scope(keys.CLUSTER_SCOPE, 10), Scope(node, 3, weight=3)])
+    assert solo is not None
+    assert (await sem.usage())[node] == 3
+    assert await sem.try_acquire("other", [Scope(keys.CLUSTER_SCOPE, 10), Scope(node, 3)]) is None
+    assert [info.holder for info in await sem.holders()] == ["solo"]
+    assert await sem.release("solo")
+    assert await sem.usage() == {"waiters": 0}
+    assert await sem.try_acquire("other", [Scope(node, 3)]) is not None
+
+
+async def test_a_weighted_grant_waits_for_an_empty_scope(make_semaphore: SemaphoreFactory) -> None:
+    sem = make_semaphore()
+    node = keys.node_scope("n1")
+    await sem.acquire("a", [Scope(node, 2)])
+    assert await sem.try_acquire("solo", [Scope(node, 2, weight=2)]) is None  # one slot free is not enough
+    await sem.release("a")
+    assert await sem.try_acquire("solo", [Scope(node, 2, weight=2)]) is not None
+
+
+async def test_a_weighted_choice_takes_only_an_empty_option(make_semaphore: SemaphoreFactory) -> None:
+    sem = make_semaphore()
+    cluster = Scope(keys.CLUSTER_SCOPE, 10)
+    await sem.acquire("a", [cluster], choose=_inbound("n1", limit=2))
+
+    async def whole() -> list[Scope]:
+        return [Scope(keys.inbound_scope(n), 2, weight=2) for n in ("n1", "n2")]
+
+    lease = await sem.acquire("solo", [cluster], choose=whole)
+    assert lease.chosen == keys.inbound_scope("n2")
+    usage = await sem.usage()
+    assert usage[keys.inbound_scope("n2")] == 2 and usage[keys.CLUSTER_SCOPE] == 2
+    await sem.release("solo")
+    assert keys.inbound_scope("n2") not in await sem.usage()
+
+
+async def test_a_waiting_weighted_grant_is_not_starved_by_newcomers(make_semaphore: SemaphoreFactory) -> None:
+    sem = make_semaphore()
+    other = make_semaphore(own_client=True)
+    node = keys.node_scope("n1")
+    await sem.acquire("a", [Scope(node, 2)])
+    solo = asyncio.create_task(sem.acquire("solo", [Scope(node, 2, weight=2)]))
+
+    async def reserved() -> bool:
+        return bool(await sem._redis.hlen(sem.keys.reservations))  # type: ignore[misc]
+
+    await eventually(reserved, "the solo waiter reserved its node")
+    # A slot is free, but it is reserved: a newcomer waits instead of taking it, again and again.
+    assert await other.try_acquire("b", [Scope(node, 2)]) is None
+    with pytest.raises(TimeoutError):
+        await other.acquire("c", [Scope(node, 2)], timeout_s=0.5)
+    await sem.release("a")
+    lease = await asyncio.wait_for(solo, PATIENCE_S)
+    assert lease.scopes == (node,)
+    assert not await reserved()  # the grant ends the reservation
+    await sem.release("solo")
+    assert await other.try_acquire("b", [Scope(node, 2)]) is not None
+
+
+async def test_a_cancelled_weighted_waiter_leaves_no_reservation(make_semaphore: SemaphoreFactory) -> None:
+    sem = make_semaphore()
+    node = keys.node_scope("n1")
+    await sem.acquire("a", [Scope(node, 2)])
+    solo = asyncio.create_task(sem.acquire("solo", [Scope(node, 2, weight=2)]))
+
+    async def reserved() -> bool:
+        return bool(await sem._redis.hlen(sem.keys.reservations))  # type: ignore[misc]
+
+    await eventually(reserved, "the solo waiter reserved its node")
+    solo.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await solo
+    assert not await reserved()
+    assert await sem.try_acquire("b", [Scope(node, 2)]) is not None
+
+
+async def test_a_dead_weighted_waiter_reserves_nothing(make_semaphore: SemaphoreFactory) -> None:
+    sem = make_semaphore()
+    node = keys.node_scope("n1")
+    # What a waiter that died left: a reservation whose heartbeat (its waiters entry) is gone.
+    await sem._redis.hset(sem.keys.reservations, "dead#1", f"1\n{sem.keys.scope(node)}")  # type: ignore[misc]
+    assert await sem.try_acquire("b", [Scope(node, 2)]) is not None
+    assert not await sem._redis.hlen(sem.keys.reservations)  # type: ignore[misc]
+
+
+async def test_two_weighted_waiters_of_one_scope_go_in_turn(make_semaphore: SemaphoreFactory) -> None:
+    sem = make_semaphore()
+    node = keys.node_scope("n1")
+    await sem.acquire("a", [Scope(node, 2)])
+    first = asyncio.create_task(sem.acquire("solo-1", [Scope(node, 2, weight=2)]))
+
+    async def reservers() -> int:
+        return int(await sem._redis.hlen(sem.keys.reservations))  # type: ignore[misc]
+
+    await eventually(lambda: _at_least(reservers, 1), "solo-1 reserved")
+    second = asyncio.create_task(sem.acquire("solo-2", [Scope(node, 2, weight=2)]))
+    await eventually(lambda: _at_least(reservers, 2), "solo-2 reserved")
+    await sem.release("a")
+    await asyncio.wait_for(first, PATIENCE_S)  # the earlier reserver goes first ...
+    assert not second.done()
+    await sem.release("solo-1")
+    await asyncio.wait_for(second, PATIENCE_S)  # ... then the other: no deadlock between reservers
+    await sem.release("solo-2")
+    assert await sem.usage() == {"waiters": 0}
+
+
+async def _at_least(count: Callable[[], Awaitable[int]], n: int) -> bool:
+    return await count() >= n
+
+
+def test_a_scope_weight_must_fit_its_limit() -> None:
+    with pytest.raises(ValueError, match="weight must be between 1 and the limit 2"):
+        Scope("node:n1", 2, weight=3)

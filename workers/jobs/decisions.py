@@ -89,14 +89,15 @@ class Settle(enum.StrEnum):
 
 
 def settle_attempt(phase: VmPhase, failure: FailureClass | None, *, drain_cancelled: bool, attempt: int,
-                   max_attempts: int) -> Settle:
+                   max_attempts: int, escalates: bool = False) -> Settle:
     """Succeeded stays succeeded (even if a cancel raced it: the VM moved); an abort during a drain cancel
-    is a cancel; a retryable failure is retried while attempts remain; anything else failed."""
+    is a cancel; a retryable failure is retried while attempts remain, or when the escalation ladder has a rung
+    left for it (`escalates`: its attempts do not count against max_attempts); anything else failed."""
     if phase is VmPhase.SUCCEEDED:
         return Settle.SUCCEEDED
     if phase is VmPhase.CANCELLED or (failure is FailureClass.ABORTED and drain_cancelled):
         return Settle.CANCELLED
-    if failure is not None and failure.retryable and attempt < max_attempts:
+    if failure is not None and failure.retryable and (attempt < max_attempts or escalates):
         return Settle.RETRY
     return Settle.FAILED
 

@@ -58,10 +58,20 @@ from workers.jobs.decisions import (
     settle_attempt,
     wait_expired,
 )
-from workers.jobs.ladder import Rung, apply_rung, hopeless, next_rung, release_rung
+from workers.jobs.ladder import (
+    Rung,
+    apply_rung,
+    escalates,
+    hopeless,
+    needs_policy,
+    next_rung,
+    release_rung,
+    vm_rungs,
+)
 from workers.jobs.verdict import VerdictWatch
 from workers.semaphore import Chooser, HeldSlot, Scope, SemaphoreLost, hold
 
+CANNOT_CONVERGE = "CannotConverge"
 IN_FLIGHT_ELSEWHERE = "in-flight migration detected"
 """KubeVirt's admission refusal while another migration of the VMI runs (an evacuation, a user's)."""
 CANCEL_POLL_S = 5.0
@@ -130,8 +140,12 @@ async def _migrate(ctx: Ctx, drain_id: str, vmi: str, attempt: int) -> str:
         await advance_drain(ctx, drain_id)
         return VmPhase.CANCELLED.value
     source = rec.node
+    rung = await _rung(ctx, drain, rec, attempt)
+    solo = rung is Rung.SOLO
+    per_node = limits.node_parallel.get(source, limits.per_node)
+    # Solo: the whole of the source node's scope (and, in the chooser, of the target's inbound scope).
     scopes = [Scope(keys.CLUSTER_SCOPE, limits.cluster),
-              Scope(keys.node_scope(source), limits.node_parallel.get(source, limits.per_node))]
+              Scope(keys.node_scope(source), per_node, weight=per_node if solo else 1)]
     if rec.phase is VmPhase.QUEUED:
         await store.update_vm(drain_id, vmi, assign(phase=VmPhase.WAITING, message="waiting for a migration slot"))
     meta = {"drain_id": drain_id, "vmi": vmi, "attempt": str(attempt), "vmim": f"{ns}/{mig_name}",
@@ -144,10 +158,11 @@ async def _migrate(ctx: Ctx, drain_id: str, vmi: str, attempt: int) -> str:
     result: Outcome | _Busy | None = None
     try:
         async with hold(ctx["semaphore"], holder, scopes, meta=meta, on_wait=on_wait, priority=priority,
-                        choose=_target_chooser(ctx, drain_id, vmi, rec, limits, mig_name)) as slot:
-            bound.info("semaphore.acquired", token=slot.lease.token, target=keys.inbound_node(slot.lease.chosen))
+                        choose=_target_chooser(ctx, drain_id, vmi, rec, limits, mig_name, solo=solo)) as slot:
+            bound.info("semaphore.acquired", token=slot.lease.token, target=keys.inbound_node(slot.lease.chosen),
+                       rung=_rung_value(rung))
             result = await _drive(ctx, slot, drain_id=drain_id, vmi=vmi, rec=rec, attempt=attempt,
-                                  mig_name=mig_name, limits=limits, bound=bound)
+                                  mig_name=mig_name, limits=limits, bound=bound, rung=rung)
     except _Settled as settled:
         result = settled.outcome
     except SemaphoreLost as exc:
@@ -155,13 +170,23 @@ async def _migrate(ctx: Ctx, drain_id: str, vmi: str, attempt: int) -> str:
         bound.warning("semaphore.lost", error=str(exc))
         raise Retry(defer=1) from exc
     assert result is not None
-    if next_rung(rec, attempt, allow_post_copy=drain.allow_post_copy) is not None:
+    if needs_policy(rung):
         await release_rung(ctx, namespace=ns, name=name, policy_name=mig_name)
     if isinstance(result, _Busy):
         result = await _wait_elsewhere(ctx, drain_id, vmi, rec, limits, result.message)
     await _record_outcome(ctx, drain_id, vmi, attempt, result, bound)
     await advance_drain(ctx, drain_id)
     return result.phase.value
+
+
+async def _rung(ctx: Ctx, drain: DrainRecord, rec: VmRecord, attempt: int) -> Rung | None:
+    """The ladder's rung of this attempt; the VM's annotations are read only when the last attempt escalated or
+    was judged unable to converge (other VMs cost no request)."""
+    previous = rec.attempt_entry(attempt - 1)
+    if previous is None or (previous.rung is None and previous.convergence is None):
+        return None
+    allowed, _ = await vm_rungs(ctx, drain, rec.namespace, rec.name)
+    return next_rung(rec, attempt, allowed)
 
 
 async def _priority(ctx: Ctx, drain_id: str, rec: VmRecord) -> float | None:
@@ -198,7 +223,7 @@ async def _wait_elsewhere(ctx: Ctx, drain_id: str, vmi: str, rec: VmRecord, limi
 
 
 async def _drive(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec: VmRecord, attempt: int,
-                 mig_name: str, limits: DrainLimits, bound: Any) -> Outcome | _Busy:
+                 mig_name: str, limits: DrainLimits, bound: Any, rung: Rung | None) -> Outcome | _Busy:
     """Create (or adopt) this attempt's VMIM and follow it to an end.
 
     If anything interrupts us once the VMIM may exist (the worker stops, the API or Redis fails), the slot is
@@ -206,7 +231,7 @@ async def _drive(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec: VmRe
     touched: list[bool] = []
     try:
         return await _drive_inner(ctx, slot, drain_id=drain_id, vmi=vmi, rec=rec, attempt=attempt,
-                                  mig_name=mig_name, limits=limits, bound=bound, touched=touched)
+                                  mig_name=mig_name, limits=limits, bound=bound, touched=touched, rung=rung)
     except BaseException:
         ns, _ = split_vmi_key(vmi)
         current = ctx["view"].vmims.get(f"{ns}/{mig_name}")
@@ -216,7 +241,8 @@ async def _drive(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec: VmRe
 
 
 async def _drive_inner(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec: VmRecord, attempt: int,
-                       mig_name: str, limits: DrainLimits, bound: Any, touched: list[bool]) -> Outcome | _Busy:
+                       mig_name: str, limits: DrainLimits, bound: Any, touched: list[bool],
+                       rung: Rung | None) -> Outcome | _Busy:
     kube, view, clock = ctx["kube"], ctx["view"], ctx["clock"]
     ns, name = split_vmi_key(vmi)
     key = f"{ns}/{mig_name}"
@@ -256,10 +282,11 @@ async def _drive_inner(ctx: Ctx, slot: HeldSlot, *, drain_id: str, vmi: str, rec
             raise Retry(defer=1)
         why = choice.reason if choice.target == target else f"{target}: inbound slot taken"
         await slot.confirm()  # fencing: never create while our lease is not ours any more
-        rung = next_rung(fresh, attempt, allow_post_copy=drain.allow_post_copy)
-        if rung is not None:
+        if needs_policy(rung):
+            assert rung is not None
             touched.append(True)  # the rung's policy and labels are released with the attempt
             await apply_rung(ctx, drain_id=drain_id, namespace=ns, name=name, policy_name=mig_name, rung=rung)
+        if rung is not None:
             why += f", escalated: {rung.value}"
         body = {
             "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
@@ -323,15 +350,17 @@ def _rung_value(rung: Rung | None) -> str | None:
 
 
 def _target_chooser(ctx: Ctx, drain_id: str, vmi: str, rec: VmRecord, limits: DrainLimits,
-                    mig_name: str) -> Chooser:
+                    mig_name: str, *, solo: bool = False) -> Chooser:
     """The targets this attempt may take an inbound slot on, best first, for the semaphore to pick one
     atomically with the cluster and source-node slots (our inbound limit; the view's counts may be stale).
 
     Called before every try while the job waits for room, so the choice follows the cluster. The VMIM of this
     attempt, if it exists already (a re-run), fixes the target. Raises _Settled when the attempt needs no
-    slot: no target fits, the VMI is gone or already runs elsewhere."""
+    slot: no target fits, the VMI is gone or already runs elsewhere. A solo attempt takes a target's whole
+    inbound scope: only a target that receives no other migration of ours."""
     ns, name = split_vmi_key(vmi)
     fetched: list[Obj] = []
+    weight = limits.inbound if solo else 1
 
     async def choose() -> list[Scope]:
         # The shared watch sees our VMIMs; ask the API too on the first try only (a job re-run at once).
@@ -340,7 +369,7 @@ def _target_chooser(ctx: Ctx, drain_id: str, vmi: str, rec: VmRecord, limits: Dr
             existing = await ctx["kube"].find(k.VMIMS, mig_name, ns)
         target = (((existing or {}).get("spec") or {}).get("addedNodeSelector") or {}).get("kubernetes.io/hostname")
         if target:
-            return [Scope(keys.inbound_scope(target), limits.inbound)]
+            return [Scope(keys.inbound_scope(target), limits.inbound, weight=weight)]
         if not fetched:
             vmi_obj = await ctx["kube"].find(k.VMIS, name, ns)
             if vmi_obj is None:
@@ -361,7 +390,8 @@ def _target_chooser(ctx: Ctx, drain_id: str, vmi: str, rec: VmRecord, limits: Dr
             raise _Settled(Outcome(VmPhase.FAILED, target=None, reason=choice.reason,
                                    failure=FailureClass.UNSCHEDULABLE))
         # Enough options that some have room whenever the cluster scope has (each full one holds >= 1 slot).
-        return [Scope(keys.inbound_scope(n), limits.inbound) for n in choice.ranked[: max(8, limits.cluster + 1)]]
+        return [Scope(keys.inbound_scope(n), limits.inbound, weight=weight)
+                for n in choice.ranked[: max(8, limits.cluster + 1)]]
 
     return choose
 
@@ -492,8 +522,18 @@ def _failed_condition(obj: Obj) -> str:
 async def _record_outcome(ctx: Ctx, drain_id: str, vmi: str, attempt: int, outcome: Outcome, bound: Any) -> None:
     store = ctx["store"]
     drain = await store.get(drain_id)
+    allowed: frozenset[Rung] = frozenset()
+    problem: str | None = None
+    judged: AttemptRecord | None = None
+    if outcome.phase is VmPhase.FAILED and outcome.failure is FailureClass.NOT_CONVERGING:
+        # Only a VM judged unable to converge needs its rungs (two reads of the cluster).
+        current = await store.vm(drain_id, vmi)
+        judged = current.attempt_entry(attempt) if current is not None else None
+        if judged is not None and judged.convergence == CANNOT_CONVERGE:
+            allowed, problem = await vm_rungs(ctx, drain, *split_vmi_key(vmi))
+    climbs = judged is not None and escalates(judged, allowed)
     settle = settle_attempt(outcome.phase, outcome.failure, attempt=attempt,
-                            max_attempts=limits_of(ctx, drain).max_attempts,
+                            max_attempts=limits_of(ctx, drain).max_attempts, escalates=climbs,
                             drain_cancelled=drain.phase in (DrainPhase.CANCELLING, DrainPhase.CANCELLED))
     now = ctx["clock"].time()
     backoff = ctx["settings"].timeouts.backoff(attempt + 1)
@@ -507,7 +547,7 @@ async def _record_outcome(ctx: Ctx, drain_id: str, vmi: str, attempt: int, outco
         entry.vmim = outcome.vmim or entry.vmim
         vm.put_attempt(entry)
         vm.busy_since = None
-        report = hopeless(entry, allow_post_copy=drain.allow_post_copy) if settle is Settle.RETRY else None
+        report = hopeless(entry, allowed, problem=problem) if settle in (Settle.RETRY, Settle.FAILED) else None
         if outcome.target and outcome.phase is VmPhase.FAILED and outcome.failure is not None \
                 and outcome.failure.avoid_target:
             vm.failed_targets = sorted(set(vm.failed_targets) | {outcome.target})
@@ -523,7 +563,13 @@ async def _record_outcome(ctx: Ctx, drain_id: str, vmi: str, attempt: int, outco
             vm.phase, vm.attempt, vm.enqueued = VmPhase.QUEUED, attempt + 1, attempt + 1
             vm.failure_class = outcome.failure
             vm.not_before_s = now + ctx["settings"].to_wall(backoff)
-            vm.message = f"attempt {attempt} failed ({outcome.reason}); retrying on another node in {backoff:.0f} s"
+            upcoming = next_rung(vm, attempt + 1, allowed) if climbs else None
+            if upcoming is not None:
+                vm.message = f"attempt {attempt} failed ({outcome.reason}); escalating to the {upcoming.option} " \
+                             f"rung in {backoff:.0f} s"
+            else:
+                vm.message = f"attempt {attempt} failed ({outcome.reason}); retrying on another node in " \
+                             f"{backoff:.0f} s"
         else:
             vm.phase, vm.finished_at, vm.failure_class = VmPhase.FAILED, now, outcome.failure
             vm.message = f"failed after {attempt} attempt(s): {outcome.reason}"

@@ -19,6 +19,7 @@ from orchestrator.model import (
     VmVerdict,
 )
 from orchestrator.planner import PlanError, plan_drain
+from orchestrator.prometheus import MigrationMetricsReader
 from orchestrator.records import DrainLimits, DrainRecord, NodeRecord, VmRecord
 from orchestrator.replan import replan_reason
 from orchestrator.settings import Settings
@@ -26,6 +27,18 @@ from orchestrator.view import drain_snapshot
 from workers.jobs.advance import advance_drain, close_drain
 from workers.jobs.common import Ctx, assign, guarded, log
 from workers.jobs.tune import TuneConflict, apply_tuning, tuned_values
+
+
+async def dirty_rates(ctx: Ctx, settings: Settings, nodes: list[str]) -> dict[str, float]:
+    """The guests' last known dirty rates on `nodes` (the planner's input for hard VMs): from the worker's
+    Prometheus reader, or one made from `settings` (a caller's dry run); `{}` without Prometheus."""
+    reader = ctx.get("prometheus")
+    if reader is not None and reader.enabled:
+        return await reader.node_dirty_rates(nodes)
+    if settings.connection.prometheus_url is None:
+        return {}
+    async with MigrationMetricsReader.from_settings(settings) as own:
+        return await own.node_dirty_rates(nodes)
 
 
 # =============================================================================================== dry plan
@@ -36,9 +49,10 @@ async def dry_plan_job(ctx: Ctx, request: dict[str, Any], settings: Settings) ->
     drain_request = DrainRequest.from_json(request)
     names = [str(n) for n in drain_request.nodes]
     snapshot = await drain_snapshot(ctx["kube"], names, ctx.get("view"))
+    rates = await dirty_rates(ctx, settings, names)
     try:
         plan = plan_drain(snapshot, drain_request, settings, now=ctx["clock"].time(),
-                          transfers=await ctx["store"].transfer_samples(names))
+                          transfers=await ctx["store"].transfer_samples(names), dirty_rates=rates)
     except PlanError as exc:
         return {"refused": list(exc.problems)}
     return {"plan": plan.to_json()}
@@ -71,9 +85,10 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
     else:
         names = [str(n) for n in request.nodes]
         snapshot = await drain_snapshot(ctx["kube"], names, ctx.get("view"))
+        rates = await dirty_rates(ctx, ctx["settings"], names)
         try:
             plan = plan_drain(snapshot, request, ctx["settings"], now=ctx["clock"].time(), drain_id=drain_id,  # type: ignore[arg-type]
-                              transfers=await store.transfer_samples(names))
+                              transfers=await store.transfer_samples(names), dirty_rates=rates)
         except PlanError as exc:
             await close_drain(ctx, drain_id, DrainPhase.FAILED, f"refused by the planner: {exc}")
             bound.warning("drain.refused", error=str(exc), replanned=replan)
