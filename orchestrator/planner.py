@@ -458,33 +458,37 @@ class HardVm:
 
 def expect_hard(*, dirty_rate: float, memory_bytes: int, bandwidth: float, nic_bytes_per_s: float,
                 cap_bytes_per_s: float, allowed: frozenset[Rung], setup_s: float,
-                backoff: Callable[[int], float]) -> HardVm | None:
+                backoff: Callable[[int], float], start_on_rung: bool = False) -> HardVm | None:
     """None unless `dirty_rate` >= `bandwidth` (the bandwidth a migration of the VM gets beside the others of
     its node). Then the ladder as the workers climb it: plain, then each allowed rung in order; solo helps when
     the guest dirties less than its whole NIC carries (`nic_bytes_per_s`, capped by bandwidthPerMigration
-    `cap_bytes_per_s` when > 0), auto-converge and post-copy are expected to."""
+    `cap_bytes_per_s` when > 0), auto-converge and post-copy are expected to. With `start_on_rung` (the
+    workers' `start_on_expected_rung`), the first attempt starts on the expected rung: its time alone."""
     if dirty_rate < bandwidth:
         return None
     solo_bw = min(nic_bytes_per_s, cap_bytes_per_s) if cap_bytes_per_s > 0 else nic_bytes_per_s
     total = setup_s + memory_bytes / bandwidth + JUDGE_S
     attempt = 1
     rung: Rung | None = None
+    rung_s = 0.0
     for step in LADDER:
         if step not in allowed:
             continue
         attempt += 1
         total += backoff(attempt)
         if step is Rung.SOLO:
-            total += setup_s + memory_bytes / solo_bw
+            rung_s = setup_s + memory_bytes / solo_bw
+            total += rung_s
             if dirty_rate < solo_bw:
                 rung = step
                 break
             total += JUDGE_S  # judged again, alone on its NICs
             continue
         if step is Rung.AUTO_CONVERGE:
-            total += setup_s + 2 * memory_bytes / bandwidth
+            rung_s = setup_s + 2 * memory_bytes / bandwidth
         else:
-            total += setup_s + memory_bytes / bandwidth + math.ceil(memory_bytes / 1e9)
+            rung_s = setup_s + memory_bytes / bandwidth + math.ceil(memory_bytes / 1e9)
+        total += rung_s
         rung = step
         break
     numbers = (f"dirties {format_bytes(int(dirty_rate))}/s, at or above the {format_bytes(int(bandwidth))}/s a "
@@ -493,6 +497,9 @@ def expect_hard(*, dirty_rate: float, memory_bytes: int, bandwidth: float, nic_b
         allowed_text = ", ".join(r.option for r in LADDER if r in allowed) or "none"
         return HardVm(None, total, f"{numbers}; no allowed rung is expected to move it (allowed: {allowed_text}): "
                                    "it would be reported, not moved")
+    if start_on_rung:
+        return HardVm(rung, rung_s, f"{numbers}; expected to move on the {rung.option} rung, where its first "
+                                    f"attempt starts, about {rung_s:.0f} s")
     return HardVm(rung, total, f"{numbers}; expected to move on the {rung.option} rung after {attempt - 1} judged "
                                f"attempt(s), about {total:.0f} s")
 
@@ -727,7 +734,8 @@ def plan_drain(
                     allowed = frozenset()
                 hard = expect_hard(dirty_rate=dirty, memory_bytes=vmi.guest_memory_bytes, bandwidth=node_share,
                                    nic_bytes_per_s=nic, cap_bytes_per_s=cap, allowed=allowed, setup_s=setup_s,
-                                   backoff=settings.timeouts.backoff)
+                                   backoff=settings.timeouts.backoff,
+                                   start_on_rung=settings.retry.start_on_expected_rung)
             jobs.append(
                 MigrationJob(
                     vmi=vmi.key,

@@ -166,6 +166,9 @@ class VmRecord(StoredRecord):
     """The attempt whose migrate job is in the queue (the node's feed window counts it)."""
     not_before_s: float | None = None
     """Wall time before which a retry does not start (backoff)."""
+    expected_rung: str | None = None
+    """The rung of the escalation ladder the plan expects this VM to need (from its last known dirty rate,
+    `MigrationJob.expected_rung`): its first attempt starts there instead of climbing from a plain attempt."""
     busy_since: float | None = None
     """Wall time KubeVirt first refused this attempt because another migration of the VM runs (the wait for
     it has a deadline counted from here)."""

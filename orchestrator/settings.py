@@ -107,6 +107,10 @@ class Retry:
 
     max_attempts: int = 3
     """Attempts per VM, the first included; each retry goes to a different target than the one that failed."""
+    start_on_expected_rung: bool = True
+    """A VM the plan expects to be hard (its last known dirty rate) starts on the rung of the escalation ladder
+    expected to move it, where allowed, instead of failing a plain attempt first (`DRAIN_START_ON_EXPECTED_RUNG`,
+    false to climb from a plain attempt)."""
 
     def __post_init__(self) -> None:
         value = self.max_attempts
@@ -194,6 +198,7 @@ ENV_VARS: Mapping[str, tuple[str, str]] = {
     "DRAIN_LEASE_TTL": ("timeouts", "lease_ttl_s"),
     "DRAIN_PLAN_REUSE": ("timeouts", "plan_reuse_s"),
     "DRAIN_MAX_ATTEMPTS": ("retry", "max_attempts"),
+    "DRAIN_START_ON_EXPECTED_RUNG": ("retry", "start_on_expected_rung"),
     "DRAIN_REDIS_URL": ("connection", "redis_url"),
     "DRAIN_KUBECONFIG": ("connection", "kubeconfig"),
     "DRAIN_CONTEXT": ("connection", "context"),
@@ -234,6 +239,15 @@ def _parse_float(text: str) -> float:
     return value
 
 
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not true or false (1/0, true/false, yes/no, on/off)")
+
+
 def _parser_for(group: str, name: str) -> Callable[[str], Any]:
     if name == "completion_timeout_per_gib":
         return _parse_int
@@ -242,7 +256,9 @@ def _parser_for(group: str, name: str) -> Callable[[str], Any]:
     if name.endswith("_s"):
         return parse_duration
     default = getattr(_GROUPS[group](), name)
-    if isinstance(default, int) and not isinstance(default, bool):
+    if isinstance(default, bool):
+        return _parse_bool
+    if isinstance(default, int):
         return _parse_int
     return str
 

@@ -34,6 +34,8 @@ def test_defaults_mirror_hyperconverged_live_migration_config() -> None:
         ({"DRAIN_MAX_PER_NODE": "1"}, "limits.max_in_flight_per_node", 1),
         ({"DRAIN_MAX_INBOUND_PER_NODE": "4"}, "limits.max_inbound_per_node", 4),
         ({"DRAIN_MAX_ATTEMPTS": "5"}, "retry.max_attempts", 5),
+        ({"DRAIN_START_ON_EXPECTED_RUNG": "false"}, "retry.start_on_expected_rung", False),
+        ({"DRAIN_START_ON_EXPECTED_RUNG": "1"}, "retry.start_on_expected_rung", True),
         ({"DRAIN_PROGRESS_TIMEOUT": "90"}, "timeouts.progress_timeout_s", 90.0),
         ({"DRAIN_PROGRESS_TIMEOUT": "2m"}, "timeouts.progress_timeout_s", 120.0),
         ({"DRAIN_PENDING_TIMEOUT": "500ms"}, "timeouts.pending_timeout_s", 0.5),
@@ -58,6 +60,7 @@ def test_from_env_reads_drain_variables(env: dict[str, str], path: str, expected
     ("env", "message"),
     [
         ({"DRAIN_MAX_IN_FLIGHT": "many"}, "DRAIN_MAX_IN_FLIGHT: 'many' is not an integer"),
+        ({"DRAIN_START_ON_EXPECTED_RUNG": "maybe"}, "DRAIN_START_ON_EXPECTED_RUNG: 'maybe' is not true or false"),
         ({"DRAIN_MAX_IN_FLIGHT": "0"}, "DRAIN_MAX_IN_FLIGHT: 0 is out of range"),
         ({"DRAIN_MAX_PER_NODE": "-1"}, "DRAIN_MAX_PER_NODE: -1 is out of range"),
         ({"DRAIN_MAX_ATTEMPTS": "2.5"}, "DRAIN_MAX_ATTEMPTS: '2.5' is not an integer"),

@@ -19,8 +19,23 @@ def judged(attempt: int, rung: Rung | None, convergence: str | None = CC) -> Att
                          dirty_rate=20e9, transfer_rate=2.5e9)
 
 
-def vm_after(*entries: AttemptRecord) -> VmRecord:
-    return VmRecord(vmi="ns/hot", node="n1", attempt=len(entries) + 1, attempts=list(entries))
+def vm_after(*entries: AttemptRecord, expected: Rung | None = None) -> VmRecord:
+    return VmRecord(vmi="ns/hot", node="n1", attempt=len(entries) + 1, attempts=list(entries),
+                    expected_rung=None if expected is None else expected.value)
+
+
+@pytest.mark.parametrize(("expected", "allowed", "later", "expect"), [
+    (None, ALL, None, None),                 # nothing expected: a plain first attempt
+    (A, ALL, None, A),                       # the plan expects auto-converge: the first attempt starts there
+    (P, DEFAULT, None, None),                # ... post-copy is not allowed: plain
+    (S, frozenset({A}), None, None),         # ... solo is not allowed for this VM: plain, then the ladder
+    (A, ALL, judged(1, A), P),               # judged unable to converge even there: on up from that rung
+    (S, ALL, judged(1, S, "Converging"), S),  # failed otherwise: the same rung again
+])
+def test_the_first_attempt_starts_on_the_expected_rung(expected: Rung | None, allowed: frozenset[Rung],
+                                                       later: AttemptRecord | None, expect: Rung | None) -> None:
+    vm = vm_after(*([later] if later else []), expected=expected)
+    assert next_rung(vm, vm.attempt, allowed) is expect
 
 
 @pytest.mark.parametrize(("previous", "allowed", "expect"), [

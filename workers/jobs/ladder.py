@@ -2,11 +2,12 @@
 objects that make it try that.
 
 What it promises:
-- `next_rung(vm, attempt, allowed)` (pure): the rung of attempt `attempt` of `vm`. After an attempt aborted on a
-  CannotConverge verdict, the next rung of the ladder (solo, auto-converge, post-copy) above the one that attempt
-  ran on that `allowed` contains; after an attempt that failed for another reason (a target that failed, a
-  timeout), the rung that attempt ran on again (the verdict that brought the VM there still stands); a plain
-  attempt otherwise. None: plain, or no allowed rung is left (then `hopeless(...)` says to stop).
+- `next_rung(vm, attempt, allowed)` (pure): the rung of attempt `attempt` of `vm`. The first attempt starts on
+  the rung the plan expects the VM to need (`VmRecord.expected_rung`) where allowed, else plain. After an
+  attempt aborted on a CannotConverge verdict: the next rung of the ladder (solo, auto-converge, post-copy)
+  above the one that attempt ran on that `allowed` contains. After an attempt that failed for another reason
+  (a target that failed, a timeout): the rung that attempt ran on again (the verdict that brought the VM
+  there still stands). None: plain, or no allowed rung is left (then `hopeless(...)` says to stop).
 - `hopeless(entry, allowed)` (pure): the report for an attempt judged unable to converge that no allowed rung
   above its own can help ("cannot converge: dirties X/s, the network carries Y/s", and what would make it
   move), or None. `escalates(entry, allowed)`: whether a rung follows it (the ladder's attempts do not count
@@ -61,7 +62,10 @@ def _above(rung: str | None, allowed: frozenset[Rung]) -> Rung | None:
 def next_rung(vm: VmRecord, attempt: int, allowed: frozenset[Rung]) -> Rung | None:
     previous = vm.attempt_entry(attempt - 1)
     if previous is None:
-        return None
+        # The first attempt: plain, or the rung the plan expects the VM to need where it is allowed (a VM whose
+        # last known dirty rate no plain attempt carries is not made to fail one first).
+        expected = Rung(vm.expected_rung) if vm.expected_rung in {r.value for r in LADDER} else None
+        return expected if expected in allowed else None
     if previous.convergence != CANNOT_CONVERGE:
         again = None if previous.rung is None else Rung(previous.rung)
         return again if again in allowed else None

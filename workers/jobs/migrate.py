@@ -183,7 +183,9 @@ async def _rung(ctx: Ctx, drain: DrainRecord, rec: VmRecord, attempt: int) -> Ru
     """The ladder's rung of this attempt; the VM's annotations are read only when the last attempt escalated or
     was judged unable to converge (other VMs cost no request)."""
     previous = rec.attempt_entry(attempt - 1)
-    if previous is None or (previous.rung is None and previous.convergence is None):
+    if previous is None and rec.expected_rung is None:
+        return None
+    if previous is not None and previous.rung is None and previous.convergence is None:
         return None
     allowed, _ = await vm_rungs(ctx, drain, rec.namespace, rec.name)
     return next_rung(rec, attempt, allowed)

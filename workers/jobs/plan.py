@@ -95,13 +95,16 @@ async def _plan(ctx: Ctx, drain_id: str) -> str:
             return DrainPhase.FAILED.value
     nodes: dict[str, NodeRecord] = {}
     vms: dict[str, VmRecord] = {}
+    start_on_rung = ctx["settings"].retry.start_on_expected_rung
     for index, node_plan in enumerate(plan.nodes):
         nodes[node_plan.node] = NodeRecord(
             node=node_plan.node, phase=NodePhase.PENDING, index=index, wave=node_plan.wave,
             vms=len(node_plan.jobs) + len(node_plan.skipped) + len(node_plan.blocked))
         for job in node_plan.jobs:
             vms[job.vmi] = _vm_record(job.vmi, node_plan.node, VmPhase.QUEUED, VmVerdict.MIGRATE,
-                                      job.reason, memory=job.memory_bytes, proposed=job.proposed_target)
+                                      job.reason, memory=job.memory_bytes, proposed=job.proposed_target,
+                                      expected_rung=(job.expected_rung if job.expected_hard and start_on_rung
+                                                     else None))
         for decision in node_plan.skipped:
             vms[decision.vmi] = _vm_record(decision.vmi, node_plan.node, VmPhase.SKIPPED, decision.verdict,
                                            decision.reason)
@@ -192,8 +195,9 @@ def _only_from(expected: DrainPhase, **fields: Any) -> Callable[[DrainRecord], b
 
 
 def _vm_record(vmi: str, node: str, phase: VmPhase, verdict: VmVerdict, reason: str, *, memory: int = 0,
-               proposed: str | None = None) -> VmRecord:
+               proposed: str | None = None, expected_rung: str | None = None) -> VmRecord:
     return VmRecord(vmi=vmi, node=node, phase=phase, verdict=verdict, reason=reason, memory_bytes=memory,
-                    proposed_target=proposed, attempt=1 if phase is VmPhase.QUEUED else 0, message=reason)
+                    proposed_target=proposed, attempt=1 if phase is VmPhase.QUEUED else 0, message=reason,
+                    expected_rung=expected_rung)
 
 
