@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,19 +116,7 @@ class MigrationMetricsReader:
         if self.url is None:
             return {}
         query = GUEST_DIRTY_RATE if namespace is None else f'{GUEST_DIRTY_RATE}{{namespace="{_quote(namespace)}"}}'
-        body = await self._query(query)
-        if body is None or (body.get("data") or {}).get("resultType") != "vector":
-            return {}
-        out: dict[tuple[str, str], float] = {}
-        for item in body["data"].get("result") or []:
-            metric = item.get("metric") or {}
-            try:
-                value = float((item.get("value") or [0, "nan"])[1])
-            except (TypeError, ValueError):
-                continue
-            if metric.get("namespace") and metric.get("name") and math.isfinite(value):
-                out[(metric["namespace"], metric["name"])] = value
-        return out
+        return dict(_vmi_values(await self._query(query)))
 
     async def node_dirty_rates(self, nodes: Sequence[str]) -> dict[str, float]:
         """The last known guest dirty rate (bytes/s) of every VMI on `nodes`, by "namespace/name": the planner's
@@ -137,18 +125,7 @@ class MigrationMetricsReader:
             return {}
         pattern = "|".join(re.escape(node) for node in sorted(set(nodes)))
         body = await self._query(f'{GUEST_DIRTY_RATE}{{node=~"{_quote(pattern)}"}}')
-        if body is None or (body.get("data") or {}).get("resultType") != "vector":
-            return {}
-        out: dict[str, float] = {}
-        for item in body["data"].get("result") or []:
-            metric = item.get("metric") or {}
-            try:
-                value = float((item.get("value") or [0, "nan"])[1])
-            except (TypeError, ValueError):
-                continue
-            if metric.get("namespace") and metric.get("name") and math.isfinite(value):
-                out[f"{metric['namespace']}/{metric['name']}"] = value
-        return out
+        return {f"{ns}/{name}": value for (ns, name), value in _vmi_values(body)}
 
     async def history(self, namespace: str, name: str, *, end: float, window_s: float = 60.0,
                       step_s: float = 5.0) -> MigrationHistory | None:
@@ -244,6 +221,20 @@ def parse_matrix(body: Mapping[str, Any], namespace: str, name: str) -> Migratio
 
 def _quote(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _vmi_values(body: dict[str, Any] | None) -> Iterator[tuple[tuple[str, str], float]]:
+    """((namespace, name), value) of each finite sample of an instant-query vector; nothing for another answer."""
+    if body is None or (body.get("data") or {}).get("resultType") != "vector":
+        return
+    for item in body["data"].get("result") or []:
+        metric = item.get("metric") or {}
+        try:
+            value = float((item.get("value") or [0, "nan"])[1])
+        except (TypeError, ValueError):
+            continue
+        if metric.get("namespace") and metric.get("name") and math.isfinite(value):
+            yield (metric["namespace"], metric["name"]), value
 
 
 def parse_vector(body: Mapping[str, Any]) -> dict[tuple[str, str], VMIMigrationMetrics]:
