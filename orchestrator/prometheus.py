@@ -187,11 +187,17 @@ class MigrationHistory:
     dirty_rate_bytes_per_s: tuple[tuple[float, float], ...] = ()
 
     def samples(self) -> list[Sample]:
-        """The instants where remaining bytes, transfer rate and dirty rate are all known, for `judge`."""
+        """The instants where remaining bytes, transfer rate and dirty rate are all known, for `judge`, of the
+        VMI's newest migration only: its processed bytes start again from zero with each migration, so what
+        came before their last drop belongs to an earlier attempt (another bandwidth, another target)."""
+        start = -math.inf
+        for (_, before), (t, after) in zip(self.data_processed_bytes, self.data_processed_bytes[1:], strict=False):
+            if after < before:
+                start = t
         transfer = dict(self.transfer_rate_bytes_per_s)
         dirty = dict(self.dirty_rate_bytes_per_s)
         return [Sample(t=t, remaining_bytes=v, transfer_rate=transfer[t], dirty_rate=dirty[t])
-                for t, v in self.data_remaining_bytes if t in transfer and t in dirty]
+                for t, v in self.data_remaining_bytes if t >= start and t in transfer and t in dirty]
 
 
 def parse_matrix(body: Mapping[str, Any], namespace: str, name: str) -> MigrationHistory | None:

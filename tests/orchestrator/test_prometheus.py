@@ -8,7 +8,7 @@ import socket
 import pytest
 from structlog.testing import capture_logs
 
-from orchestrator.prometheus import MigrationMetricsReader, VMIMigrationMetrics, parse_vector
+from orchestrator.prometheus import MigrationHistory, MigrationMetricsReader, VMIMigrationMetrics, parse_vector
 from orchestrator.settings import Settings, SettingsError
 from simulator import scenarios
 from simulator.cluster import running_cluster
@@ -52,6 +52,26 @@ async def test_an_unreachable_prometheus_is_reported_once_not_per_call() -> None
             for _ in range(3):
                 assert await reader.read() == {}
     assert [e["event"] for e in logs] == ["prometheus.unavailable"]
+
+
+def test_a_history_judges_the_newest_migration_only() -> None:
+    """A VMI's earlier attempt (half the bandwidth, other numbers) is in the same series: its processed bytes drop
+    to zero when the next migration starts, and only the samples from there on are judged."""
+    def series(*values: float) -> tuple[tuple[float, float], ...]:
+        return tuple((float(t), v) for t, v in zip(range(0, 5 * len(values), 5), values, strict=True))
+
+    history = MigrationHistory(
+        namespace="a", name="b",
+        data_processed_bytes=series(1e9, 4e9, 7e9, 0.2e9, 5e9),   # the second migration starts at t=15
+        data_remaining_bytes=series(4e9, 4e9, 4e9, 8e9, 3e9),
+        transfer_rate_bytes_per_s=series(0.7e9, 0.7e9, 0.7e9, 1.4e9, 1.4e9),
+        dirty_rate_bytes_per_s=series(0.7e9, 0.7e9, 0.7e9, 0.7e9, 0.7e9))
+    assert [s.t for s in history.samples()] == [15.0, 20.0]
+    assert all(s.transfer_rate == 1.4e9 for s in history.samples())
+    one = MigrationHistory(namespace="a", name="b", data_processed_bytes=series(1e9, 2e9),
+                           data_remaining_bytes=series(4e9, 3e9), transfer_rate_bytes_per_s=series(1e9, 1e9),
+                           dirty_rate_bytes_per_s=series(0.5e9, 0.5e9))
+    assert [s.t for s in one.samples()] == [0.0, 5.0]  # one migration: every sample
 
 
 def test_parse_vector_ignores_what_it_does_not_know() -> None:
