@@ -821,9 +821,15 @@ def test_a_bad_escalation_annotation_is_a_plan_warning_naming_it() -> None:
                for w in result.warnings), result.warnings
 
 
-def test_the_tuner_gets_the_dirty_rates() -> None:
+def test_the_tuner_gets_the_dirty_rates_where_solo_is_not_allowed() -> None:
     snapshot = _hard_cluster().snapshot()
-    calm = plan_drain(snapshot, request("src"), Settings(), now=NOW)
-    hot = plan_drain(snapshot, request("src"), Settings(), now=NOW, dirty_rates={"default/hot": 0.5e9})
-    # The convergence cap now applies: a VM that needs more bandwidth makes the node run fewer at once.
+    rates = {"default/hot": 0.5e9}
+    no_solo = request("src", escalation=("auto-converge",))
+    calm = plan_drain(snapshot, no_solo, Settings(), now=NOW)
+    hot = plan_drain(snapshot, no_solo, Settings(), now=NOW, dirty_rates=rates)
+    # The convergence cap applies: a VM that needs more bandwidth makes the node run fewer at once.
     assert hot.tuning != calm.tuning
+    # Where solo is allowed (the default) that VM goes solo instead: the node keeps its parallelism.
+    default_calm = plan_drain(snapshot, request("src"), Settings(), now=NOW)
+    default_hot = plan_drain(snapshot, request("src"), Settings(), now=NOW, dirty_rates=rates)
+    assert default_hot.tuning == default_calm.tuning
