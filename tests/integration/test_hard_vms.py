@@ -286,18 +286,19 @@ async def test_the_plan_lists_the_vms_it_expects_to_be_hard_with_their_rung(clus
         assert (await env.stats())["migrations"] == []
 
 
-@pytest.mark.parametrize("kind", ["solo", "auto-converge"])
+@pytest.mark.parametrize("kind", ["solo", "auto-converge", "post-copy"])
 async def test_a_vm_the_plan_expects_to_be_hard_starts_on_its_rung(cluster_env: EnvFactory, kind: str) -> None:
-    """The plan reads the guests' dirty rates; a VM no plain attempt can carry starts on the rung expected to move
-    it (the default), so it moves in one attempt and no slot is spent on a verdict."""
+    """The plan reads the guests' dirty rates; a VM no plain attempt can carry starts on the quickest rung
+    expected to move it (the default), so it moves in one attempt and no slot is spent on a verdict."""
     if kind == "solo":
         sc, hot, _bulk = with_solo_vm(scenarios.builtin("small"))
     else:
         sc, hot = with_hard_vm(scenarios.builtin("small"))
-    rung = {"solo": "Solo", "auto-converge": "AutoConverge"}[kind]
+    rung = {"solo": "Solo", "auto-converge": "AutoConverge", "post-copy": "PostCopy"}[kind]
     async with cluster_env(sc, workers=2, prometheus=True) as env:
         node = sc.drain_hint[0]
-        result = await env.adrainctl("drain", node, "--wait", "-o", "json", timeout_s=280)
+        opt_in = ["--allow-post-copy"] if kind == "post-copy" else []
+        result = await env.adrainctl("drain", node, *opt_in, "--wait", "-o", "json", timeout_s=280)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:] + env.worker_logs()
         vm = json.loads(result.stdout)["vms"][hot]
         assert vm["phase"] == "Succeeded" and len(vm["attempts"]) == 1, json.dumps(vm["attempts"], indent=0)
@@ -308,7 +309,8 @@ async def test_a_vm_the_plan_expects_to_be_hard_starts_on_its_rung(cluster_env: 
         if kind == "solo":
             assert mig["migration_policy"] is None and overlapping(migrations, mig) == [], json.dumps(mig)
         else:
-            assert mig["migration_policy"] == vm["attempts"][0]["vmim"] and mig["mode"] == "PreCopy", mig
+            mode = "PostCopy" if kind == "post-copy" else "PreCopy"
+            assert mig["migration_policy"] == vm["attempts"][0]["vmim"] and mig["mode"] == mode, mig
         assert not [m for m in migrations if m["phase"] == "Failed"], migrations
         assert vmis_on(env, node) == []
         assert leftovers(env) == []

@@ -763,6 +763,23 @@ def test_expect_hard_names_the_rung_and_counts_the_attempts_before_it(
         assert "it would be reported, not moved" in hard.reason
 
 
+@pytest.mark.parametrize(("dirty", "allowed", "rung", "seconds"), [
+    (0.5 * GB, {S, A, P}, S, 10 + 8),           # solo helps: the NIC to itself (8 GB at 1 GB/s)
+    (2.0 * GB, {S, A}, A, 10 + 32),             # more than the NIC carries: throttled (twice 8 GB at 0.5 GB/s)
+    (2.0 * GB, {S, A, P}, P, 10 + 16 + 8),      # post-copy allowed: one pass and 1 s per GB, quicker than throttling
+    (2.0 * GB, {S}, None, None),                # nothing expected to move it: reported
+])
+def test_a_first_attempt_on_its_rung_takes_the_quickest_allowed(dirty: float, allowed: set[Rung],
+                                                                  rung: Rung | None, seconds: float | None) -> None:
+    hard = expect_hard(dirty_rate=dirty, memory_bytes=int(8 * GB), bandwidth=0.5 * GB, nic_bytes_per_s=1 * GB,
+                       cap_bytes_per_s=0, allowed=frozenset(allowed), setup_s=10, backoff=_backoff,
+                       start_on_rung=True)
+    assert hard is not None and hard.rung is rung
+    if seconds is not None:
+        assert hard.estimated_s == pytest.approx(seconds)
+        assert "where its first attempt starts" in hard.reason
+
+
 def test_a_bandwidth_cap_keeps_solo_from_helping() -> None:
     hard = expect_hard(dirty_rate=0.7 * GB, memory_bytes=int(8 * GB), bandwidth=0.5 * GB, nic_bytes_per_s=1 * GB,
                        cap_bytes_per_s=0.6 * GB, allowed=frozenset({S, A}), setup_s=10, backoff=_backoff)
