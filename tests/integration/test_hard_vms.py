@@ -178,6 +178,23 @@ def with_solo_vm(sc: scenarios.Scenario) -> tuple[scenarios.Scenario, str, str]:
     return dataclasses.replace(sc, vms=tuple(vms)), f"{hot.namespace}/{hot.name}", f"{bulk.namespace}/{bulk.name}"
 
 
+async def drain_moving(env: Env, node: str, hot: str, *args: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Drain `node` (with `args`) to success; the hot VM's record, which must have moved, and the ground truth's
+    migrations."""
+    result = await env.adrainctl("drain", node, *args, "--wait", "-o", "json", timeout_s=280)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:] + env.worker_logs()
+    vm = json.loads(result.stdout)["vms"][hot]
+    assert vm["phase"] == "Succeeded", vm
+    return vm, (await env.stats())["migrations"]
+
+
+async def assert_nothing_left(env: Env, node: str) -> None:
+    """The node is empty, no policy or VMI label of ours remains, and the semaphore holds nothing."""
+    assert vmis_on(env, node) == []
+    assert leftovers(env) == []
+    assert await semaphore_empty(env) == {}
+
+
 def overlapping(migrations: list[dict[str, Any]], mig: dict[str, Any]) -> list[dict[str, Any]]:
     """The other migrations from or to `mig`'s source or target node that ran while it ran (ground truth)."""
     nodes = {mig["source"], mig["target"]}
@@ -190,44 +207,33 @@ async def test_a_vm_that_cannot_converge_beside_others_moves_alone_on_the_solo_r
     sc, hot, bulk = with_solo_vm(scenarios.builtin("small"))
     async with cluster_env(sc, workers=2, prometheus=True, extra_env=CLIMB) as env:
         node = sc.drain_hint[0]
-        result = await env.adrainctl("drain", node, "--wait", "-o", "json", timeout_s=280)  # the default ladder
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:] + env.worker_logs()
-        vm = json.loads(result.stdout)["vms"][hot]
-        assert vm["phase"] == "Succeeded", vm
+        vm, migrations = await drain_moving(env, node, hot)  # the default ladder
         assert len(vm["attempts"]) == 2, json.dumps(vm["attempts"], indent=0)
         first, second = vm["attempts"]
         assert first["convergence"] == "CannotConverge" and first["rung"] is None, first
         assert second["rung"] == "Solo" and second["outcome"] == "Succeeded", second
-        migrations = (await env.stats())["migrations"]
         plain, solo = [m for m in migrations if m["vmi"] == hot]
         # The premise: the plain attempt shared the node's NIC with bulk; the solo one had its NICs to itself.
         assert any(m["vmi"] == bulk for m in overlapping(migrations, plain)), json.dumps(plain)
         assert solo["phase"] == "Succeeded" and solo["migration_policy"] is None, solo
         assert overlapping(migrations, solo) == [], json.dumps([solo, overlapping(migrations, solo)])
-        assert vmis_on(env, node) == []
-        assert leftovers(env) == []
-        assert await semaphore_empty(env) == {}
+        await assert_nothing_left(env, node)
 
 
 async def test_a_vm_that_cannot_converge_even_alone_climbs_to_auto_converge(cluster_env: EnvFactory) -> None:
     sc, hot = with_hard_vm(scenarios.builtin("small"))  # dirties 20 GB/s: more than any NIC carries
     async with cluster_env(sc, workers=2, prometheus=True, extra_env=CLIMB) as env:
         node = sc.drain_hint[0]
-        result = await env.adrainctl("drain", node, "--wait", "-o", "json", timeout_s=280)  # the default ladder
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:] + env.worker_logs()
-        vm = json.loads(result.stdout)["vms"][hot]
-        assert vm["phase"] == "Succeeded", vm
+        vm, everything = await drain_moving(env, node, hot)  # the default ladder
         plain, solo, throttled = vm["attempts"]
         assert plain["convergence"] == "CannotConverge" and plain["rung"] is None, plain
         assert solo["convergence"] == "CannotConverge" and solo["rung"] == "Solo", solo
         assert throttled["rung"] == "AutoConverge" and throttled["outcome"] == "Succeeded", throttled
-        migrations = [m for m in (await env.stats())["migrations"] if m["vmi"] == hot]
+        migrations = [m for m in everything if m["vmi"] == hot]
         assert [m["phase"] for m in migrations] == ["Failed", "Failed", "Succeeded"], migrations
         # Auto-converge for this VM only, through the attempt's own MigrationPolicy; never post-copy.
         assert migrations[2]["migration_policy"] == throttled["vmim"] and migrations[2]["mode"] == "PreCopy", migrations
-        assert vmis_on(env, node) == []
-        assert leftovers(env) == []
-        assert await semaphore_empty(env) == {}
+        await assert_nothing_left(env, node)
 
 
 @pytest.mark.parametrize("on", ["vmi", "namespace"])
@@ -297,13 +303,9 @@ async def test_a_vm_the_plan_expects_to_be_hard_starts_on_its_rung(cluster_env: 
     rung = {"solo": "Solo", "auto-converge": "AutoConverge", "post-copy": "PostCopy"}[kind]
     async with cluster_env(sc, workers=2, prometheus=True) as env:
         node = sc.drain_hint[0]
-        opt_in = ["--allow-post-copy"] if kind == "post-copy" else []
-        result = await env.adrainctl("drain", node, *opt_in, "--wait", "-o", "json", timeout_s=280)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:] + env.worker_logs()
-        vm = json.loads(result.stdout)["vms"][hot]
-        assert vm["phase"] == "Succeeded" and len(vm["attempts"]) == 1, json.dumps(vm["attempts"], indent=0)
+        vm, migrations = await drain_moving(env, node, hot, *(["--allow-post-copy"] if kind == "post-copy" else []))
+        assert len(vm["attempts"]) == 1, json.dumps(vm["attempts"], indent=0)
         assert vm["attempts"][0]["rung"] == rung and vm["attempts"][0]["outcome"] == "Succeeded", vm["attempts"]
-        migrations = (await env.stats())["migrations"]
         [mig] = [m for m in migrations if m["vmi"] == hot]
         assert mig["phase"] == "Succeeded", mig
         if kind == "solo":
@@ -312,6 +314,4 @@ async def test_a_vm_the_plan_expects_to_be_hard_starts_on_its_rung(cluster_env: 
             mode = "PostCopy" if kind == "post-copy" else "PreCopy"
             assert mig["migration_policy"] == vm["attempts"][0]["vmim"] and mig["mode"] == mode, mig
         assert not [m for m in migrations if m["phase"] == "Failed"], migrations
-        assert vmis_on(env, node) == []
-        assert leftovers(env) == []
-        assert await semaphore_empty(env) == {}
+        await assert_nothing_left(env, node)
