@@ -346,7 +346,8 @@ async def check_time_scale(settings: Settings, kube: Kube, *, who: str, redis: A
     server = str(kube.api.configuration.host)
     verified = await _verified_time_scale(redis, settings, server)
     if verified is not None:
-        problem = mismatch((verified, 1e9), settings.time_scale, who=who)
+        problem = mismatch((verified, 1e9), settings.time_scale, who=who,
+                           source="as measured from its Date header by a worker on this queue")
         if problem:
             fail(EXIT_USAGE, problem)
         return

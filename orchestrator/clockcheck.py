@@ -34,7 +34,8 @@ async def measure_rate(kube: DatedServer, *, gap_s: float = SAMPLE_GAP_S) -> tup
     return (date2 - date1) / elapsed, elapsed
 
 
-def mismatch(measured: tuple[float, float], configured: float, *, who: str) -> str | None:
+def mismatch(measured: tuple[float, float], configured: float, *, who: str,
+             source: str = "API server Date header") -> str | None:
     """A message naming the problem and the fix when `configured` disagrees with the measured rate."""
     rate, elapsed = measured
     quantum = 1.0 / elapsed  # one-second Date resolution, as a rate
@@ -44,6 +45,6 @@ def mismatch(measured: tuple[float, float], configured: float, *, who: str) -> s
         return None
     shown = f"{rate:.0f}" if rate >= 2 else f"{rate:.1f}"
     return (f"time scale mismatch: {who} runs at time scale {configured:g} but the cluster's clock runs about "
-            f"{shown}x wall time (API server Date header); every duration and timeout would be wrong. "
+            f"{shown}x wall time ({source}); every duration and timeout would be wrong. "
             f"Set --time-scale {shown} (or DRAIN_TIME_SCALE={shown}) to the cluster's, e.g. the simulator's "
             f"--time-scale")
